@@ -1,0 +1,239 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+Stages receive a :class:`Tracker` and call its methods; they never import mlflow. The CLI and
+the ``run`` orchestrator open runs with :func:`stage_run` (a nested run when a parent is open).
+Without tracking (library use, notebooks) stages get a :class:`NullTracker`.
+
+The tracking store is MLflow's own convention: ``MLFLOW_TRACKING_URI`` when set, else MLflow's
+default (``sqlite:///mlflow.db`` in the working directory with MLflow 3.x).
+
+Never pass PHI here: params come from the resolved config, datasets are logged by their
+(pseudonymous) folder and content digest, artifacts are files the stages wrote after anonymization.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.dataset import Dataset
+
+__all__ = [
+    "Tracker",
+    "NullTracker",
+    "MlflowTracker",
+    "stage_run",
+    "tracking_uri",
+    "STAGE_TAG",
+    "get_run",
+    "list_runs",
+    "logging_quiet",
+]
+
+STAGE_TAG = "medsynth.stage"
+_PARAM_VALUE_LIMIT = 6000  # MLflow refuses longer param values
+
+
+class Tracker:
+    """What a stage may record. The base class records nothing (see :class:`NullTracker`)."""
+
+    run_id: str | None = None
+    experiment_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log flat params (dotted keys)."""
+
+    def log_metrics(self, metrics: Mapping[str, float | int | None], step: int | None = None) -> None:
+        """Log numeric metrics; None values are skipped."""
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags."""
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Copy a file (or folder) into the run's artifacts."""
+
+    def log_dataset(self, dataset: Dataset, context: str, name: str | None = None) -> None:
+        """Record a dataset the stage read (context: training/evaluation/...) or wrote (context: output)."""
+
+    def log_torch_model(
+        self,
+        model: Any,
+        name: str,
+        example_inputs: Mapping[str, Any],
+        output_example: Any | None = None,
+    ) -> str | None:
+        """Log a torch module with ``mlflow.pytorch.log_model``; returns the model URI (or None)."""
+        return None
+
+
+class NullTracker(Tracker):
+    """Tracking switched off: every call is a no-op."""
+
+
+class MlflowTracker(Tracker):
+    """Records into the active MLflow run ``run_id``."""
+
+    def __init__(self, run_id: str, experiment_id: str) -> None:
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        import mlflow
+
+        clean = {key: _param_value(value) for key, value in params.items()}
+        items = list(clean.items())
+        for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            mlflow.log_params(dict(items[start : start + 100]))
+
+    def log_metrics(self, metrics: Mapping[str, float | int | None], step: int | None = None) -> None:
+        import mlflow
+
+        numeric = {key: float(value) for key, value in metrics.items() if _is_number(value)}
+        if numeric:
+            mlflow.log_metrics(numeric, step=step)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        import mlflow
+
+        mlflow.set_tags({key: str(value) for key, value in tags.items()})
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        import mlflow
+
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+        else:
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_dataset(self, dataset: Dataset, context: str, name: str | None = None) -> None:
+        import mlflow
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "source can be interpreted in multiple ways"
+            source = resolve_dataset_source(str(Path(dataset.root).resolve()))
+        meta = MetaDataset(source=source, name=name or Path(dataset.root).name, digest=dataset.digest[:32])
+        counts = dataset.manifest.groupby(["origin", "split"]).size()
+        tags = {f"n_{origin}_{split}": str(count) for (origin, split), count in counts.items()}
+        tags["n_images"] = str(len(dataset.manifest))
+        tags["sha256"] = dataset.digest
+        mlflow.log_input(meta, context=context, tags=tags)
+
+    def log_torch_model(
+        self,
+        model: Any,
+        name: str,
+        example_inputs: Mapping[str, Any],
+        output_example: Any | None = None,
+    ) -> str | None:
+        import mlflow
+        import mlflow.pytorch
+        import numpy as np
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import Schema, TensorSpec
+
+        def spec(array_name: str | None, array: Any) -> TensorSpec:
+            array = np.asarray(array)
+            return TensorSpec(array.dtype, (-1, *array.shape[1:]), array_name)
+
+        inputs = Schema([spec(key, value) for key, value in example_inputs.items()])
+        outputs = Schema([spec(None, output_example)]) if output_example is not None else None
+        signature = ModelSignature(inputs=inputs, outputs=outputs)
+        example = {key: np.asarray(value) for key, value in example_inputs.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            info = mlflow.pytorch.log_model(model, name=name, signature=signature, input_example=example)
+        return info.model_uri
+
+
+def _is_number(value: Any) -> bool:
+    if value is None or isinstance(value, bool):
+        return value is not None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return number == number and abs(number) != float("inf")
+
+
+def _param_value(value: Any) -> str:
+    text = "" if value is None else str(value)
+    return text if len(text) <= _PARAM_VALUE_LIMIT else text[: _PARAM_VALUE_LIMIT - 3] + "..."
+
+
+def tracking_uri() -> str:
+    """The tracking URI in force (``MLFLOW_TRACKING_URI`` or MLflow's default)."""
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def _experiment_id(name: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name)
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    experiment: str,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    run_name: str | None = None,
+) -> Iterator[MlflowTracker]:
+    """Open an MLflow run for ``stage`` (nested under the active run, if any) and yield its tracker.
+
+    The run ends FAILED when the block raises, FINISHED otherwise.
+    """
+    import mlflow
+
+    logging_quiet()
+    parent = mlflow.active_run()
+    experiment_id = parent.info.experiment_id if parent is not None else _experiment_id(experiment)
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=run_name or stage,
+        nested=parent is not None,
+        tags={STAGE_TAG: stage, **{key: str(value) for key, value in (tags or {}).items()}},
+    ) as run:
+        tracker = MlflowTracker(run.info.run_id, experiment_id)
+        if params:
+            tracker.log_params(params)
+        yield tracker
+
+
+def logging_quiet() -> None:
+    """Keep MLflow's own INFO chatter (migrations, 'View run at ...') off the user's console."""
+    import logging
+
+    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def get_run(run_id: str) -> Any:
+    """The MLflow run entity (for tests and the report: params, metrics, tags, inputs)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient().get_run(run_id)
+
+
+def list_runs(experiment: str) -> list[Any]:
+    """All runs of an experiment, newest first (empty when the experiment does not exist)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000)
