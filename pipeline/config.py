@@ -32,6 +32,8 @@ __all__ = [
     "apply_overrides",
     "flatten",
     "config_digest",
+    "check_input_paths",
+    "describe_validation_error",
 ]
 
 
@@ -97,7 +99,6 @@ def load_config(
         config = MedsynthConfig.model_validate(raw)
     except ValidationError as exc:
         raise InputError(f"{where}: {describe_validation_error(exc, MedsynthConfig)}") from None
-    _check_paths_exist(config, where)
     return config
 
 
@@ -166,9 +167,17 @@ def _allowed_keys(model: type[BaseModel], parents: list[str]) -> list[str]:
     return sorted(getattr(current, "model_fields", {}))
 
 
-def _check_paths_exist(config: MedsynthConfig, where: str) -> None:
-    if config.labels is not None and not config.labels.is_file() and config.sources:
-        # Only enforced with sources: `medsynth demo` writes the labels file before it runs.
+def check_input_paths(config: MedsynthConfig, where: str = "config") -> None:
+    """Require the config's input files and folders to exist (called by `medsynth run` before any stage).
+
+    Not part of :func:`load_config`: ``medsynth demo`` loads its config before it writes the cohort.
+    """
+    for index, source in enumerate(config.sources):
+        if not Path(source).is_dir():
+            raise InputError(
+                f"{where}: key 'sources[{index}]': folder {source} not found. Fix: correct the path or remove the entry."
+            )
+    if config.labels is not None and not Path(config.labels).is_file():
         raise InputError(f"{where}: key 'labels': file {config.labels} not found. Fix: correct the path or remove the key.")
 
 

@@ -1,15 +1,142 @@
-"""Configuration of the evaluate stage (``evaluate:``): feature spaces, metrics, gate thresholds."""
+"""Configuration of the evaluate stage (``evaluate:``): feature spaces, metrics, gate thresholds.
+
+Every gate compares the synthetic set with a **real-vs-real reference**: the held-out real images
+(val + test) measured against the real training split in exactly the same way. Ratios to that
+reference mean the same thing on any dataset, whatever the feature space's scale, and they absorb
+the known biases of the metrics (k-NN precision and recall read ~0.7 even for identical
+distributions). ``docs/evaluate.md`` explains every threshold.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, field_validator
 
 from pipeline.section import Section
 
-__all__ = ["EvaluateConfig"]
+__all__ = ["GateThresholds", "EvaluateConfig"]
+
+
+class GateThresholds(Section):
+    """Pass/fail thresholds of the four gates (defaults documented in docs/evaluate.md)."""
+
+    min_precision_ratio: float = Field(
+        0.5,
+        ge=0.0,
+        description="Fidelity: synthetic precision / reference precision must reach this.",
+    )
+    min_density_ratio: float = Field(
+        0.5,
+        ge=0.0,
+        description="Fidelity: synthetic density / reference density must reach this.",
+    )
+    min_coverage_ratio: float = Field(
+        0.5,
+        ge=0.0,
+        description="Diversity: synthetic coverage / reference coverage (same sample size) must reach this.",
+    )
+    min_recall_ratio: float = Field(
+        0.3,
+        ge=0.0,
+        description="Diversity: synthetic recall / reference recall (same sample size) must reach this.",
+    )
+    max_ms_ssim_excess: float = Field(
+        0.25,
+        ge=0.0,
+        description="Diversity: mean same-class MS-SSIM of synthetic pairs may exceed that of real pairs by at most this.",
+    )
+    max_memorization_rate: float = Field(
+        0.10,
+        ge=0.0,
+        le=1.0,
+        description="Privacy: share of synthetic images closer to training than the held-out percentile.",
+    )
+    max_mia_auc: float = Field(
+        0.60,
+        ge=0.5,
+        le=1.0,
+        description="Privacy: AUC of the strongest membership-inference attack run.",
+    )
+    max_epsilon: float | None = Field(
+        None,
+        gt=0.0,
+        description="Privacy: largest DP epsilon allowed; null = epsilon not gated (reported only).",
+    )
+    min_label_accuracy_ratio: float = Field(
+        0.8,
+        ge=0.0,
+        description="Utility: synthetic_label_accuracy / the same classifier's accuracy on held-out real images.",
+    )
+    fail_on_significant_harm: bool = Field(
+        True,
+        description="Utility: fail when the augmentation_gain interval lies entirely below 0.",
+    )
 
 
 class EvaluateConfig(Section):
-    """Evaluation settings."""
+    """Evaluation settings: feature spaces, metric sizes, the privacy baseline and the gates."""
 
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="Seed for the encoder, classifiers, subsets, pairs and bootstraps.")
+    feature_dim: int = Field(
+        128,
+        ge=16,
+        le=1024,
+        description="Width of the feature spaces (last CNN stage); modest keeps FID's matrix square root fast.",
+    )
+    feature_weights: Path | None = Field(
+        None,
+        description=(
+            "Optional TorchScript file of a pretrained extractor: (N, 1, *spatial) in [-1, 1] -> (N, D). "
+            "When given it becomes the headline feature space."
+        ),
+    )
+    cross_check: bool = Field(True, description="Also report fidelity in a random-init CNN space (Naeem et al. 2020).")
+    classifier_steps: int = Field(
+        200,
+        ge=1,
+        description="Optimizer steps of the trained encoder / utility classifiers (same recipe for every arm).",
+    )
+    classifier_batch_size: int = Field(64, ge=2)
+    classifier_lr: float = Field(2e-3, gt=0.0)
+    k_nearest: int = Field(5, ge=1, description="k of the k-NN manifolds for precision/recall/density/coverage.")
+    kid_subsets: int = Field(50, ge=1, description="Number of random subsets averaged for KID.")
+    kid_subset_size: int = Field(
+        200,
+        ge=2,
+        description="Subset size for KID; capped at the smaller set's size (small data).",
+    )
+    match_repeats: int = Field(
+        5,
+        ge=1,
+        description="Random equal-size subsamples averaged when recall/coverage are compared with the reference.",
+    )
+    ms_ssim_pairs: int = Field(100, ge=1, description="Random same-class pairs per class for MS-SSIM diversity.")
+    memorization_percentile: float = Field(
+        5.0,
+        gt=0.0,
+        lt=100.0,
+        description="Percentile of held-out-to-train distances below which a synthetic image counts as memorized.",
+    )
+    min_holdout: int = Field(
+        10,
+        ge=2,
+        description="Fewest held-out real images (val + test) needed for the privacy baseline and the references.",
+    )
+    min_test: int = Field(6, ge=2, description="Fewest real test images needed for the utility comparison.")
+    bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples (by subject) for 95% intervals.")
+    max_images: int = Field(
+        20000,
+        ge=10,
+        description="Cap per image set (real slices, synthetic images); larger sets are subsampled with the seed.",
+    )
+    flagged_pairs_shown: int = Field(8, ge=1, description="Closest synthetic-training pairs shown in report.html.")
+    grid_per_class: int = Field(8, ge=1, description="Images per class in the real/synthetic grids of report.html.")
+    gates: GateThresholds = Field(default_factory=GateThresholds)
+
+    @field_validator("feature_weights")
+    @classmethod
+    def _weights_exist(cls, value: Path | None) -> Path | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"file {value} not found; give a TorchScript extractor saved with torch.jit.save")
+        return value

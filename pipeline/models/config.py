@@ -1,24 +1,146 @@
-"""Configuration of the train and generate stages (``model:`` and ``generate:``)."""
+"""Configuration of the train and generate stages (``model:`` and ``generate:``).
+
+``ModelConfig`` holds four groups of keys (flat, so a flag or a dotted override names one key):
+preprocessing (how real volumes become network inputs), network (sizes of the generator and
+discriminator), training (losses, optimizers, augmentation, EMA, logging) and budget (steps and/or
+minutes). See ``docs/models.md`` for every key.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.section import Section
 
-__all__ = ["ModelConfig", "GenerateConfig"]
+__all__ = ["ModelConfig", "GenerateConfig", "AUGMENTATIONS", "network_levels"]
+
+AUGMENTATIONS: tuple[str, ...] = ("translation", "cutout", "brightness", "contrast")
+
+
+def network_levels(image_size: list[int] | tuple[int, ...]) -> int:
+    """Number of 2x up/down-sampling stages for ``image_size``: the smallest side ends at 4 to 7 voxels."""
+    smallest = min(image_size)
+    levels = 0
+    while smallest // 2 >= 4:
+        smallest //= 2
+        levels += 1
+    return max(levels, 1)
 
 
 class ModelConfig(Section):
-    """Preprocessing, networks and training of the conditional GAN."""
+    """Preprocessing, networks, training and budget of the conditional GAN."""
 
+    # --- preprocessing (saved with the model; evaluate/export apply the same transform) ---
     spatial_dims: Literal[2, 3] = Field(2, description="2: axial slices; 3: whole volumes.")
+    image_size: list[int] = Field(
+        default_factory=lambda: [64, 64],
+        description="Network grid in voxels, RAS axis order: [x, y] (2D) or [x, y, z] (3D). Volumes are "
+        "center-cropped or padded (with air) to it after resampling.",
+    )
+    spacing: list[float] | None = Field(
+        None,
+        description="Voxel size of the network grid in mm: [x, y] (2D, in-plane) or [x, y, z] (3D); "
+        "null: the median native spacing of the training split.",
+    )
+    orientation: str = Field("RAS", description="Axis codes volumes are reoriented to before anything else.")
+    intensity: Literal["ct", "mr"] = Field(
+        "ct", description="ct: fixed HU window (`window`); mr: per-volume percentiles (`percentiles`)."
+    )
+    window: list[float] = Field(
+        default_factory=lambda: [-160.0, 240.0],
+        description="CT window [low, high] in HU mapped to [-1, 1] (values outside are clipped).",
+    )
+    percentiles: list[float] = Field(
+        default_factory=lambda: [1.0, 99.0], description="MR: per-volume percentiles [low, high] mapped to [-1, 1]."
+    )
+    min_foreground: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="2D: an axial slice is used only if more than this fraction of its pixels is above the "
+        "window floor (skips empty slices).",
+    )
+
+    # --- network ---
+    latent_dim: int = Field(128, ge=4, le=1024, description="Length of the generator's noise vector z.")
+    embed_dim: int = Field(32, ge=1, le=512, description="Class embedding joined to z in the generator.")
+    g_width: int = Field(32, ge=4, le=512, description="Generator channels at full resolution (doubling per level, max x8).")
+    d_width: int = Field(32, ge=4, le=512, description="Discriminator channels at full resolution (doubling per level, max x8).")
+
+    # --- training ---
+    batch_size: int = Field(64, ge=1, le=4096, description="Images per step and per process (DDP: x world size).")
+    loss: Literal["hinge", "nonsaturating"] = Field("hinge", description="Adversarial loss.")
+    lr_g: float = Field(2e-4, gt=0.0, description="Generator learning rate (Adam).")
+    lr_d: float = Field(4e-4, gt=0.0, description="Discriminator learning rate (Adam); TTUR: usually > lr_g.")
+    betas: list[float] = Field(default_factory=lambda: [0.0, 0.99], description="Adam betas [beta1, beta2].")
+    ema_decay: float = Field(
+        0.999, ge=0.0, lt=1.0, description="Generator EMA decay (warm-up: min(decay, (1+t)/(10+t)))."
+    )
+    r1_gamma: float = Field(0.0, ge=0.0, description="R1 penalty weight on real images; 0 switches it off.")
+    r1_every: int = Field(16, ge=1, description="Lazy R1: apply the penalty every N steps (scaled by N).")
+    augment: list[str] = Field(
+        default_factory=lambda: list(AUGMENTATIONS),
+        description="Differentiable augmentations applied to real and fake before D (DiffAugment): "
+        "translation, cutout, brightness, contrast; [] switches it off.",
+    )
+    translation: float = Field(0.125, ge=0.0, le=0.5, description="DiffAugment: max shift as a fraction of each side.")
+    cutout: float = Field(0.25, ge=0.0, le=0.9, description="DiffAugment: cutout box side as a fraction of each side.")
+
+    # --- budget ---
+    max_steps: int | None = Field(2000, ge=1, description="Stop after this many steps (null: no step limit).")
+    max_minutes: float | None = Field(
+        None, gt=0.0, description="Stop after this many minutes of training (summed over resumes; null: no limit)."
+    )
+
+    # --- bookkeeping ---
+    checkpoint_every: int = Field(200, ge=1, description="Write checkpoint.pt every N steps (and at the end).")
+    log_every: int = Field(10, ge=1, description="Log losses and images/s every N steps.")
+    sample_every: int = Field(500, ge=0, description="Log a per-class sample grid every N steps (0: only at the end).")
+    sample_per_class: int = Field(8, ge=1, le=64, description="Images per class in a sample grid.")
+    log_model: bool = Field(True, description="Log the EMA generator with mlflow.pytorch.log_model at the end.")
+
+    # --- hardware ---
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU.")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
+    channels_last: bool = Field(True, description="CUDA: channels-last memory format.")
+    num_threads: int | None = Field(None, ge=1, description="CPU threads per process (null: torch's default).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        dims = self.spatial_dims
+        if len(self.image_size) != dims:
+            raise ValueError(
+                f"image_size needs {dims} values for spatial_dims {dims} (got {len(self.image_size)}); "
+                "e.g. [64, 64] for 2D or [64, 64, 16] for 3D"
+            )
+        if any(side < 8 for side in self.image_size):
+            raise ValueError("every image_size side must be at least 8")
+        levels = network_levels(self.image_size)
+        step = 2**levels
+        if any(side % step for side in self.image_size):
+            raise ValueError(f"every image_size side must be divisible by {step} (the networks use {levels} 2x levels)")
+        if self.spacing is not None and (len(self.spacing) != dims or any(value <= 0 for value in self.spacing)):
+            raise ValueError(f"spacing needs {dims} positive values (mm) for spatial_dims {dims}, or null")
+        if len(self.window) != 2 or self.window[0] >= self.window[1]:
+            raise ValueError("window must be [low, high] in HU with low < high")
+        if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise ValueError("percentiles must be [low, high] with 0 <= low < high <= 100")
+        if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ValueError("betas must be two values in [0, 1)")
+        unknown = [name for name in self.augment if name not in AUGMENTATIONS]
+        if unknown:
+            raise ValueError(f"unknown augmentation {unknown[0]!r}; allowed: {', '.join(AUGMENTATIONS)}")
+        if self.max_steps is None and self.max_minutes is None:
+            raise ValueError("set max_steps and/or max_minutes (training needs a budget)")
+        return self
 
 
 class GenerateConfig(Section):
     """How many synthetic images to draw and from which seed."""
 
     per_class: int = Field(100, ge=1, description="Synthetic images per class.")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="Seed of the noise: same model and seed, same images.")
+    batch_size: int = Field(64, ge=1, le=4096, description="Images per generator call.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU.")
