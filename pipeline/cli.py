@@ -67,6 +67,171 @@ def demo_data_command(out: Path, subjects: int, seed: int) -> None:
     _echo_lines(summary.lines())
 
 
+@cli.command("run")
+@config_option
+@click.option("--force", is_flag=True, help="Re-run every stage even when its inputs are unchanged.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (logs stay readable in CI).")
+def run_command(config_file: Path | None, force: bool, no_progress: bool) -> None:
+    """Run every stage (ingest, train, generate, evaluate, export) under one MLflow parent run."""
+    from pipeline.workflow import run_all
+
+    if config_file is None:
+        raise InputError("medsynth run needs a config: pass -c FILE (e.g. -c configs/demo.yaml).")
+    config = _config(config_file, {})
+    summary = run_all(config, where=str(config_file), force=force, progress=not no_progress, echo=click.echo)
+    _echo_lines(summary.lines())
+
+
+@cli.command("demo")
+@config_option
+@click.option("--subjects", type=click.IntRange(4, 10_000), default=40, show_default=True, help="Phantom subjects.")
+@click.option("--force", is_flag=True, help="Re-run every stage even when its inputs are unchanged.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def demo_command(config_file: Path | None, subjects: int, force: bool, no_progress: bool) -> None:
+    """Write the phantom cohort into <run root>/raw, then run every stage with configs/demo.yaml."""
+    from pipeline.demo import make_cohort
+    from pipeline.workflow import RunPaths, default_demo_config, run_all
+
+    config_file = config_file or default_demo_config()
+    config = _config(config_file, {})
+    raw = RunPaths(config.resolved_run_root).raw
+    cohort = make_cohort(raw, subjects=subjects, seed=config.seed)
+    _echo_lines(cohort.lines()[:3])
+    summary = run_all(config, where=str(config_file), force=force, progress=not no_progress, echo=click.echo)
+    _echo_lines(summary.lines())
+
+
+@cli.command("export")
+@click.option("--real", "real", type=PathArg, required=True, help="Real dataset (medsynth ingest).")
+@click.option("--synthetic", "synthetic", type=PathArg, required=True, help="Synthetic dataset (medsynth generate).")
+@click.option("--report", "report", type=PathArg, required=True, help="Report folder (medsynth evaluate).")
+@click.option("--out", "out", type=PathArg, required=True, help="Augmented dataset folder to write.")
+@click.option("--model", "model_dir", type=PathArg, default=None,
+              help="Generator folder: real images get its preprocessing (model grid). Without it they are copied unchanged.")
+@click.option("--allow-failed-gates", is_flag=True, default=False,
+              help="Export even if the privacy gate failed or did not run (the data card says so at the top).")
+@config_option
+def export_command(
+    real: Path, synthetic: Path, report: Path, out: Path, model_dir: Path | None, allow_failed_gates: bool,
+    config_file: Path | None,
+) -> None:
+    """Write the augmented dataset (real + synthetic in train only), excluded.csv and the data card to OUT."""
+    from pipeline import tracking
+    from pipeline.config import flatten
+    from pipeline.export import run as export_run
+
+    config = _config(config_file, {"export.allow_failed_gates": True if allow_failed_gates else None})
+    with tracking.stage_run(
+        "export", config.experiment_name, params=flatten({"export": config.export.model_dump(mode="json")})
+    ) as tracker:
+        summary = export_run(
+            real, synthetic, report, out, config.export, model_dir=model_dir, tracker=tracker,
+            allow_failed_gates=config.export.allow_failed_gates,
+        )
+    _echo_lines(summary.lines())
+
+
+# --- ingest + audit (pipeline/ingest) -------------------------------------------------------
+
+
+@cli.command("ingest")
+@click.option("--source", "sources", type=PathArg, multiple=True,
+              help="Folder of DICOM/NIfTI files (repeatable). Default: 'sources' of the config.")
+@click.option("--labels", type=PathArg, default=None,
+              help="CSV key,label (key: PatientID, or NIfTI path relative to its source). Default: first folder level.")
+@click.option("--out", "out", type=PathArg, required=True, help="Dataset folder to write (re-running resumes).")
+@click.option("--private", "private", type=PathArg, default=None,
+              help="Private folder (key, source map, quarantine originals). Default: <out>.private beside the dataset.")
+@click.option("--workers", type=click.IntRange(1), default=None, help="Worker processes. Default: all cores.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@config_option
+def ingest_command(
+    sources: tuple[Path, ...], labels: Path | None, out: Path, private: Path | None, workers: int | None,
+    no_progress: bool, config_file: Path | None,
+) -> None:
+    """Anonymize DICOM/NIfTI sources into a real dataset (manifest + one NIfTI per series), with a leak audit."""
+    from pipeline import tracking
+    from pipeline.config import flatten
+    from pipeline.ingest import run as ingest_run
+
+    config = _config(config_file, {"ingest.workers": workers})
+    source_list = list(sources) or list(config.sources)
+    with tracking.stage_run(
+        "ingest", config.experiment_name, params=flatten({"ingest": config.ingest.model_dump(mode="json")})
+    ) as tracker:
+        summary = ingest_run(
+            source_list, out, config.ingest, labels=labels or config.labels, private=private, tracker=tracker,
+            progress=not no_progress and sys.stderr.isatty(), seed=config.seed,
+        )
+    _echo_lines(summary.lines())
+
+
+@cli.command("audit")
+@click.argument("directory", type=PathArg)
+@click.option("--against", "against", type=PathArg, multiple=True,
+              help="Source folder whose identifying values are searched for (repeatable).")
+def audit_command(directory: Path, against: tuple[Path, ...]) -> None:
+    """Scan DIRECTORY for PHI (source identifiers, DICOM/NIfTI structure); exit 1 on any finding."""
+    from pipeline.ingest import audit
+
+    report = audit(directory, list(against) or None)
+    _echo_lines(report.lines())
+    if not report.ok:
+        raise CheckFailed(f"{len(report.findings)} finding(s) in {directory}. Do not share it until they are fixed.")
+
+
+# --- train + generate (pipeline/models) ------------------------------------------------------
+
+
+@cli.command("train")
+@click.option("--data", "data", type=PathArg, required=True, help="Dataset folder (medsynth ingest); split 'train' is used.")
+@click.option("--out", "out", type=PathArg, required=True, help="MODEL_DIR to write (checkpoint, model.json, samples).")
+@click.option("--resume", is_flag=True, help="Continue from MODEL_DIR/checkpoint.pt (same seed: same result).")
+@click.option("--seed", type=click.IntRange(0), default=None, help="Seed (default: the config's seed).")
+@click.option("--max-steps", type=click.IntRange(1), default=None, help="Step budget (default: model.max_steps).")
+@click.option("--max-minutes", type=click.FloatRange(0, min_open=True), default=None, help="Time budget in minutes.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@config_option
+def train_command(
+    data: Path, out: Path, resume: bool, seed: int | None, max_steps: int | None, max_minutes: float | None,
+    no_progress: bool, config_file: Path | None,
+) -> None:
+    """Train the conditional GAN on DATASET's train split (also under `torchrun --nproc_per_node N -m pipeline train`)."""
+    from pipeline import tracking
+    from pipeline.models import train
+
+    config = _config(config_file, {"seed": seed, "model.max_steps": max_steps, "model.max_minutes": max_minutes})
+    progress = not no_progress and sys.stderr.isatty()
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 tracks, writes and prints
+        train.run(data, out, config.model, seed=config.seed, resume=resume, progress=False)
+        return
+    with tracking.stage_run("train", config.experiment_name) as tracker:
+        summary = train.run(data, out, config.model, seed=config.seed, resume=resume, tracker=tracker, progress=progress)
+    _echo_lines(summary.lines())
+
+
+@cli.command("generate")
+@click.option("--model", "model_dir", type=PathArg, required=True, help="MODEL_DIR written by medsynth train.")
+@click.option("--out", "out", type=PathArg, required=True, help="Synthetic dataset folder to write.")
+@click.option("--per-class", type=click.IntRange(1), default=None, help="Images per class (default: generate.per_class).")
+@click.option("--seed", type=click.IntRange(0), default=None, help="Noise seed (default: generate.seed).")
+@config_option
+def generate_command(
+    model_dir: Path, out: Path, per_class: int | None, seed: int | None, config_file: Path | None
+) -> None:
+    """Write N synthetic images per class from the model's EMA generator as a dataset (origin=synthetic)."""
+    from pipeline import tracking
+    from pipeline.models import generate
+
+    config = _config(config_file, {"generate.per_class": per_class, "generate.seed": seed})
+    with tracking.stage_run("generate", config.experiment_name) as tracker:
+        dataset = generate.run(model_dir, out, config.generate, tracker=tracker)
+    counts = dataset.manifest.groupby("label").size()
+    click.echo(f"Generated {len(dataset.manifest)} synthetic images in {out}: "
+               + ", ".join(f"{count} {label}" for label, count in counts.items()))
+    click.echo(f"  preview: {out / generate.GRID_NAME}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``medsynth`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.section import Section
 
-__all__ = ["SplitConfig", "IngestConfig"]
+__all__ = [
+    "SplitConfig",
+    "DeidOptions",
+    "SafePrivateElement",
+    "BlankRegion",
+    "BurnedInConfig",
+    "IngestConfig",
+]
 
 
 class SplitConfig(Section):
@@ -25,8 +32,82 @@ class SplitConfig(Section):
         return self
 
 
+class SafePrivateElement(Section):
+    """One private element that may be kept (Retain Safe Private Option): creator + element offset."""
+
+    creator: str = Field(..., min_length=1, description="Private creator string, e.g. 'SIEMENS CSA HEADER'.")
+    group: int | None = Field(None, description="Odd group number (e.g. 0x0029); None: any group.")
+    element: int = Field(..., ge=0x00, le=0xFF, description="Element offset in the block (0x00-0xFF).")
+
+    @field_validator("group")
+    @classmethod
+    def _odd_group(cls, value: int | None) -> int | None:
+        if value is not None and (value % 2 == 0 or not 0x0009 <= value <= 0xFFFF):
+            raise ValueError("a private group is odd and between 0x0009 and 0xFFFF")
+        return value
+
+
+class DeidOptions(Section):
+    """Options of PS3.15 Table E.1-1 on top of the Basic Application Level Confidentiality Profile."""
+
+    modified_dates: bool = Field(
+        True,
+        description="Retain Longitudinal Temporal Information with Modified Dates: every date of a patient "
+        "moves back by the same keyed offset (200-210 years), so intervals stay exact; times are kept.",
+    )
+    patient_characteristics: bool = Field(
+        False, description="Retain Patient Characteristics: keep age, sex, size, weight, ethnic group, pregnancy, smoking."
+    )
+    device_identity: bool = Field(False, description="Retain Device Identity: keep device/station/detector IDs and serials.")
+    clean_descriptors: bool = Field(
+        False,
+        description="Clean Descriptors: keep descriptions/comments after removing the patient's known identifiers. "
+        "Off: descriptions are removed.",
+    )
+    safe_private: list[SafePrivateElement] = Field(
+        default_factory=list,
+        description="Retain Safe Private: private elements to keep. Empty: every private element is removed.",
+    )
+
+
+class BlankRegion(Section):
+    """A device whose burned-in text sits in known pixel rectangles: blank them instead of quarantining."""
+
+    manufacturer: str = Field(..., description="Manufacturer (0008,0070) as written by the device (case-insensitive).")
+    model: str | None = Field(None, description="ManufacturerModelName (0008,1090); None: any model.")
+    rows: int | None = Field(None, ge=1, description="Only images with this many rows; None: any size.")
+    columns: int | None = Field(None, ge=1, description="Only images with this many columns; None: any size.")
+    regions: list[tuple[int, int, int, int]] = Field(
+        ..., min_length=1, description="Rectangles [x0, y0, x1, y1] in pixels (column, row; end exclusive) to blank."
+    )
+
+    @field_validator("regions")
+    @classmethod
+    def _ordered(cls, value: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+        for x0, y0, x1, y1 in value:
+            if x0 < 0 or y0 < 0 or x1 <= x0 or y1 <= y0:
+                raise ValueError("each region is [x0, y0, x1, y1] with 0 <= x0 < x1 and 0 <= y0 < y1")
+        return value
+
+
+class BurnedInConfig(Section):
+    """Which images may carry burned-in text, and how to clean them."""
+
+    modalities: list[str] = Field(
+        default_factory=lambda: ["US", "OT", "XC", "ES", "GM", "SM", "DOC", "VL", "IVUS"],
+        description="Modalities that commonly carry burned-in text: quarantined unless BurnedInAnnotation=NO.",
+    )
+    blank: list[BlankRegion] = Field(
+        default_factory=list, description="Devices whose text regions are blanked (Clean Pixel Data) instead."
+    )
+
+
 class IngestConfig(Section):
     """How sources are read, anonymized and split."""
 
     workers: int | None = Field(None, ge=1, description="Process-pool size; default: all cores.")
     split: SplitConfig = Field(default_factory=SplitConfig)
+    deid: DeidOptions = Field(default_factory=DeidOptions)
+    burned_in: BurnedInConfig = Field(default_factory=BurnedInConfig)
+    write_dicom: bool = Field(True, description="Also write the anonymized DICOM files under DATASET/dicom/.")
+    audit_output: bool = Field(True, description="Scan the output for every source identifier before reporting success.")

@@ -44,7 +44,9 @@ class ModelConfig(Section):
         description="Voxel size of the network grid in mm: [x, y] (2D, in-plane) or [x, y, z] (3D); "
         "null: the median native spacing of the training split.",
     )
-    orientation: str = Field("RAS", description="Axis codes volumes are reoriented to before anything else.")
+    orientation: str = Field(
+        "RAS", description="Axis codes volumes are reoriented to first; 2D slices are taken along the last axis."
+    )
     intensity: Literal["ct", "mr"] = Field(
         "ct", description="ct: fixed HU window (`window`); mr: per-volume percentiles (`percentiles`)."
     )
@@ -129,6 +131,11 @@ class ModelConfig(Section):
             raise ValueError("percentiles must be [low, high] with 0 <= low < high <= 100")
         if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
             raise ValueError("betas must be two values in [0, 1)")
+        codes = self.orientation.upper()
+        if len(codes) != 3 or any(len(set(codes) & set(pair)) != 1 for pair in ("LR", "AP", "SI")):
+            raise ValueError("orientation must be 3 axis codes, one of L/R, A/P and S/I each (e.g. RAS or LPS)")
+        if dims == 2 and codes[2] not in "SI":
+            raise ValueError("orientation: 2D slices are axial, so the last code must be S or I (e.g. RAS)")
         unknown = [name for name in self.augment if name not in AUGMENTATIONS]
         if unknown:
             raise ValueError(f"unknown augmentation {unknown[0]!r}; allowed: {', '.join(AUGMENTATIONS)}")

@@ -1,0 +1,146 @@
+"""Fidelity metrics on feature vectors: FID, KID, and precision/recall/density/coverage.
+
+All functions take ``real`` and ``fake`` feature arrays of shape (N, D) and return plain floats.
+
+- FID (Heusel et al. 2017): Fréchet distance between Gaussians fitted to the two sets. The trace of
+  the matrix square root is taken from the eigenvalues of ``sqrt(S1) S2 sqrt(S1)`` (symmetric, so
+  ``eigh``), which equals ``tr sqrtm(S1 S2)`` (``monai.metrics.FIDMetric``'s formula; the tests check
+  the two agree) but stays real and stable when a covariance is singular, as it is whenever a set
+  has fewer images than feature dimensions (small medical data), where ``scipy.linalg.sqrtm``
+  returns complex noise and MONAI raises.
+- KID (Bińkowski et al. 2018): unbiased MMD² with the cubic polynomial kernel
+  ``(x.y / D + 1)^3``, averaged over random subsets (``monai.metrics.MMDMetric`` uses a linear kernel,
+  which only compares means, so it is not KID).
+- Precision/recall (Kynkäänniemi et al. 2019) and density/coverage (Naeem et al. 2020) from k-NN
+  balls.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.evaluate.neighbours import distance_chunks, kth_neighbour_radius
+
+__all__ = ["fid", "kid", "prdc", "standardize"]
+
+
+def standardize(reference: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Z-score every array with the mean and standard deviation of ``reference``.
+
+    Puts every feature space on one scale (KID's kernel assumes unit-scale features) without
+    changing FID or the k-NN structure's meaning; dimensions constant in ``reference`` are kept
+    unscaled.
+    """
+    mean = reference.mean(axis=0)
+    std = reference.std(axis=0)
+    std = np.where(std > 1e-12, std, 1.0)
+    return [(array - mean) / std for array in (reference, *others)]
+
+
+def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+def fid(real: np.ndarray, fake: np.ndarray) -> float:
+    """Fréchet distance between the Gaussian fits of ``real`` and ``fake`` (>= 0).
+
+    Raises:
+        ValueError: a set has fewer than 2 vectors.
+    """
+    if real.shape[0] < 2 or fake.shape[0] < 2:
+        raise ValueError("FID needs at least 2 vectors per set")
+    real = np.asarray(real, dtype=np.float64)
+    fake = np.asarray(fake, dtype=np.float64)
+    mu_r, mu_f = real.mean(axis=0), fake.mean(axis=0)
+    cov_r = np.atleast_2d(np.cov(real, rowvar=False))
+    cov_f = np.atleast_2d(np.cov(fake, rowvar=False))
+    root_r = _sqrt_psd(cov_r)
+    middle = root_r @ cov_f @ root_r
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2.0), 0.0, None)).sum()
+    value = float(((mu_r - mu_f) ** 2).sum() + np.trace(cov_r) + np.trace(cov_f) - 2.0 * trace_sqrt)
+    return max(value, 0.0)
+
+
+def kid(
+    real: np.ndarray,
+    fake: np.ndarray,
+    *,
+    subsets: int = 50,
+    subset_size: int = 200,
+    seed: int = 0,
+) -> tuple[float, float, int]:
+    """Kernel Inception Distance: unbiased MMD² (cubic polynomial kernel) over random subsets.
+
+    Args:
+        real: (N, D) features.
+        fake: (M, D) features.
+        subsets: number of random subsets.
+        subset_size: images per subset; capped at min(N, M) so small sets still work.
+        seed: subset sampling seed.
+
+    Returns:
+        (mean over subsets, standard deviation over subsets, the subset size used).
+
+    Raises:
+        ValueError: a set has fewer than 2 vectors.
+    """
+    size = int(min(subset_size, real.shape[0], fake.shape[0]))
+    if size < 2:
+        raise ValueError("KID needs at least 2 vectors per set")
+    rng = np.random.default_rng(seed)
+    dim = real.shape[1]
+    real_t = torch.from_numpy(np.asarray(real, dtype=np.float64))
+    fake_t = torch.from_numpy(np.asarray(fake, dtype=np.float64))
+    pick_r = torch.from_numpy(np.stack([rng.choice(real.shape[0], size, replace=False) for _ in range(subsets)]))
+    pick_f = torch.from_numpy(np.stack([rng.choice(fake.shape[0], size, replace=False) for _ in range(subsets)]))
+    x, y = real_t[pick_r], fake_t[pick_f]  # (S, m, D)
+    k_xx = (x @ x.transpose(1, 2) / dim + 1.0) ** 3
+    k_yy = (y @ y.transpose(1, 2) / dim + 1.0) ** 3
+    k_xy = (x @ y.transpose(1, 2) / dim + 1.0) ** 3
+    off = size * (size - 1)
+    diag_xx = torch.diagonal(k_xx, dim1=1, dim2=2).sum(1)
+    diag_yy = torch.diagonal(k_yy, dim1=1, dim2=2).sum(1)
+    mmd = (k_xx.sum((1, 2)) - diag_xx) / off + (k_yy.sum((1, 2)) - diag_yy) / off - 2.0 * k_xy.sum((1, 2)) / size**2
+    values = mmd.numpy()
+    return float(values.mean()), float(values.std()), size
+
+
+def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5, real_radii: np.ndarray | None = None) -> dict[str, float]:
+    """Improved precision/recall and density/coverage with k-NN manifolds.
+
+    precision: share of fake points inside some real point's k-NN ball (realism).
+    recall: share of real points inside some fake point's k-NN ball (diversity).
+    density: mean number of real balls holding each fake point, divided by k (~1 when the
+    distributions match; rewards fakes where real data is dense).
+    coverage: share of real points whose own ball holds at least one fake point.
+
+    Args:
+        real: (N, D) features, N > k.
+        fake: (M, D) features, M > k.
+        k: neighbourhood size (Naeem et al. recommend 5).
+        real_radii: precomputed k-NN radii of ``real`` (reused across comparisons).
+
+    Raises:
+        ValueError: a set has k or fewer points.
+    """
+    if real.shape[0] <= k or fake.shape[0] <= k:
+        raise ValueError(f"precision/recall need more than k={k} points per set")
+    radii_r = torch.from_numpy(real_radii if real_radii is not None else kth_neighbour_radius(real, k))
+    radii_f = torch.from_numpy(kth_neighbour_radius(fake, k))
+    inside_count = torch.zeros(fake.shape[0], dtype=torch.float64)
+    recalled = torch.zeros(real.shape[0], dtype=torch.bool)
+    covered = torch.zeros(real.shape[0], dtype=torch.bool)
+    for start, block in distance_chunks(real, fake):  # rows: real points, columns: fake points
+        rows = slice(start, start + block.shape[0])
+        in_real_ball = block < radii_r[rows, None]
+        inside_count += in_real_ball.sum(0, dtype=torch.float64)
+        recalled[rows] = (block < radii_f[None, :]).any(1)
+        covered[rows] = in_real_ball.any(1)
+    return {
+        "precision": float((inside_count > 0).double().mean()),
+        "recall": float(recalled.double().mean()),
+        "density": float(inside_count.mean() / k),
+        "coverage": float(covered.double().mean()),
+    }

@@ -1,0 +1,201 @@
+"""The four gates: pass / fail / not_run, each from explicit checks with their thresholds.
+
+A gate fails when any of its checks fails, passes when every check it could evaluate passes, and
+is ``not_run`` when none could be evaluated (e.g. too few held-out images for the privacy baseline).
+Each check carries a sentence saying what it means, for report.html.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from pipeline.evaluate.config import GateThresholds
+
+__all__ = ["Check", "gate_status", "fidelity_checks", "diversity_checks", "privacy_checks", "utility_checks"]
+
+Status = Literal["pass", "fail", "not_run"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One comparison of a measured value with its threshold (``passed`` None: not measurable)."""
+
+    name: str
+    value: float | None
+    comparison: Literal[">=", "<="]
+    threshold: float | None
+    passed: bool | None
+    meaning: str
+    reason: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        """Plain dict for report.json."""
+        return asdict(self)
+
+
+def _check(name: str, value: float | None, comparison: Literal[">=", "<="], threshold: float, meaning: str, reason: str | None = None) -> Check:
+    if value is None:
+        return Check(name, None, comparison, threshold, None, meaning, reason or "not measurable")
+    passed = value >= threshold if comparison == ">=" else value <= threshold
+    return Check(name, float(value), comparison, threshold, bool(passed), meaning)
+
+
+def gate_status(checks: list[Check]) -> Status:
+    """fail if any check failed; pass if at least one ran and all that ran passed; else not_run."""
+    ran = [check for check in checks if check.passed is not None]
+    if not ran:
+        return "not_run"
+    return "pass" if all(check.passed for check in ran) else "fail"
+
+
+def fidelity_checks(ratios: dict[str, float | None], thresholds: GateThresholds, reason: str | None) -> list[Check]:
+    """Realism: precision and density relative to the real-vs-real reference."""
+    return [
+        _check(
+            "precision_ratio",
+            ratios.get("precision"),
+            ">=",
+            thresholds.min_precision_ratio,
+            "Share of synthetic images that fall inside the real training manifold, relative to the share of "
+            "held-out real images that do. Low: many synthetic images look unlike any real image.",
+            reason,
+        ),
+        _check(
+            "density_ratio",
+            ratios.get("density"),
+            ">=",
+            thresholds.min_density_ratio,
+            "How densely synthetic images sit among real neighbourhoods, relative to held-out real images. "
+            "Low: synthetic images lie on the fringe of, or outside, the real distribution.",
+            reason,
+        ),
+    ]
+
+
+def diversity_checks(
+    ratios: dict[str, float | None],
+    ms_ssim_excess: float | None,
+    thresholds: GateThresholds,
+    reason: str | None,
+    ms_ssim_reason: str | None,
+) -> list[Check]:
+    """Variety: coverage and recall at equal sample size, and same-class MS-SSIM against real pairs."""
+    return [
+        _check(
+            "coverage_ratio",
+            ratios.get("coverage"),
+            ">=",
+            thresholds.min_coverage_ratio,
+            "Share of real training images with a synthetic image nearby, relative to what an equal number of "
+            "held-out real images achieves. Low: parts of the real distribution are missing (mode collapse).",
+            reason,
+        ),
+        _check(
+            "recall_ratio",
+            ratios.get("recall"),
+            ">=",
+            thresholds.min_recall_ratio,
+            "Share of real training images inside the synthetic manifold, relative to an equal number of held-out "
+            "real images. Low: the synthetic set spans a narrower range than real data.",
+            reason,
+        ),
+        _check(
+            "ms_ssim_excess",
+            ms_ssim_excess,
+            "<=",
+            thresholds.max_ms_ssim_excess,
+            "Mean MS-SSIM of random same-class synthetic pairs minus that of real pairs from different subjects. "
+            "High: synthetic images of a class are near-duplicates of each other.",
+            ms_ssim_reason,
+        ),
+    ]
+
+
+def privacy_checks(
+    memorization_rate: float | None,
+    mia_auc: float | None,
+    epsilon: float | None,
+    thresholds: GateThresholds,
+    reason: str | None,
+) -> list[Check]:
+    """Leakage: memorization rate and membership-inference AUC (and epsilon when gated)."""
+    checks = [
+        _check(
+            "memorization_rate",
+            memorization_rate,
+            "<=",
+            thresholds.max_memorization_rate,
+            "Share of synthetic images closer to a training image than the closest few percent of held-out real "
+            "images are. An honest generator reads near the percentile itself; high: near-copies of training images.",
+            reason,
+        ),
+        _check(
+            "mia_auc",
+            mia_auc,
+            "<=",
+            thresholds.max_mia_auc,
+            "AUC of the strongest membership-inference attack run (0.5 = chance): how well an attacker holding the "
+            "synthetic data tells training patients from held-out ones.",
+            reason,
+        ),
+    ]
+    if thresholds.max_epsilon is not None:
+        if epsilon is None:
+            checks.append(
+                Check(
+                    "epsilon",
+                    None,
+                    "<=",
+                    thresholds.max_epsilon,
+                    False,
+                    "Differential-privacy budget of the generator's training; a threshold is set, so a model "
+                    "without a DP guarantee fails.",
+                    "no DP epsilon available",
+                )
+            )
+        else:
+            checks.append(
+                _check(
+                    "epsilon",
+                    epsilon,
+                    "<=",
+                    thresholds.max_epsilon,
+                    "Differential-privacy budget of the generator's training (smaller = stronger guarantee).",
+                )
+            )
+    return checks
+
+
+def utility_checks(
+    label_accuracy_ratio: float | None,
+    gain_high: float | None,
+    thresholds: GateThresholds,
+    label_reason: str | None,
+    gain_reason: str | None,
+) -> list[Check]:
+    """Usefulness: synthetic images carry their labels, and augmentation does not measurably hurt."""
+    checks = [
+        _check(
+            "label_accuracy_ratio",
+            label_accuracy_ratio,
+            ">=",
+            thresholds.min_label_accuracy_ratio,
+            "Accuracy of a classifier trained on real images at predicting the synthetic images' labels, relative "
+            "to its accuracy on held-out real images. Low: synthetic images do not show the class they claim.",
+            label_reason,
+        )
+    ]
+    if thresholds.fail_on_significant_harm:
+        checks.append(
+            _check(
+                "augmentation_gain_ci_high",
+                gain_high,
+                ">=",
+                0.0,
+                "Upper end of the 95% interval of the change in balanced accuracy when synthetic images are added "
+                "to real training data. Below 0: adding them measurably hurts.",
+                gain_reason,
+            )
+        )
+    return checks

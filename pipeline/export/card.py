@@ -1,0 +1,386 @@
+"""The data card: facts gathered from the inputs, rendered through a Jinja2 template.
+
+:func:`build_facts` collects every number the card shows from the datasets, the report, the model
+and the environment (it is also written as ``export.json``); :func:`render_card` renders the
+template with them. The template ships inside the package (``pipeline/export/templates/``) and
+``data_cards/data_card.md.j2`` is the same file (a test keeps them identical);
+``data_cards/README.md`` explains every field.
+
+The template is rendered with ``StrictUndefined``: a field it names that the facts lack is an
+error, never an empty string, so the card cannot silently hold a placeholder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+
+from pipeline.dataset import Dataset
+from pipeline.errors import InputError
+from pipeline.export.report import GATES, figure_rows
+from pipeline.export_config import ExportConfig
+
+__all__ = [
+    "TEMPLATE_NAME",
+    "HEADLINE_KEYS",
+    "template_text",
+    "packaged_template",
+    "build_facts",
+    "render_card",
+    "format_number",
+    "size_category",
+]
+
+TEMPLATE_NAME = "data_card.md.j2"
+# The figures the report contract names for each section, in the order the card lists them.
+HEADLINE_KEYS: dict[str, tuple[str, ...]] = {
+    "fidelity": ("fid", "kid", "precision", "recall", "density", "coverage"),
+    "diversity": ("ms_ssim",),
+    "privacy": ("memorization_rate", "dcr_synthetic_to_train", "dcr_holdout_to_train", "mia_auc", "epsilon", "delta"),
+    "utility": ("synthetic_label_accuracy", "augmentation_gain"),
+}
+_SIZE_CATEGORIES: tuple[tuple[float, str], ...] = (
+    (1e3, "n<1K"),
+    (1e4, "1K<n<10K"),
+    (1e5, "10K<n<100K"),
+    (1e6, "100K<n<1M"),
+    (1e7, "1M<n<10M"),
+    (1e8, "10M<n<100M"),
+    (1e9, "100M<n<1B"),
+)
+
+
+def packaged_template() -> Path:
+    """Path of the template shipped in the package (works for installed packages too)."""
+    return Path(str(resources.files("pipeline.export").joinpath("templates", TEMPLATE_NAME)))
+
+
+def template_text(template: str | os.PathLike[str] | None = None) -> str:
+    """The template's source: ``template`` if given, else the packaged one."""
+    if template is None:
+        return resources.files("pipeline.export").joinpath("templates", TEMPLATE_NAME).read_text(encoding="utf-8")
+    path = Path(template)
+    if not path.is_file():
+        raise InputError(f"{path}: data card template not found. Fix: correct export.card.template or remove it.")
+    return path.read_text(encoding="utf-8")
+
+
+def format_number(value: Any) -> str:
+    """A figure as the card prints it: 4 decimals, or 3 significant digits for very small/large values."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value == 0 or 1e-2 <= abs(value) < 1e6:
+            return f"{value:.4f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def size_category(count: int) -> str:
+    """Hugging Face ``size_categories`` value for ``count`` items."""
+    for limit, name in _SIZE_CATEGORIES:
+        if count < limit:
+            return name
+    return "n>1B"
+
+
+def _cell(value: Any) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _yaml(value: Any) -> str:
+    """A YAML scalar or flow sequence (JSON is valid YAML; quoting keeps odd label text intact)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _gate(status: str) -> str:
+    return {"pass": "pass", "fail": "**FAIL**", "not_run": "not run"}.get(status, status)
+
+
+def _section_tables(section: Mapping[str, Any], headline: tuple[str, ...]) -> dict[str, Any]:
+    """Headline figures (contract keys holding a number or null) and every other figure of a section."""
+    keys = [key for key in headline if not isinstance(section.get(key), dict)]
+    rows = figure_rows(section, keys)
+    shown = {row["name"] for row in rows}
+    more = [row for row in figure_rows(section) if row["name"] not in shown]
+    return {"headline": rows, "more": more}
+
+
+def _feature_space(section: Mapping[str, Any]) -> list[str]:
+    space = section.get("feature_space")
+    if space is None:
+        return []
+    if isinstance(space, dict):
+        return [f"{key}: {value}" for key, value in space.items() if not isinstance(value, (dict, list))]
+    if isinstance(space, list):
+        return [str(item) for item in space]
+    return [str(space)]
+
+
+def _per_class(section: Mapping[str, Any]) -> dict[str, Any]:
+    """``per_class`` as a table: columns (figure names) and rows ``{label, values}``."""
+    per_class = section.get("per_class")
+    if not isinstance(per_class, dict) or not per_class:
+        return {"columns": [], "rows": []}
+    columns: list[str] = []
+    rows = []
+    for label, value in sorted(per_class.items()):
+        figures = {row["name"]: row["value"] for row in figure_rows(value)} if isinstance(value, dict) else {"value": value}
+        for name in figures:
+            if name not in columns:
+                columns.append(name)
+        rows.append({"label": label, "figures": figures})
+    return {"columns": columns, "rows": [{"label": row["label"], "figures": [row["figures"].get(c) for c in columns]} for row in rows]}
+
+
+def _safe_summary(summary: Any, prefix: str = "") -> list[dict[str, str]]:
+    """The ingest summary's settings and counts as rows, leaving out anything path-like.
+
+    Source paths can hold patient names, so keys naming paths, folders or files, and string
+    values that look like paths, are dropped.
+    """
+    rows: list[dict[str, str]] = []
+    if not isinstance(summary, dict):
+        return rows
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        lowered = str(key).lower()
+        if any(word in lowered for word in ("path", "dir", "folder", "file", "source", "root", "key", "private")):
+            continue
+        if isinstance(value, dict):
+            rows.extend(_safe_summary(value, prefix=f"{name}."))
+        elif isinstance(value, list):
+            if all(isinstance(item, (int, float, str, bool)) for item in value) and len(value) <= 20:
+                text = ", ".join(str(item) for item in value)
+                if "/" not in text and "\\" not in text:
+                    rows.append({"name": name, "value": text})
+        elif isinstance(value, str):
+            if "/" not in value and "\\" not in value:
+                rows.append({"name": name, "value": value})
+        else:
+            rows.append({"name": name, "value": format_number(value)})
+    return rows
+
+
+def _distinct(series: pd.Series) -> list[str]:
+    return sorted({str(value) for value in series if str(value).strip()})
+
+
+def build_facts(
+    *,
+    real: Dataset,
+    synthetic: Dataset,
+    augmented: Dataset,
+    report: Mapping[str, Any],
+    model: Mapping[str, Any] | None,
+    config: ExportConfig,
+    excluded: pd.DataFrame,
+    preprocessing: Mapping[str, Any],
+    composition: list[dict[str, Any]],
+    gates: Mapping[str, str],
+    privacy_gate: str,
+    gates_overridden: bool,
+    links: Mapping[str, str],
+    export_run_id: str | None,
+    modality: str,
+    ingest: Mapping[str, Any],
+    versions: Mapping[str, str],
+    commit: str,
+    warnings: list[str],
+    flagged: int,
+    out_name: str,
+) -> dict[str, Any]:
+    """Every fact the data card shows, as plain JSON-serialisable data (written as ``export.json``)."""
+    manifest = augmented.manifest
+    labels = sorted(set(manifest["label"]))
+    real_rows = manifest[manifest["origin"] == "real"]
+    synthetic_rows = manifest[manifest["origin"] == "synthetic"]
+    excluded_synthetic = excluded[excluded["origin"] == "synthetic"]
+    excluded_real = excluded[excluded["origin"] == "real"]
+    pretty_name = config.card.pretty_name or f"medsynth augmented {modality} dataset ({', '.join(labels)})"
+    spec = preprocessing.get("spec") or {}
+    spatial_dims = int(spec["spatial_dims"]) if spec else None
+    thresholds = report["gates"].get("thresholds", {}) or {}
+    privacy = report["privacy"]
+    flagged_thresholds = sorted({float(v) for v in excluded_synthetic["threshold"] if str(v).strip()})
+
+    tags = ["medical-imaging", modality.lower(), "synthetic", "gan", "medsynth"]
+    if spatial_dims is not None:
+        tags.append(f"{spatial_dims}d")
+    tags.append("privacy-gate-" + {"pass": "passed", "fail": "failed", "not_run": "not-run"}[privacy_gate])
+    annotations = [config.card.real_annotations]
+    if "machine-generated" not in annotations:
+        annotations.append("machine-generated")
+    front_matter = {
+        "pretty_name": pretty_name,
+        "license": config.card.license,
+        "tags": tags,
+        "task_categories": ["image-classification"],
+        "size_categories": [size_category(len(manifest))],
+        "source_datasets": [f"extended|{name}" for name in config.card.source_datasets] or ["original"],
+        "annotations_creators": annotations,
+    }
+    banner: list[str] = []
+    if gates_overridden:
+        what = "FAILED" if privacy_gate == "fail" else "DID NOT RUN"
+        banner.append(
+            f"WARNING: the privacy gate {what}; this dataset was exported only because failed gates were allowed "
+            "(--allow-failed-gates / export.allow_failed_gates). Its synthetic images may reproduce training "
+            "patients: do not share it beyond the people allowed to see the real images."
+        )
+    failed_other = [name for name in GATES if name != "privacy" and gates.get(name) == "fail"]
+    if failed_other:
+        banner.append(f"Note: the {', '.join(failed_other)} gate(s) failed; see the evaluation section before using the synthetic images.")
+
+    evaluation: dict[str, Any] = {
+        "gates": [{"name": name, "status": gates[name]} for name in GATES],
+        "thresholds": [{"name": key, "value": value} for key, value in thresholds.items() if not isinstance(value, dict)],
+    }
+    for name, headline in HEADLINE_KEYS.items():
+        section = report[name]
+        evaluation[name] = {
+            **_section_tables(section, headline),
+            "feature_space": _feature_space(section),
+            "gate": gates[name],
+        }
+    evaluation["diversity"]["per_class"] = _per_class(report["diversity"])
+
+    model_block: dict[str, Any] | None = None
+    if model is not None:
+        model_block = {
+            "spatial_dims": model.get("spatial_dims"),
+            "image_size": model.get("image_size"),
+            "spacing": model.get("spacing"),
+            "labels": model.get("labels"),
+            "latent_dim": model.get("latent_dim"),
+            "seed": model.get("seed"),
+            "steps": model.get("steps"),
+            "dp": model.get("dp"),
+            "config_hash": model.get("config_hash"),
+            "checkpoint_sha256": model.get("checkpoint_sha256"),
+            "train_dataset_digest": model.get("train_dataset_digest"),
+            "loss": (model.get("config") or {}).get("loss"),
+            "g_width": (model.get("config") or {}).get("g_width"),
+            "d_width": (model.get("config") or {}).get("d_width"),
+        }
+    grid = {
+        "modality": modality,
+        "spatial_dims": spatial_dims,
+        "image_size": spec.get("image_size"),
+        "spacing": spec.get("spacing"),
+        "slice_spacing": spec.get("slice_spacing"),
+        "orientation": spec.get("orientation"),
+        "steps": list(preprocessing.get("steps", [])),
+        "real": preprocessing.get("real"),
+        "synthetic": preprocessing.get("synthetic"),
+        "real_spacings": _distinct(real_rows["spacing"]) if "spacing" in real_rows else [],
+        "real_shapes": _distinct(real_rows["shape"]) if "shape" in real_rows else [],
+        "synthetic_spacings": _distinct(synthetic_rows["spacing"]) if "spacing" in synthetic_rows else [],
+        "synthetic_shapes": _distinct(synthetic_rows["shape"]) if "shape" in synthetic_rows else [],
+    }
+    totals = {
+        origin: int((manifest["origin"] == origin).sum()) for origin in ("real", "synthetic")
+    }
+    summary_rows = _safe_summary(ingest.get("summary")) if ingest.get("summary") else []
+    source_folders = {"real": real.root.name, "synthetic": synthetic.root.name, "out": out_name}
+    return {
+        "pretty_name": pretty_name,
+        "front_matter": front_matter,
+        "banner": banner,
+        "privacy_gate": privacy_gate,
+        "gates_overridden": gates_overridden,
+        "counts": {
+            "images": len(manifest),
+            "real": totals["real"],
+            "synthetic": totals["synthetic"],
+            "real_sources": len(real.manifest) - len(excluded_real),
+            "real_volumes_in": len(real.manifest),
+            "synthetic_in": len(synthetic.manifest),
+            "excluded_synthetic": len(excluded_synthetic),
+            "excluded_real": len(excluded_real),
+            "flagged": flagged,
+            "subjects": int(real_rows["subject_id"].nunique()),
+            "labels": labels,
+            "splits": {split: int((manifest["split"] == split).sum()) for split in ("train", "val", "test")},
+        },
+        "composition": composition,
+        "grid": grid,
+        "provenance": {
+            "ingest": {key: value for key, value in ingest.items() if key != "summary"},
+            "ingest_summary": summary_rows,
+            "versions": dict(versions),
+            "git_commit": commit,
+            "real_digest": real.digest,
+            "synthetic_digest": synthetic.digest,
+            "augmented_digest": augmented.digest,
+        },
+        "generation": {
+            "model": model_block,
+            "generator_runs": _distinct(synthetic.manifest["generator_run_id"]),
+            "seeds": _distinct(synthetic.manifest["seed"]) if "seed" in synthetic.manifest else [],
+            "model_digests": _distinct(synthetic.manifest["model_digest"]) if "model_digest" in synthetic.manifest else [],
+            "per_class": {label: int((synthetic.manifest["label"] == label).sum()) for label in _distinct(synthetic.manifest["label"])},
+        },
+        "evaluation": evaluation,
+        "privacy_filter": {
+            "flagged": flagged,
+            "excluded": len(excluded_synthetic),
+            "thresholds": flagged_thresholds,
+            "min_distance": config.min_distance,
+            "memorization_rate": privacy.get("memorization_rate"),
+        },
+        "links": dict(links),
+        "export_run_id": export_run_id,
+        "export_config": config.model_dump(mode="json"),
+        "folders": source_folders,
+        "dicom": {
+            "enabled": config.dicom,
+            "series": int((synthetic_rows["dicom_path"].str.len() > 0).sum()) if "dicom_path" in synthetic_rows else 0,
+            "uid_root": config.uid_root,
+        },
+        "warnings": list(warnings),
+        "contact": config.card.contact,
+    }
+
+
+def render_card(facts: Mapping[str, Any], template: str | os.PathLike[str] | None = None) -> str:
+    """Render the data card from ``facts`` (see :func:`build_facts`).
+
+    Raises:
+        InputError: the template is missing, has a syntax error, or names a field the facts lack.
+    """
+    source = template_text(template)
+    environment = jinja2.Environment(
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,  # Markdown, not HTML; table cells are escaped with the `cell` filter
+    )
+    environment.filters.update(num=format_number, cell=_cell, yaml=_yaml, gate=_gate)
+    where = str(template) if template is not None else TEMPLATE_NAME
+    try:
+        compiled = environment.from_string(source)
+        return compiled.render(**facts)
+    except jinja2.TemplateSyntaxError as exc:
+        raise InputError(f"{where} line {exc.lineno}: template syntax error ({exc.message}). Fix: correct the template.") from None
+    except jinja2.UndefinedError as exc:
+        raise InputError(
+            f"{where}: the template uses a field the export does not provide ({exc.message}). "
+            "Fix: use the fields listed in data_cards/README.md."
+        ) from None

@@ -1,0 +1,183 @@
+"""Facts the data card reports about the inputs: ingest provenance, the model, tool versions, git.
+
+Everything here is read from files the earlier stages wrote (manifests, ``quarantine.csv``,
+``audit.jsonl``, the ingest summary, ``model.json``) or from the environment; nothing is typed in.
+Only counts, reasons and settings are kept: never a source path or a header value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.dataset import Dataset
+from pipeline.errors import InputError
+
+__all__ = [
+    "TOOLS",
+    "INGEST_SUMMARY_NAMES",
+    "tool_versions",
+    "git_commit",
+    "ingest_facts",
+    "model_facts",
+]
+
+TOOLS: tuple[str, ...] = ("medsynth", "torch", "monai", "pydicom", "nibabel", "mlflow", "numpy")
+# Names the ingest stage may give its run summary, most specific first.
+INGEST_SUMMARY_NAMES: tuple[str, ...] = ("ingest.json", "ingest_summary.json", "summary.json")
+_QUARANTINE = "quarantine.csv"
+_AUDIT = "audit.jsonl"
+
+
+def tool_versions() -> dict[str, str]:
+    """Installed versions of medsynth and the libraries that shape its outputs (plus Python)."""
+    versions = {"python": platform.python_version()}
+    for name in TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_commit(start: str | os.PathLike[str] | None = None) -> str:
+    """The commit of the medsynth checkout this code runs from.
+
+    Returns ``unknown (not a git checkout)`` for an installed package (even when it sits inside
+    some other repository), and appends ``(with uncommitted changes)`` when tracked files differ.
+    """
+    package_root = Path(start) if start is not None else Path(__file__).resolve().parents[2]
+    unknown = "unknown (not a git checkout)"
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(package_root), *args], capture_output=True, text=True, timeout=20, check=False
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != package_root.resolve():
+        return unknown
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return unknown
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return f"{commit} (with uncommitted changes)" if dirty else commit
+
+
+def _counts(series: pd.Series) -> dict[str, int]:
+    values = series.astype(str).str.strip()
+    values = values[values != ""]
+    return {str(key): int(count) for key, count in sorted(Counter(values).items())}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def ingest_facts(real: Dataset) -> dict[str, Any]:
+    """What ingest did to produce ``real``: counts, quarantine reasons, audit actions, its summary.
+
+    Reads the ingest summary JSON when the dataset holds one, else derives every count from the
+    manifest, ``quarantine.csv`` and ``audit.jsonl``.
+    """
+    manifest = real.manifest
+    facts: dict[str, Any] = {
+        "images": len(manifest),
+        "subjects": int(manifest["subject_id"].nunique()),
+        "labels": _counts(manifest["label"]),
+        "splits": _counts(manifest["split"]),
+        "subjects_per_split": {
+            split: int(count) for split, count in manifest.groupby("split")["subject_id"].nunique().sort_index().items()
+        },
+        "source_formats": _counts(manifest["source_format"]) if "source_format" in manifest else {},
+        "modalities": _counts(manifest["modality"]) if "modality" in manifest else {},
+        "quarantined": 0,
+        "quarantine_reasons": {},
+        "audit_records": 0,
+        "audit_actions": {},
+        "summary": None,
+        "summary_file": None,
+        "quarantine_file": (real.root / _QUARANTINE).is_file(),
+        "audit_file": (real.root / _AUDIT).is_file(),
+    }
+    quarantine = real.root / _QUARANTINE
+    if quarantine.is_file():
+        try:
+            table = pd.read_csv(quarantine, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+            table = pd.DataFrame()
+        facts["quarantined"] = len(table)
+        if "reason" in table.columns:
+            facts["quarantine_reasons"] = _counts(table["reason"].map(_reason_kind))
+    audit = real.root / _AUDIT
+    if audit.is_file():
+        actions: Counter[str] = Counter()
+        records = 0
+        with open(audit, encoding="utf-8") as handle:
+            for line in handle:
+                if not line.strip():
+                    continue
+                records += 1
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict):
+                    action = record.get("action") or record.get("event") or record.get("kind")
+                    if action:
+                        actions[str(action)] += 1
+        facts["audit_records"] = records
+        facts["audit_actions"] = dict(sorted(actions.items()))
+    for name in INGEST_SUMMARY_NAMES:
+        summary = _read_json(real.root / name)
+        if summary is not None:
+            facts["summary"] = summary
+            facts["summary_file"] = name
+            break
+    return facts
+
+
+def _reason_kind(reason: str) -> str:
+    """The kind of a quarantine reason: the text before the first ':' (details may follow it)."""
+    return str(reason).split(":", 1)[0].strip() or "unspecified"
+
+
+def model_facts(model_dir: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """``MODEL_DIR/model.json`` with the checkpoint digest and the config hash (None without a model).
+
+    Raises:
+        InputError: the folder has no readable ``model.json``.
+    """
+    if model_dir is None:
+        return None
+    from pipeline.config import config_digest
+    from pipeline.files import sha256_file
+
+    model_dir = Path(model_dir)
+    path = model_dir / "model.json"
+    info = _read_json(path)
+    if info is None:
+        raise InputError(f"{path}: missing or not valid JSON. Fix: pass a MODEL_DIR written by `medsynth train`.")
+    if not isinstance(info.get("preprocess"), dict):
+        raise InputError(f"{path}: key 'preprocess' is missing. Fix: re-run `medsynth train` with this version.")
+    checkpoint = model_dir / "checkpoint.pt"
+    facts = dict(info)
+    facts["checkpoint_sha256"] = sha256_file(checkpoint) if checkpoint.is_file() else None
+    facts["config_hash"] = config_digest(info["config"]) if isinstance(info.get("config"), dict) else None
+    return facts

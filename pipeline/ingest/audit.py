@@ -1,0 +1,509 @@
+"""Leak audit: search a folder for every identifying value of the sources, and check its DICOM/NIfTI.
+
+``audit(DIR, against=[SOURCE, ...])`` gathers the identifying values of the sources - what the
+profile removes or replaces in their DICOM headers (names, IDs, dates, UIDs, addresses, private
+text), NIfTI header text and extensions, and the names of their files and folders - and searches
+every file of DIR for them: file names, CSV/JSON/text, DICOM headers (element by element, up to
+the pixel data), NIfTI headers and extensions (gz-decompressed), any other file in full.
+Without ``against`` it still checks structure: DICOM files must say PatientIdentityRemoved=YES
+and hold no private element and no value the profile removes; NIfTI files must have empty
+aux_file/db_name/intent_name and no header extension.
+
+Matching is case-insensitive and on token boundaries (an identifier must not be glued to other
+letters or digits), so a date never "matches" inside a long UID. Values that also occur in
+retained attributes (e.g. a manufacturer's name) or are labels are not identifiers.
+
+Findings name the file, the place (tag, header field, "file name", "content") and the kind of
+identifier; never the value.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+import struct
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import pydicom
+
+from pipeline.errors import InputError
+from pipeline.ingest.config import DeidOptions, IngestConfig
+from pipeline.ingest.deid import STOP_VALUES, DeidContext, anonymize, identifier_candidates, is_identifier, tag_text
+from pipeline.ingest.discover import NIFTI_SUFFIXES, scan_file, walk_sources
+from pipeline.ingest.profile import Profile
+
+__all__ = [
+    "Finding",
+    "AuditReport",
+    "Identifiers",
+    "audit",
+    "harvest_sources",
+    "path_identifiers",
+    "scan_output_file",
+    "INGEST_RECORD",
+]
+
+INGEST_RECORD = "ingest.json"
+_TOKEN = re.compile(rb"[a-z0-9\x80-\xff]+")
+_PATH_PIECES = re.compile(r"[_\-. ^,]+")
+_PIXEL_TAG = b"\xe0\x7f\x10\x00"
+_MIN_BINARY = 8  # in non-text files only long identifiers are searched (random bytes match short ones)
+_EXTENSIONS = (".nii.gz", ".nii", ".dcm", ".dicom", ".ima", ".img", ".hdr", ".json", ".gz")
+_VOCABULARY = frozenset(
+    {
+        b"dicom", b"nifti", b"images", b"image", b"series", b"study", b"scan", b"scans", b"data", b"real",
+        b"synthetic", b"train", b"test", b"manifest", b"quarantine", b"audit", b"private", b"medsynth",
+        b"int16", b"int32", b"float32", b"float64", b"uint8", b"patient", b"assumed",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One leak: where (file, place) and what kind of identifier; never the value."""
+
+    path: str
+    where: str
+    kind: str
+
+    def line(self) -> str:
+        return f"  {self.path}: {self.where}: {self.kind}"
+
+
+@dataclass
+class AuditReport:
+    """Result of :func:`audit` (counts and findings; no identifying value anywhere)."""
+
+    directory: Path
+    files: int
+    identifiers: int
+    sources: int
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def lines(self) -> list[str]:
+        head = (
+            f"Audit of {self.directory}: {self.files} files scanned"
+            + (f" for {self.identifiers} identifying values from {self.sources} source folder(s)" if self.sources else " (structure only; pass --against SOURCE to search for source identifiers)")
+        )
+        if self.ok:
+            return [head, "  no finding"]
+        lines = [head, f"  {len(self.findings)} finding(s):"]
+        shown = self.findings[:200]
+        lines += [finding.line() for finding in shown]
+        if len(self.findings) > len(shown):
+            lines.append(f"  ... and {len(self.findings) - len(shown)} more")
+        return lines
+
+
+@dataclass
+class Identifiers:
+    """Identifying values (lower-cased bytes -> kind), ready to search for. PHI: memory only."""
+
+    values: dict[bytes, str] = field(default_factory=dict)
+
+    def add(self, values: dict[bytes, str]) -> None:
+        for value, kind in values.items():
+            self.values.setdefault(value, kind)
+
+    def finalize(self, kept_text: Iterable[bytes], labels: Iterable[str]) -> "Identifiers":
+        """Drop values that also occur in retained text, labels or our own vocabulary."""
+        exempt = set(_VOCABULARY) | {label.lower().encode() for label in labels}
+        kept_tokens: set[bytes] = set()
+        kept_blob = b"\n".join(sorted(set(kept_text)))
+        kept_tokens.update(_TOKEN.findall(kept_blob))
+        final: dict[bytes, str] = {}
+        for value, kind in self.values.items():
+            if value in exempt or value in STOP_VALUES or not is_identifier(value):
+                continue
+            tokens = _TOKEN.findall(value)
+            if not tokens:
+                continue
+            if len(tokens) == 1 and tokens[0] == value:
+                if value in kept_tokens:
+                    continue
+            elif all(token in kept_tokens for token in tokens) and _bounded_find(kept_blob, value):
+                continue
+            final[value] = kind
+        return Identifiers(values=final)
+
+
+def _bounded_find(text: bytes, needle: bytes) -> bool:
+    """Is ``needle`` in ``text`` with no letter or digit glued to either end?"""
+    start = text.find(needle)
+    while start >= 0:
+        end = start + len(needle)
+        before = text[start - 1 : start]
+        after = text[end : end + 1]
+        if not (before and _TOKEN.match(before)) and not (after and _TOKEN.match(after)):
+            return True
+        start = text.find(needle, start + 1)
+    return False
+
+
+class _Matcher:
+    """Token-indexed search for many identifiers in one pass over a text."""
+
+    def __init__(self, identifiers: Identifiers) -> None:
+        self.single: dict[bytes, str] = {}
+        self.multi: list[tuple[bytes, tuple[bytes, ...], str]] = []
+        for value, kind in identifiers.values.items():
+            tokens = tuple(_TOKEN.findall(value))
+            if len(tokens) == 1 and tokens[0] == value:
+                self.single[value] = kind
+            elif tokens:
+                self.multi.append((value, tokens, kind))
+
+    def kinds_in(self, text: bytes, binary: bool = False) -> list[str]:
+        """Kinds of the identifiers found in ``text`` (lower-cased by the caller)."""
+        tokens = set(_TOKEN.findall(text))
+        found = [
+            self.single[token]
+            for token in sorted(tokens & self.single.keys())
+            if not binary or len(token) >= _MIN_BINARY
+        ]
+        for value, parts, kind in self.multi:
+            if binary and len(value) < _MIN_BINARY:
+                continue
+            if all(part in tokens for part in parts) and _bounded_find(text, value):
+                found.append(kind)
+        return found
+
+
+# ------------------------------------------------------------------------------------------
+# Harvesting identifiers from sources
+# ------------------------------------------------------------------------------------------
+
+
+def path_identifiers(rel: str) -> dict[bytes, str]:
+    """Identifiers in a source file's relative path: each folder and file name, and their ID-like pieces.
+
+    Label folders are dropped later (:meth:`Identifiers.finalize`): labels are in the output by design.
+    """
+    parts = list(PurePosixPath(rel).parts)
+    found: dict[bytes, str] = {}
+    for index, part in enumerate(parts):
+        name = part
+        if index == len(parts) - 1:
+            lowered = name.lower()
+            for suffix in _EXTENSIONS:
+                if lowered.endswith(suffix):
+                    name = name[: -len(suffix)]
+                    break
+        encoded = name.lower().encode("utf-8", "replace")
+        if is_identifier(encoded):
+            found.setdefault(encoded, "file or folder name")
+        for piece in _PATH_PIECES.split(name):
+            # Pieces with digits are IDs, MRNs, dates; letter-only pieces are mostly ordinary words
+            # (names are gathered from the headers they come from).
+            piece_bytes = piece.lower().encode("utf-8", "replace")
+            if len(piece_bytes) >= 5 and any(char.isdigit() for char in piece) and is_identifier(piece_bytes):
+                found.setdefault(piece_bytes, "file or folder name")
+    return found
+
+
+def harvest_sources(sources: list[Path], options: DeidOptions) -> tuple[Identifiers, set[bytes]]:
+    """Identifiers (and retained text) of every file under the sources, as ingest would see them."""
+    from pipeline.ingest.task import profile_for
+
+    profile = profile_for(IngestConfig(deid=options))
+    identifiers = Identifiers()
+    kept: set[bytes] = set()
+    for file in walk_sources(sources):
+        identifiers.add(path_identifiers(file.rel))
+        scanned = scan_file(file)
+        if scanned.kind == "dicom":
+            found, retained = _harvest_dicom(file.path, profile)
+            identifiers.add(found)
+            kept |= retained
+        elif scanned.kind == "nifti":
+            identifiers.add(_harvest_nifti(file.path))
+    return identifiers, kept
+
+
+def _harvest_dicom(path: str, profile: Profile) -> tuple[dict[bytes, str], set[bytes]]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        ctx = DeidContext(profile=profile, key=b"audit", subject_id="", date_offset=0)
+        anonymize(ds, ctx)
+    except Exception:
+        return {}, set()
+    return ctx.identifiers, ctx.kept_text
+
+
+def _harvest_nifti(path: str) -> dict[bytes, str]:
+    header = _nifti_header_bytes(Path(path))
+    if header is None:
+        return {}
+    found: dict[bytes, str] = {}
+    fields = {"descrip": (148, 80), "aux_file": (228, 24), "db_name": (14, 18), "intent_name": (328, 16)}
+    for offset, size in fields.values():
+        value = header[offset : offset + size].split(b"\x00")[0]
+        for candidate in identifier_candidates(value, "LT"):
+            found.setdefault(candidate, "NIfTI header text")
+    if len(header) > 352:
+        for candidate in identifier_candidates(header[352:].replace(b"\x00", b" "), "LT"):
+            found.setdefault(candidate, "NIfTI extension text")
+    return found
+
+
+def _nifti_header_bytes(path: Path) -> bytes | None:
+    """Header and extensions of a NIfTI-1 file (without the voxel data), or None if unreadable."""
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as handle:  # type: ignore[operator]
+            head = handle.read(348)
+            if len(head) < 348:
+                return None
+            little = struct.unpack("<i", head[:4])[0] == 348
+            vox_offset = int(struct.unpack("<f" if little else ">f", head[108:112])[0])
+            rest = handle.read(max(0, min(vox_offset, 1 << 24) - 348)) if vox_offset > 348 else handle.read(4)
+            return head + rest
+    except (OSError, EOFError, struct.error, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------
+# Scanning the output
+# ------------------------------------------------------------------------------------------
+
+
+def _dicom_header_end(data: bytes) -> int:
+    """Offset of the top-level PixelData element (or the file's end)."""
+    start = data.find(_PIXEL_TAG, 132)
+    while start >= 0:
+        vr = data[start + 4 : start + 6]
+        if vr in (b"OB", b"OW") and data[start + 6 : start + 8] == b"\x00\x00":
+            return start
+        length = int.from_bytes(data[start + 4 : start + 8], "little")
+        if length in (len(data) - start - 8, 0xFFFFFFFF):
+            return start
+        start = data.find(_PIXEL_TAG, start + 1)
+    return len(data)
+
+
+def scan_output_file(path: Path, rel: str, matcher: _Matcher | None, profile: Profile) -> list[Finding]:
+    """Findings in one output file (name, content, structure)."""
+    findings: list[Finding] = []
+    if matcher is not None:
+        for kind in matcher.kinds_in(rel.lower().encode("utf-8", "replace")):
+            findings.append(Finding(rel, "file name", kind))
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return [Finding(rel, "file", "unreadable during the audit")]
+    lowered_name = path.name.lower()
+    if lowered_name.endswith(NIFTI_SUFFIXES):
+        findings += _scan_nifti(path, rel, matcher)
+    elif data[128:132] == b"DICM":
+        findings += _scan_dicom(data, rel, matcher, profile)
+    else:
+        if data[:2] == b"\x1f\x8b":
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError):
+                pass
+        if matcher is not None:
+            binary = _is_binary(data)
+            for kind in matcher.kinds_in(data.lower(), binary=binary):
+                findings.append(Finding(rel, "content", kind))
+    return findings
+
+
+def _is_binary(data: bytes) -> bool:
+    sample = data[:65536]
+    if not sample:
+        return False
+    try:
+        sample.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        return sum(byte < 9 or 13 < byte < 32 for byte in sample) > len(sample) // 100
+
+
+def _scan_nifti(path: Path, rel: str, matcher: _Matcher | None) -> list[Finding]:
+    header = _nifti_header_bytes(path)
+    if header is None:
+        return [Finding(rel, "NIfTI header", "unreadable NIfTI header")]
+    findings: list[Finding] = []
+    for name, (offset, size) in {"aux_file": (228, 24), "db_name": (14, 18), "intent_name": (328, 16)}.items():
+        if header[offset : offset + size].strip(b"\x00 "):
+            findings.append(Finding(rel, f"NIfTI {name}", "text in a field that must be empty"))
+    if len(header) > 352 and header[348:352] != b"\x00\x00\x00\x00":
+        findings.append(Finding(rel, "NIfTI header extension", "extension present (may carry PHI)"))
+    if matcher is not None:
+        for kind in matcher.kinds_in(header[148:228].lower(), binary=False):
+            findings.append(Finding(rel, "NIfTI descrip", kind))
+        for kind in matcher.kinds_in(header[348:].lower(), binary=True):
+            findings.append(Finding(rel, "NIfTI header extension", kind))
+    return findings
+
+
+def _scan_dicom(data: bytes, rel: str, matcher: _Matcher | None, profile: Profile) -> list[Finding]:
+    end = _dicom_header_end(data)
+    findings: list[Finding] = []
+    if matcher is not None and matcher.kinds_in(data[:end].lower(), binary=False):
+        findings += _locate_in_dicom(data, rel, matcher)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except Exception as exc:
+        return findings + [Finding(rel, "DICOM header", f"unreadable ({type(exc).__name__})")]
+    if str(ds.get("PatientIdentityRemoved", "")).strip().upper() != "YES":
+        findings.append(Finding(rel, "(0012,0062) PatientIdentityRemoved", "not YES (file not de-identified)"))
+    findings += _structure(ds, rel, profile, "")
+    return findings
+
+
+def _structure(ds: pydicom.Dataset, rel: str, profile: Profile, path: str) -> list[Finding]:
+    """Elements that the profile removes but that are present (private ones included)."""
+    findings: list[Finding] = []
+    allowed_private = "safe_private" in profile.options
+    for tag in ds.keys():
+        tag = int(tag)
+        group = tag >> 16
+        if group == 0x0002:
+            continue
+        where = path + tag_text(tag)
+        if group & 1:
+            if not allowed_private:
+                findings.append(Finding(rel, where, "private element present"))
+            continue
+        rule = profile.rule(tag)
+        raw = ds.get_item(tag)
+        if rule is not None and rule[0] == "X" and tag not in (0x00100010, 0x00100020):
+            findings.append(Finding(rel, f"{where} {_keyword(tag)}", "attribute the profile removes is present"))
+            continue
+        if rule is not None and rule[0] == "Z" and raw.value not in (None, b"", "") and tag not in (0x00100010, 0x00100020):
+            if not (raw.VR == "SQ" or (isinstance(raw.value, (bytes, bytearray)) and not raw.value.strip(b" \x00"))):
+                findings.append(Finding(rel, f"{where} {_keyword(tag)}", "attribute the profile empties has a value"))
+                continue
+        vr = raw.VR or (pydicom.datadict.dictionary_VR(tag) if pydicom.datadict.dictionary_has_tag(tag) else "UN")
+        if vr == "SQ":
+            for item in ds[tag].value or ():
+                findings += _structure(item, rel, profile, where + "[].")
+    return findings
+
+
+def _keyword(tag: int) -> str:
+    return pydicom.datadict.keyword_for_tag(tag) or ""
+
+
+def _locate_in_dicom(data: bytes, rel: str, matcher: _Matcher) -> list[Finding]:
+    """Name the element(s) holding identifiers (only called when the raw scan found something)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except Exception:
+        return [Finding(rel, "DICOM header", kind) for kind in matcher.kinds_in(data[: _dicom_header_end(data)].lower())]
+    findings: list[Finding] = []
+    for elem in ds.iterall():
+        if elem.VR == "SQ":
+            continue
+        value = elem.value
+        if isinstance(value, (bytes, bytearray)):
+            text = bytes(value)
+        elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            text = "\\".join(str(item) for item in value).encode("utf-8", "replace")
+        else:
+            text = str(value).encode("utf-8", "replace")
+        for kind in matcher.kinds_in(text.lower()):
+            findings.append(Finding(rel, f"{tag_text(int(elem.tag))} {elem.keyword or ''}".rstrip(), kind))
+    return findings or [Finding(rel, "DICOM header", "identifier between elements")]
+
+
+# ------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------
+
+
+def _record_options(directory: Path) -> DeidOptions:
+    record = directory / INGEST_RECORD
+    if record.is_file():
+        try:
+            payload = json.loads(record.read_text(encoding="utf-8"))
+            return DeidOptions.model_validate(payload.get("deid", {}))
+        except (ValueError, TypeError):
+            pass
+    return DeidOptions()
+
+
+def _labels(directory: Path) -> set[str]:
+    manifest = directory / "manifest.csv"
+    if not manifest.is_file():
+        return set()
+    import csv
+
+    with open(manifest, encoding="utf-8", newline="") as handle:
+        return {row.get("label", "") for row in csv.DictReader(handle)} - {""}
+
+
+def audit(
+    directory: Path,
+    against: list[Path] | None = None,
+    *,
+    identifiers: Identifiers | None = None,
+    options: DeidOptions | None = None,
+    exclude: Iterable[str] = (),
+) -> AuditReport:
+    """Scan ``directory`` for PHI; see the module docstring.
+
+    Args:
+        directory: the folder to audit (a dataset, a report, an export...).
+        against: source folders whose identifying values are searched for.
+        identifiers: already-gathered identifiers (ingest passes what its workers collected).
+        options: the de-identification options the output was made with (default: read from
+            ``DIR/ingest.json``, else the defaults).
+        exclude: relative paths to skip (none by default).
+
+    Raises:
+        InputError: the folder does not exist.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(f"{directory}: folder not found. Fix: pass the folder to audit (e.g. a dataset written by ingest).")
+    options = options or _record_options(directory)
+    from pipeline.ingest.task import profile_for
+
+    profile = profile_for(IngestConfig(deid=options))
+    sources = list(against or [])
+    if sources and identifiers is None:
+        for source in sources:
+            if not Path(source).is_dir():
+                raise InputError(f"--against: folder {source} not found. Fix: pass the source folder the dataset was made from.")
+        gathered, kept = harvest_sources(sources, options)
+        identifiers = gathered.finalize(kept, _labels(directory))
+    matcher = _Matcher(identifiers) if identifiers is not None and identifiers.values else None
+    skip = set(exclude)
+    files = sorted(path for path in directory.rglob("*") if path.is_file())
+    findings: list[Finding] = []
+    scanned = 0
+    for path in files:
+        rel = path.relative_to(directory).as_posix()
+        if rel in skip:
+            continue
+        scanned += 1
+        findings += scan_output_file(path, rel, matcher, profile)
+    return AuditReport(
+        directory=directory,
+        files=scanned,
+        identifiers=len(identifiers.values) if identifiers is not None else 0,
+        sources=len(sources),
+        findings=_dedupe(findings),
+    )
+
+
+def _dedupe(findings: list[Finding]) -> list[Finding]:
+    return list(dict.fromkeys(findings))

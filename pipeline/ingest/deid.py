@@ -1,0 +1,337 @@
+"""Apply the resolved Table E.1-1 profile to a pydicom dataset, recursing into every sequence.
+
+One walk over the elements does three things at once, reading raw element bytes wherever it can
+(no value conversion for the elements it keeps, which is what makes it fast):
+
+* applies the action of each tag (D Z X K C U, private elements, repeating groups);
+* records, for the audit log, which rule acted on which tag (never the value);
+* gathers the identifying values it removed (names, IDs, dates, UIDs, private text) and the
+  text it kept, for the leak audit and for cleaning descriptors. These stay in memory and in
+  worker results only; they are never written or logged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.valuerep import PersonName
+
+from pipeline.ingest.config import SafePrivateElement
+from pipeline.ingest.keys import keyed_uid, shift_date, shift_datetime
+from pipeline.ingest.profile import Profile
+
+__all__ = [
+    "DUMMY_VALUES",
+    "STOP_VALUES",
+    "DeidContext",
+    "anonymize",
+    "identifier_candidates",
+    "is_identifier",
+    "identifier_kind",
+    "tag_text",
+]
+
+DUMMY_VALUES: dict[str, object] = {
+    "AE": "ANON", "AS": "000Y", "CS": "ANONYMIZED", "DA": "19000101", "DT": "19000101000000",
+    "TM": "000000", "DS": "0", "IS": "0", "LO": "ANONYMIZED", "LT": "ANONYMIZED", "SH": "ANONYMIZED",
+    "ST": "ANONYMIZED", "UT": "ANONYMIZED", "UC": "ANONYMIZED", "PN": "ANONYMIZED", "UR": "",
+    "FL": 0.0, "FD": 0.0, "SL": 0, "SS": 0, "UL": 0, "US": 0, "SV": 0, "UV": 0,
+}
+# Values that are never treated as identifiers: our own dummies and common placeholders.
+STOP_VALUES = frozenset(
+    {
+        b"anonymized", b"anonymous", b"anon", b"unknown", b"none", b"null", b"n/a", b"test", b"yes",
+        b"19000101", b"19000101000000", b"000000", b"removed", b"redacted", b"original", b"primary",
+        b"secondary", b"derived", b"axial", b"other", b"patient",
+    }
+)
+_STRING_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
+_SINGLE_VALUED = frozenset({"LT", "ST", "UT", "UR"})
+_FREE_TEXT = frozenset({"LO", "LT", "SH", "ST", "UT", "UC"})
+_NUMERIC_LIKE = re.compile(rb"^[0-9.\-+/: ]+$")
+_NAME_PARTS = re.compile(rb"[\^= ,]+")
+_PRINTABLE = re.compile(rb"^[\x20-\x7e]+$")
+
+
+def tag_text(tag: int) -> str:
+    """``(gggg,eeee)`` for a tag number."""
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def is_identifier(value: bytes) -> bool:
+    """Is a (lower-cased, stripped) value distinctive enough to search for without false alarms?"""
+    if len(value) < 4 or value in STOP_VALUES:
+        return False
+    if _NUMERIC_LIKE.match(value) and len(value.replace(b".", b"").replace(b" ", b"")) < 6:
+        return False  # short numbers occur everywhere (sizes, counts)
+    return True
+
+
+_KINDS = {
+    "PN": "person name", "DA": "date", "DT": "date", "UI": "UID", "LO": "identifier or text", "SH": "identifier or text",
+    "AE": "network name", "LT": "free text", "ST": "free text", "UT": "free text", "UC": "free text", "UR": "address",
+}
+
+
+def identifier_kind(vr: str) -> str:
+    """The kind of identifier a value of this VR is, as audit findings name it."""
+    return _KINDS.get(vr, "identifier")
+
+
+def identifier_candidates(value: bytes, vr: str) -> set[bytes]:
+    """The searchable identifiers in one element value (lower-cased bytes)."""
+    if vr in ("TM", "DS", "IS", "AS", "CS", "SQ") or not value:
+        return set()
+    value = value.lower()
+    parts = [value] if vr in _SINGLE_VALUED else value.split(b"\\")
+    found: set[bytes] = set()
+    for part in parts:
+        part = part.strip(b" \x00")
+        if vr == "DT":
+            part = part[:8]
+        if vr == "PN":
+            found.update(piece for piece in _NAME_PARTS.split(part) if is_identifier(piece))
+        if vr in _FREE_TEXT and len(part) > 64:
+            # A long free text is searched by its comma/semicolon-separated pieces.
+            found.update(piece.strip() for piece in re.split(rb"[,;\n\r]+", part) if is_identifier(piece.strip()))
+            continue
+        if is_identifier(part):
+            found.add(part)
+    return found
+
+
+@dataclass
+class DeidContext:
+    """What one series' anonymization needs, and what it learns (per worker, never shared)."""
+
+    profile: Profile
+    key: bytes
+    subject_id: str
+    date_offset: int | None
+    safe_private: tuple[SafePrivateElement, ...] = ()
+    # Outputs of the walk:
+    audit: Counter = field(default_factory=Counter)  # (tag path, action, rule) -> element count
+    identifiers: dict[bytes, str] = field(default_factory=dict)  # value -> kind
+    kept_text: set[bytes] = field(default_factory=set)
+    _deferred: list[tuple[Dataset, int, str, str]] = field(default_factory=list)
+
+
+def anonymize(ds: Dataset, ctx: DeidContext) -> None:
+    """Anonymize ``ds`` in place (top level and every nested sequence item).
+
+    Descriptors under the Clean Descriptors option are cleaned after the walk, once every
+    identifier of the dataset is known. The caller sets the pseudonymous PatientID/Name and the
+    de-identification method attributes (see :func:`pipeline.ingest.task`).
+    """
+    _walk(ds, ctx, "")
+    deferred, ctx._deferred = ctx._deferred, []
+    for parent, tag, vr, path in deferred:
+        _clean_descriptor(parent, tag, vr, path, ctx)
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+
+
+def _element_vr(elem: DataElement | RawDataElement, tag: int) -> str:
+    vr = elem.VR
+    if not vr or vr == "UN":
+        known = _dictionary_vr(tag) if not (tag >> 16) & 1 else "UN"
+        vr = known if known != "UN" else (vr or "UN")
+    if " or " in vr:  # ambiguous dictionary VRs such as 'US or SS'
+        vr = vr.split(" or ")[0]
+    return vr
+
+
+def _value_bytes(elem: DataElement | RawDataElement) -> bytes:
+    """The element's value as bytes, without converting raw elements."""
+    value = elem.value
+    if value is None:
+        return b""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, (MultiValue, list, tuple)):
+        return b"\\".join(_text(item) for item in value)
+    return _text(value)
+
+
+def _text(value: object) -> bytes:
+    if isinstance(value, PersonName):
+        value = str(value)
+    return str(value).encode("utf-8", "replace")
+
+
+def _walk(ds: Dataset, ctx: DeidContext, path: str) -> None:
+    private_keep = _safe_private_tags(ds, ctx) if ctx.safe_private else set()
+    for tag in list(ds.keys()):
+        tag = int(tag)
+        group, element = tag >> 16, tag & 0xFFFF
+        if group == 0x0002:
+            continue  # file meta is rebuilt by the writer
+        raw = ds.get_item(tag)
+        if element == 0x0000:  # group lengths are retired and would be wrong after edits
+            del ds[tag]
+            continue
+        vr = _element_vr(raw, tag)
+        where = path + tag_text(tag)
+        if group & 1:
+            if tag in private_keep:
+                ctx.audit[(where, "K", "safe_private")] += 1
+                continue
+            if vr in ("LO", "SH", "PN", "LT", "ST", "UT", "UC") or (vr == "UN" and element >= 0x1000):
+                value = _value_bytes(raw).strip(b" \x00")
+                if vr != "UN" or _PRINTABLE.match(value or b"\x00"):
+                    _note(ctx, value, "LO" if vr == "UN" else vr, "private element text")
+            del ds[tag]
+            ctx.audit[(f"{path}({group:04X},private)", "X", "private")] += 1
+            continue
+        rule = ctx.profile.rule(tag)
+        if rule is None:
+            _keep(ds, tag, raw, vr, where, ctx)
+            continue
+        action, source = rule
+        if vr == "SQ":
+            _sequence_action(ds, tag, raw, action, source, where, ctx)
+            continue
+        if action != "K":
+            _note(ctx, _value_bytes(raw), vr)
+        if action == "X":
+            del ds[tag]
+        elif action == "Z":
+            ds[tag] = DataElement(tag, vr, None)
+        elif action == "D":
+            ds[tag] = DataElement(tag, vr, _dummy(vr, raw, ctx))
+        elif action == "U":
+            if vr == "UI":
+                ds[tag] = DataElement(tag, vr, _map_uids(raw, ctx))
+            else:
+                ds[tag] = DataElement(tag, vr, None)
+                action = "Z"
+        elif action == "K":
+            _keep(ds, tag, raw, vr, where, ctx)
+        elif action == "C":
+            if source == "modified_dates":
+                action = _shift(ds, tag, raw, vr, ctx)
+            else:
+                ctx._deferred.append((ds, tag, vr, where))
+                continue  # audited once cleaned
+        ctx.audit[(where, action, source)] += 1
+
+
+def _keep(ds: Dataset, tag: int, raw: DataElement | RawDataElement, vr: str, where: str, ctx: DeidContext) -> None:
+    if vr == "SQ":
+        for item in ds[tag].value or ():
+            _walk(item, ctx, where + "[].")
+    elif vr in _STRING_VRS:
+        value = _value_bytes(raw).strip(b" \x00")
+        if value:
+            ctx.kept_text.add(value.lower())
+
+
+def _sequence_action(
+    ds: Dataset, tag: int, raw: DataElement | RawDataElement, action: str, source: str, where: str, ctx: DeidContext
+) -> None:
+    if action == "X":
+        _harvest_sequence(ds[tag].value, ctx)
+        del ds[tag]
+    elif action == "Z":
+        _harvest_sequence(ds[tag].value, ctx)
+        ds[tag] = DataElement(tag, "SQ", Sequence([]))
+    else:
+        # D, U (X/Z/U*), K, C on a sequence: keep its structure and apply the table inside.
+        for item in ds[tag].value or ():
+            _walk(item, ctx, where + "[].")
+    ctx.audit[(where, action if action in ("X", "Z") else f"{action}:recurse", source)] += 1
+
+
+def _harvest_sequence(items: Sequence | None, ctx: DeidContext) -> None:
+    """Collect the identifiers inside a sequence that is removed whole (for the leak audit)."""
+    for item in items or ():
+        for elem in item.iterall():
+            vr = _element_vr(elem, int(elem.tag))
+            if vr != "SQ" and ((int(elem.tag) >> 16) & 1 == 0 or vr in _FREE_TEXT or vr == "PN"):
+                _note(ctx, _value_bytes(elem), vr)
+
+
+def _note(ctx: DeidContext, value: bytes, vr: str, kind: str | None = None) -> None:
+    """Remember the identifiers in a removed or replaced value (for the leak audit and cleaning)."""
+    for candidate in identifier_candidates(value, vr):
+        ctx.identifiers.setdefault(candidate, kind or identifier_kind(vr))
+
+
+def _dummy(vr: str, raw: DataElement | RawDataElement, ctx: DeidContext) -> object:
+    if vr == "UI":
+        return _map_uids(raw, ctx)
+    return DUMMY_VALUES.get(vr)
+
+
+def _map_uids(raw: DataElement | RawDataElement, ctx: DeidContext) -> str | list[str] | None:
+    text = _value_bytes(raw).decode("ascii", "replace").strip(" \x00")
+    if not text:
+        return None
+    mapped = [keyed_uid(ctx.key, uid.strip(" \x00")) for uid in text.split("\\") if uid.strip(" \x00")]
+    return mapped[0] if len(mapped) == 1 else mapped
+
+
+def _shift(ds: Dataset, tag: int, raw: DataElement | RawDataElement, vr: str, ctx: DeidContext) -> str:
+    """Shift a date (DA/DT) by the patient's offset; times (TM) are kept. Returns the action taken."""
+    text = _value_bytes(raw).decode("ascii", "replace").strip(" \x00")
+    if vr == "TM" or not text:
+        return "K"
+    if ctx.date_offset is None or vr not in ("DA", "DT"):
+        del ds[tag]
+        return "X"
+    shift = shift_date if vr == "DA" else shift_datetime
+    shifted = [shift(part, ctx.date_offset) for part in text.split("\\")]
+    if any(value is None for value in shifted):
+        del ds[tag]  # an unparsable date cannot be shifted safely
+        return "X"
+    ds[tag] = DataElement(tag, vr, shifted[0] if len(shifted) == 1 else shifted)
+    return "C"
+
+
+def _clean_descriptor(ds: Dataset, tag: int, vr: str, where: str, ctx: DeidContext) -> None:
+    """Keep a descriptor with every known identifier of the series blanked out (Clean Descriptors)."""
+    text = _value_bytes(ds.get_item(tag)).decode("utf-8", "replace")
+    cleaned = text
+    for identifier in sorted(ctx.identifiers, key=len, reverse=True):
+        needle = identifier.decode("utf-8", "replace")
+        cleaned = re.sub(rf"(?<![0-9A-Za-z]){re.escape(needle)}(?![0-9A-Za-z])", "***", cleaned, flags=re.IGNORECASE)
+    ds[tag] = DataElement(tag, vr, cleaned.strip() or None)
+    ctx.kept_text.add(cleaned.strip().lower().encode("utf-8", "replace"))
+    ctx.audit[(where, "C", "clean_descriptors")] += 1
+
+
+def _safe_private_tags(ds: Dataset, ctx: DeidContext) -> set[int]:
+    """Private tags of this dataset level on the allow-list, plus their private creators."""
+    creators: dict[tuple[int, int], str] = {}
+    for tag in ds.keys():
+        tag = int(tag)
+        group, element = tag >> 16, tag & 0xFFFF
+        if group & 1 and 0x0010 <= element <= 0x00FF:
+            creators[(group, element)] = _value_bytes(ds.get_item(tag)).decode("latin-1").strip(" \x00").upper()
+    keep: set[int] = set()
+    for tag in ds.keys():
+        tag = int(tag)
+        group, element = tag >> 16, tag & 0xFFFF
+        if not group & 1 or element < 0x1000:
+            continue
+        block, offset = element >> 8, element & 0xFF
+        creator = creators.get((group, block))
+        if creator is None:
+            continue
+        for allowed in ctx.safe_private:
+            if allowed.creator.strip().upper() == creator and allowed.element == offset and allowed.group in (None, group):
+                keep.add(tag)
+                keep.add((group << 16) | block)
+    return keep

@@ -1,0 +1,465 @@
+"""The ingest stage: sources → anonymized real dataset, quarantine, audit log, private folder.
+
+Outputs (DATASET = ``out``)::
+
+    DATASET/manifest.csv          one row per image (dataset contract) + modality, shape, spacing...
+    DATASET/images/<subject>/<sample>.nii.gz
+    DATASET/dicom/<subject>/<sample>/<nnnn>.dcm   anonymized DICOM, slices in z order
+    DATASET/quarantine.csv        ref, reason, sample_id, format: every input not in the output
+    DATASET/audit.jsonl           per series: which rule acted on which tag (never a value)
+    DATASET/ingest.json           options, profile edition, counts (no PHI)
+    PRIVATE/pseudonym.key         the HMAC key (same key → same pseudonyms and UIDs)
+    PRIVATE/source_map.csv        source file → sample/subject pseudonym
+    PRIVATE/quarantine.csv        quarantine ref → original source path
+    PRIVATE/state/<sample>.json   per-series resume records
+
+Nothing that reaches the console, MLflow or DATASET names a source path or a header value.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import multiprocessing
+import os
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pandas as pd
+
+from pipeline.dataset import read_dataset, write_manifest
+from pipeline.errors import CheckFailed, InputError
+from pipeline.files import atomic_write_json, atomic_write_text
+from pipeline.ingest.audit import INGEST_RECORD, AuditReport, Identifiers, audit, path_identifiers
+from pipeline.ingest.config import IngestConfig
+from pipeline.ingest.discover import (
+    LabelBook,
+    ScannedFile,
+    SeriesGroup,
+    SourceFile,
+    group_series,
+    read_labels,
+    scan_files,
+    walk_sources,
+)
+from pipeline.ingest.keys import file_reference, load_or_create_key, sample_pseudonym
+from pipeline.ingest.profile import TABLE_EDITION, TABLE_MODULE, TABLE_PACKAGE
+from pipeline.ingest.split import assign_splits
+from pipeline.ingest.task import STATE_DIR, SeriesResult, SeriesTask, process_series, profile_for
+from pipeline.tracking import NullTracker, Tracker
+
+__all__ = ["IngestSummary", "run", "default_private", "QUARANTINE_NAME", "AUDIT_LOG_NAME"]
+
+QUARANTINE_NAME = "quarantine.csv"
+AUDIT_LOG_NAME = "audit.jsonl"
+_SCAN_CHUNK = 64
+T = TypeVar("T")
+
+
+@dataclass
+class IngestSummary:
+    """Counts of one ingest run. No PHI: no path below the dataset, no header value."""
+
+    out: Path
+    files_seen: int = 0
+    series_found: int = 0
+    series_written: int = 0
+    series_resumed: int = 0
+    images_written: int = 0
+    dicom_files_written: int = 0
+    dicomdir_skipped: int = 0
+    quarantined: dict[str, int] = field(default_factory=dict)  # reason -> files
+    subjects: dict[str, int] = field(default_factory=dict)  # split -> subjects
+    labels: dict[str, int] = field(default_factory=dict)  # label -> images
+    options: list[str] = field(default_factory=list)
+    audit_findings: int = 0
+    audit_identifiers: int = 0
+
+    @property
+    def quarantined_files(self) -> int:
+        return sum(self.quarantined.values())
+
+    def lines(self) -> list[str]:
+        lines = [
+            f"Ingested {self.series_written} of {self.series_found} series into {self.out} "
+            f"({self.images_written} NIfTI images, {self.dicom_files_written} anonymized DICOM files; "
+            f"{self.series_resumed} unchanged since the last run)",
+            f"  files seen: {self.files_seen}; quarantined: {self.quarantined_files}"
+            + (f"; DICOMDIR index files skipped: {self.dicomdir_skipped}" if self.dicomdir_skipped else ""),
+        ]
+        for reason, count in sorted(self.quarantined.items(), key=lambda item: (-item[1], item[0])):
+            lines.append(f"    {count:5d}  {reason}")
+        if self.labels:
+            lines.append("  images per label: " + ", ".join(f"{label} {count}" for label, count in sorted(self.labels.items())))
+        if self.subjects:
+            lines.append("  subjects per split: " + ", ".join(f"{split} {self.subjects.get(split, 0)}" for split in ("train", "val", "test")))
+        lines.append("  profile: PS3.15 E.1-1 basic" + (" + " + ", ".join(self.options) if self.options else ""))
+        lines.append(
+            f"  leak audit: {self.audit_identifiers} identifying values searched, {self.audit_findings} found"
+        )
+        return lines
+
+    def metrics(self) -> dict[str, float]:
+        metrics: dict[str, float] = {
+            "files_seen": self.files_seen,
+            "series_found": self.series_found,
+            "series_written": self.series_written,
+            "series_resumed": self.series_resumed,
+            "images_written": self.images_written,
+            "dicom_files_written": self.dicom_files_written,
+            "quarantined_files": self.quarantined_files,
+            "audit_findings": self.audit_findings,
+        }
+        for reason, count in self.quarantined.items():
+            metrics[f"quarantined.{_metric_key(reason)}"] = count
+        for split, count in self.subjects.items():
+            metrics[f"subjects.{split}"] = count
+        return metrics
+
+
+def _metric_key(reason: str) -> str:
+    head = reason.split("(")[0].split(":")[0].strip().lower()
+    return "".join(char if char.isalnum() else "_" for char in head).strip("_")[:60] or "other"
+
+
+def default_private(out: Path) -> Path:
+    """``<out>.private`` beside the dataset (never inside it)."""
+    out = Path(out)
+    return out.with_name(out.name + ".private")
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _check_locations(sources: list[Path], out: Path, private: Path) -> None:
+    if not sources:
+        raise InputError("no --source given. Fix: pass --source DIR (repeatable) or list 'sources' in the config.")
+    if _inside(private, out):
+        raise InputError("--private is inside --out: the private folder must never be part of the dataset. Fix: put it beside the dataset.")
+    if _inside(out, private):
+        raise InputError("--out is inside --private. Fix: use separate folders for the dataset and the private folder.")
+    for index, source in enumerate(sources, start=1):
+        if _inside(out, source) or _inside(source, out):
+            raise InputError(f"--source #{index} and --out overlap. Fix: write the dataset outside the source folders.")
+        if _inside(private, source):
+            raise InputError(f"--private is inside --source #{index}. Fix: put the private folder outside the sources.")
+
+
+def _pool_map(
+    function: Callable[..., T], jobs: list[tuple[Any, ...]], workers: int, tick: Callable[[T], None]
+) -> Iterator[tuple[int, T | BaseException]]:
+    """Run ``function(*job)`` for every job (in a process pool when workers > 1); yields (index, result)."""
+    if workers <= 1 or len(jobs) <= 1:
+        for index, job in enumerate(jobs):
+            result = function(*job)
+            tick(result)
+            yield index, result
+        return
+    context = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures: dict[Future, int] = {pool.submit(function, *job): index for index, job in enumerate(jobs)}
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except BaseException as exc:  # a worker died (e.g. out of memory): report, go on
+                yield futures[future], exc
+                continue
+            tick(result)
+            yield futures[future], result
+
+
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _progress(total: int, desc: str, enabled: bool, unit: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def run(
+    sources: list[Path],
+    out: Path,
+    config: IngestConfig,
+    labels: Path | None = None,
+    private: Path | None = None,
+    tracker: Tracker = NullTracker(),
+    progress: bool = False,
+    seed: int = 0,
+) -> IngestSummary:
+    """Ingest ``sources`` into the real dataset ``out`` (see the module docstring).
+
+    Args:
+        sources: folders of DICOM and/or NIfTI files (searched recursively).
+        out: dataset folder to write (created; re-running resumes and skips finished series).
+        config: the ``ingest`` config section.
+        labels: ``key,label`` CSV; None: the first folder level under each source is the label.
+        private: private folder (key, source map, quarantine originals); default ``<out>.private``.
+        tracker: where counts, options and the output dataset are logged.
+        progress: show progress bars on stderr.
+        seed: the run's global seed (combined with ``config.split.seed`` for the split).
+
+    Returns:
+        An :class:`IngestSummary`.
+
+    Raises:
+        InputError: bad sources/labels/locations, or nothing usable found (exit 2).
+        CheckFailed: the leak audit of the output found an identifier (exit 1).
+    """
+    sources = [Path(source) for source in sources]
+    out = Path(out)
+    private = Path(private) if private is not None else default_private(out)
+    _check_locations(sources, out, private)
+    book = read_labels(Path(labels) if labels is not None else None)
+    files = walk_sources(sources)
+    if not files:
+        raise InputError("the source folders hold no files. Fix: point --source at folders of DICOM/NIfTI files.")
+    key = load_or_create_key(private)
+    workers = max(1, int(config.workers or _default_workers()))
+    out.mkdir(parents=True, exist_ok=True)
+    summary = IngestSummary(out=out, files_seen=len(files), options=list(profile_for(config).options))
+
+    scanned = _scan(files, workers, progress)
+    quarantine: list[tuple[SourceFile, str, str, str]] = []  # file, reason, sample_id, format
+    for item in scanned:
+        if item.kind == "other":
+            quarantine.append((item.file, item.reason, "", "other"))
+        elif item.kind == "dicomdir":
+            summary.dicomdir_skipped += 1
+    groups = group_series(scanned, label_from_folder=book.from_folders)
+    patient_of = {item.file: item.patient_id for item in scanned if item.kind == "dicom"}
+    tasks: list[SeriesTask] = []
+    for group in groups:
+        sample_id = sample_pseudonym(key, group.key)
+        for duplicate in group.duplicates:
+            quarantine.append((duplicate, "duplicate instance (same SOPInstanceUID as another file of the series)", sample_id, group.kind))
+        label, problem = book.label_for(group, patient_of.get(group.files[0], "") if group.files else "")
+        if label is None:
+            quarantine.extend((file, problem, sample_id, group.kind) for file in group.files)
+            continue
+        tasks.append(
+            SeriesTask(
+                kind=group.kind,
+                series_key=group.key,
+                subject_key=group.subject_key,
+                label=label,
+                files=tuple(group.files),
+                out=str(out),
+                private=str(private),
+            )
+        )
+    summary.series_found = len(groups)
+    results = _process(tasks, key, config, workers, progress)
+    for task, result in zip(tasks, results):
+        quarantine.extend((file, reason, result.sample_id, task.kind) for file, reason in result.quarantined)
+    written = [result for result in results if result.row is not None]
+    summary.series_written = len(written)
+    summary.series_resumed = sum(result.resumed for result in written)
+    summary.images_written = len(written)
+    summary.dicom_files_written = sum(
+        1 for result in written for rel in result.outputs if rel.startswith("dicom/")
+    )
+    summary.quarantined = dict(Counter(reason for _, reason, _, _ in quarantine))
+
+    _write_quarantine(out, private, key, quarantine)
+    _write_private_map(private, written)
+    _write_audit_log(out, results)
+    _remove_orphans(out, {rel for result in written for rel in result.outputs})
+    if not written:
+        _write_record(out, config, summary)
+        raise InputError(
+            f"no usable image series found in the sources ({len(quarantine)} file(s) quarantined, "
+            f"reasons in {out / QUARANTINE_NAME}). Fix: check the sources and the labels."
+        )
+
+    subject_labels: dict[str, list[str]] = defaultdict(list)
+    for result in written:
+        subject_labels[result.subject_id].append(result.label)
+    splits = assign_splits(subject_labels, config.split, seed=seed)
+    rows = []
+    for result in written:
+        row = dict(result.row or {})
+        row["split"] = splits[result.subject_id]
+        rows.append(row)
+    manifest = pd.DataFrame(rows)
+    write_manifest(out, manifest)
+    summary.subjects = dict(Counter(splits.values()))
+    summary.labels = dict(Counter(result.label for result in written))
+    _write_record(out, config, summary)
+
+    if config.audit_output:
+        report = _self_audit(out, files, results, book, config)
+        summary.audit_identifiers = report.identifiers
+        summary.audit_findings = len(report.findings)
+        _write_record(out, config, summary)
+        if not report.ok:
+            _track(tracker, summary, out, config)
+            raise CheckFailed(
+                "\n".join(report.lines()) + "\nThe dataset may hold identifying data: do not share it; report this."
+            )
+    _track(tracker, summary, out, config)
+    return summary
+
+
+def _scan(files: list[SourceFile], workers: int, progress: bool) -> list[ScannedFile]:
+    chunks = [files[start : start + _SCAN_CHUNK] for start in range(0, len(files), _SCAN_CHUNK)]
+    scanned: list[list[ScannedFile]] = [[] for _ in chunks]
+    with _progress(len(files), "scan", progress, "file") as bar:
+        for index, result in _pool_map(scan_files, [(chunk,) for chunk in chunks], workers, lambda done: bar.update(len(done))):
+            if isinstance(result, BaseException):
+                scanned[index] = [
+                    ScannedFile(file=file, kind="other", reason=f"scan failed ({type(result).__name__})") for file in chunks[index]
+                ]
+            else:
+                scanned[index] = result
+    return [item for chunk in scanned for item in chunk]
+
+
+def _process(tasks: list[SeriesTask], key: bytes, config: IngestConfig, workers: int, progress: bool) -> list[SeriesResult]:
+    # Big series first: the pool stays busy until the end instead of waiting on one late giant.
+    order = sorted(range(len(tasks)), key=lambda index: -len(tasks[index].files))
+    jobs = [(tasks[index], key, config) for index in order]
+    results: list[SeriesResult | None] = [None] * len(tasks)
+    with _progress(sum(len(task.files) for task in tasks), "ingest", progress, "file") as bar:
+        for position, result in _pool_map(process_series, jobs, workers, lambda done: bar.update(len(done.used) + len(done.quarantined))):
+            index = order[position]
+            if isinstance(result, BaseException):
+                task = tasks[index]
+                failed = SeriesResult(
+                    sample_id=sample_pseudonym(key, task.series_key), subject_id="", label=task.label, kind=task.kind
+                )
+                failed.quarantined = [(file, f"worker failed ({type(result).__name__}); re-run to retry") for file in task.files]
+                results[index] = failed
+            else:
+                results[index] = result
+    return [result for result in results if result is not None]
+
+
+def _write_quarantine(out: Path, private: Path, key: bytes, entries: list[tuple[SourceFile, str, str, str]]) -> None:
+    public = io.StringIO()
+    secret = io.StringIO()
+    public_writer = csv.writer(public, lineterminator="\n")
+    secret_writer = csv.writer(secret, lineterminator="\n")
+    public_writer.writerow(["ref", "reason", "sample_id", "format"])
+    secret_writer.writerow(["ref", "source_index", "path", "reason"])
+    for file, reason, sample_id, kind in sorted(entries, key=lambda entry: (entry[0].source, entry[0].rel)):
+        ref = file_reference(key, f"{file.source}:{file.rel}")
+        public_writer.writerow([ref, reason, sample_id, kind])
+        secret_writer.writerow([ref, file.source, file.path, reason])
+    atomic_write_text(out / QUARANTINE_NAME, public.getvalue())
+    atomic_write_text(private / QUARANTINE_NAME, secret.getvalue())
+
+
+def _write_private_map(private: Path, written: list[SeriesResult]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["sample_id", "subject_id", "source_index", "path", "output"])
+    for result in sorted(written, key=lambda item: item.sample_id):
+        image = (result.row or {}).get("path", "")
+        for file in result.used:
+            writer.writerow([result.sample_id, result.subject_id, file.source, file.path, image])
+    atomic_write_text(private / "source_map.csv", buffer.getvalue())
+
+
+def _write_audit_log(out: Path, results: list[SeriesResult]) -> None:
+    lines = []
+    for result in sorted(results, key=lambda item: item.sample_id):
+        entry = {
+            "sample_id": result.sample_id,
+            "format": result.kind,
+            "status": "written" if result.row is not None else "quarantined",
+            "files": len(result.used),
+            "rules": result.audit,
+        }
+        lines.append(json.dumps(entry, sort_keys=True))
+    atomic_write_text(out / AUDIT_LOG_NAME, "\n".join(lines) + ("\n" if lines else ""))
+
+
+def _write_record(out: Path, config: IngestConfig, summary: IngestSummary) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        table_version = version(TABLE_PACKAGE)
+    except PackageNotFoundError:
+        table_version = "unknown"
+    atomic_write_json(
+        out / INGEST_RECORD,
+        {
+            "profile": {
+                "standard": "DICOM PS3.15 Annex E, Table E.1-1",
+                "edition": TABLE_EDITION,
+                "table_source": f"{TABLE_PACKAGE}=={table_version} ({TABLE_MODULE})",
+                "options": summary.options,
+            },
+            "deid": config.deid.model_dump(mode="json"),
+            "burned_in": config.burned_in.model_dump(mode="json"),
+            "split": config.split.model_dump(mode="json"),
+            # Counts of the dataset itself (not of this run: a resumed run writes the same record).
+            "counts": {key: value for key, value in summary.metrics().items() if key != "series_resumed"},
+            "quarantined": summary.quarantined,
+        },
+    )
+
+
+def _remove_orphans(out: Path, keep: set[str]) -> None:
+    """Delete outputs no current series owns (earlier runs, killed runs) and stray temp files."""
+    for folder in ("images", "dicom"):
+        root = out / folder
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob("*"), reverse=True):
+            rel = path.relative_to(out).as_posix()
+            if path.is_file() and rel not in keep:
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+    for stray in out.glob(".*.tmp"):
+        stray.unlink()
+
+
+def _self_audit(
+    out: Path, files: list[SourceFile], results: list[SeriesResult], book: LabelBook, config: IngestConfig
+) -> AuditReport:
+    identifiers = Identifiers()
+    kept: set[bytes] = set()
+    for file in files:
+        identifiers.add(path_identifiers(file.rel))
+    for result in results:
+        identifiers.add(result.identifiers)
+        kept |= result.kept_text
+    labels = {result.label for result in results if result.row is not None}
+    if book.by_key is not None:
+        labels |= set(book.by_key.values())
+    final = identifiers.finalize(kept, labels)
+    return audit(out, identifiers=final, options=config.deid, exclude=())
+
+
+def _track(tracker: Tracker, summary: IngestSummary, out: Path, config: IngestConfig) -> None:
+    tracker.log_metrics(summary.metrics())
+    tracker.set_tags(
+        {
+            "ingest.profile": f"PS3.15 E.1-1 {TABLE_EDITION} basic",
+            "ingest.options": ",".join(summary.options) or "none",
+            "ingest.table_source": TABLE_PACKAGE,
+        }
+    )
+    record = out / INGEST_RECORD
+    if record.is_file():
+        tracker.log_artifact(record, artifact_path="ingest")
+    if (out / "manifest.csv").is_file():
+        tracker.log_dataset(read_dataset(out), context="output", name=out.name)

@@ -1,0 +1,530 @@
+"""The per-series task: a pure function of (files, key, config) that a pool worker runs.
+
+``process_series(task, key, config)`` reads one DICOM series (or one NIfTI file), decides what
+must be quarantined, anonymizes, writes the NIfTI volume and the anonymized DICOM files into the
+dataset, and returns a :class:`SeriesResult`. It touches nothing but its own output paths and its
+own state record, so any number of tasks can run at once, on this machine or on a cluster.
+
+Resumability: the task's state record (``PRIVATE/state/<sample_id>.json``) is written last,
+atomically, and names the input hash (file contents + label + settings + key fingerprint) and
+the sha256 of every output. A task whose record matches and whose outputs are intact is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import UID, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+
+from pipeline.files import atomic_path, atomic_write_json, sha256_file, write_nifti
+from pipeline.ingest.config import IngestConfig
+from pipeline.ingest.deid import DeidContext, anonymize, identifier_candidates
+from pipeline.ingest.discover import SourceFile
+from pipeline.ingest.keys import date_offset_days, keyed_hex, sample_pseudonym, subject_pseudonym
+from pipeline.ingest.profile import CID7050, TABLE_EDITION, Profile, build_profile
+from pipeline.ingest.volume import SeriesProblem, build_volume, frames_of
+
+__all__ = [
+    "STATE_DIR",
+    "SeriesTask",
+    "SeriesResult",
+    "process_series",
+    "profile_for",
+    "settings_digest",
+    "burned_in_decision",
+    "NON_SCAN_MODALITIES",
+]
+
+STATE_DIR = "state"
+NON_SCAN_MODALITIES = frozenset(
+    {"SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "RTRECORD", "PR", "KO", "SR", "REG", "FID", "ECG", "HD", "AU", "RWV", "PLAN"}
+)
+# SOP classes that commonly carry burned-in text: secondary capture, ultrasound, visible light.
+_BURNED_IN_CLASS_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture (incl. multi-frame variants .7.1-.7.4)
+    "1.2.840.10008.5.1.4.1.1.6.",  # Ultrasound
+    "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame
+    "1.2.840.10008.5.1.4.1.1.77.1",  # Visible light (endoscopy, photography, video)
+)
+_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+_TOOL = "medsynth"
+
+
+@dataclass(frozen=True)
+class SeriesTask:
+    """One unit of work. Holds source paths and the PatientID-derived keys (PHI): memory only."""
+
+    kind: str  # "dicom" or "nifti"
+    series_key: str
+    subject_key: str
+    label: str
+    files: tuple[SourceFile, ...]
+    out: str  # dataset folder
+    private: str  # private folder
+
+
+@dataclass
+class SeriesResult:
+    """What a task did. ``identifiers``/``kept_text`` are PHI for the leak audit: memory only."""
+
+    sample_id: str
+    subject_id: str
+    label: str
+    kind: str
+    row: dict[str, str] | None = None  # manifest row without 'split'; None when quarantined
+    outputs: dict[str, str] = field(default_factory=dict)  # relative output path -> sha256
+    quarantined: list[tuple[SourceFile, str]] = field(default_factory=list)
+    used: list[SourceFile] = field(default_factory=list)
+    audit: list[dict[str, object]] = field(default_factory=list)
+    identifiers: dict[bytes, str] = field(default_factory=dict)  # value -> kind
+    kept_text: set[bytes] = field(default_factory=set)
+    resumed: bool = False
+
+
+def profile_for(config: IngestConfig) -> Profile:
+    """The resolved profile for a config's de-identification options."""
+    options = config.deid
+    return build_profile(
+        modified_dates=options.modified_dates,
+        patient_characteristics=options.patient_characteristics,
+        device_identity=options.device_identity,
+        clean_descriptors=options.clean_descriptors,
+        safe_private=bool(options.safe_private),
+    )
+
+
+def settings_digest(config: IngestConfig, key: bytes) -> str:
+    """What besides the input files decides a task's output: options, edition, key fingerprint."""
+    payload = {
+        "deid": config.deid.model_dump(mode="json"),
+        "burned_in": config.burned_in.model_dump(mode="json"),
+        "write_dicom": config.write_dicom,
+        "edition": TABLE_EDITION,
+        "key": keyed_hex(key, "fingerprint", "medsynth"),
+        "version": 1,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def process_series(task: SeriesTask, key: bytes, config: IngestConfig) -> SeriesResult:
+    """Run one task (see the module docstring). Never raises for bad input: it quarantines."""
+    subject_id = subject_pseudonym(key, task.subject_key)
+    sample_id = sample_pseudonym(key, task.series_key)
+    result = SeriesResult(sample_id=sample_id, subject_id=subject_id, label=task.label, kind=task.kind)
+    contents: list[bytes] = []
+    digest = hashlib.sha256()
+    digest.update(f"{task.kind}\x00{task.label}\x00{settings_digest(config, key)}".encode())
+    for file in task.files:
+        try:
+            with open(file.path, "rb") as handle:
+                data = handle.read()
+        except OSError:
+            data = b""
+        contents.append(data)
+        digest.update(hashlib.sha256(data).digest())
+    input_hash = digest.hexdigest()
+    state_path = Path(task.private) / STATE_DIR / f"{sample_id}.json"
+    resumed = _resume(state_path, input_hash, task, result)
+    if resumed is not None:
+        return resumed
+    try:
+        if task.kind == "nifti":
+            _nifti(task, contents[0], result)
+        else:
+            _dicom(task, contents, key, config, result)
+    except Exception as exc:  # last line of defence: a task never takes the run down
+        _discard_outputs(task, result)
+        reason = f"unexpected error while processing ({type(exc).__name__})"
+        result.quarantined = [(file, reason) for file in task.files]
+        result.used, result.row = [], None
+    _save_state(state_path, input_hash, task, result)
+    return result
+
+
+# ------------------------------------------------------------------------------------------
+# Resume
+# ------------------------------------------------------------------------------------------
+
+
+def _resume(state_path: Path, input_hash: str, task: SeriesTask, result: SeriesResult) -> SeriesResult | None:
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if state.get("input_hash") != input_hash:
+        return None
+    out = Path(task.out)
+    for rel, sha in state.get("outputs", {}).items():
+        target = out / rel
+        if not target.is_file() or sha256_file(target) != sha:
+            return None
+    files = {(file.source, file.rel): file for file in task.files}
+    result.row = state.get("row")
+    result.outputs = dict(state.get("outputs", {}))
+    result.quarantined = [(files[(source, rel)], reason) for source, rel, reason in state.get("quarantined", []) if (source, rel) in files]
+    result.used = [files[(source, rel)] for source, rel in state.get("used", []) if (source, rel) in files]
+    result.audit = list(state.get("audit", []))
+    result.identifiers = {bytes.fromhex(item): kind for item, kind in state.get("identifiers", [])}
+    result.kept_text = {bytes.fromhex(item) for item in state.get("kept_text", [])}
+    result.resumed = True
+    return result
+
+
+def _save_state(state_path: Path, input_hash: str, task: SeriesTask, result: SeriesResult) -> None:
+    # The private folder is the one place allowed to link pseudonyms to sources; identifiers are
+    # kept there (hex) so a resumed run can still audit its whole output.
+    atomic_write_json(
+        state_path,
+        {
+            "input_hash": input_hash,
+            "sample_id": result.sample_id,
+            "row": result.row,
+            "outputs": result.outputs,
+            "quarantined": [[file.source, file.rel, reason] for file, reason in result.quarantined],
+            "used": [[file.source, file.rel] for file in result.used],
+            "audit": result.audit,
+            "identifiers": sorted([item.hex(), kind] for item, kind in result.identifiers.items()),
+            "kept_text": sorted(item.hex() for item in result.kept_text),
+        },
+    )
+
+
+def _discard_outputs(task: SeriesTask, result: SeriesResult) -> None:
+    out = Path(task.out)
+    for rel in result.outputs:
+        try:
+            (out / rel).unlink()
+        except OSError:
+            pass
+    result.outputs = {}
+
+
+# ------------------------------------------------------------------------------------------
+# NIfTI
+# ------------------------------------------------------------------------------------------
+
+
+def _nifti(task: SeriesTask, content: bytes, result: SeriesResult) -> None:
+    file = task.files[0]
+    try:
+        image = nib.load(file.path)
+        if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise ValueError("not NIfTI")
+        data = np.asanyarray(image.dataobj)
+        affine = np.asarray(image.affine, dtype=np.float64)
+    except Exception as exc:
+        result.quarantined.append((file, f"unreadable NIfTI file ({type(exc).__name__})"))
+        return
+    if data.size == 0 or not np.all(np.isfinite(affine)):
+        result.quarantined.append((file, "NIfTI without voxels or with an invalid affine"))
+        return
+    header = image.header
+    for name in ("descrip", "aux_file", "db_name", "intent_name"):
+        if name in header:
+            value = bytes(np.asarray(header[name]).tobytes()).strip(b" \x00")
+            for candidate in identifier_candidates(value, "LT"):
+                result.identifiers.setdefault(candidate, "NIfTI header text")
+            result.audit.append({"field": name, "action": "X" if value else "K", "rule": "nifti"})
+    for extension in getattr(header, "extensions", []):
+        raw = extension.get_content() if hasattr(extension, "get_content") else b""
+        if isinstance(raw, (bytes, bytearray)):
+            for candidate in identifier_candidates(bytes(raw).replace(b"\x00", b" "), "LT"):
+                result.identifiers.setdefault(candidate, "NIfTI extension text")
+        result.audit.append({"field": f"extension(code {int(extension.get_code())})", "action": "X", "rule": "nifti"})
+    if data.dtype == np.float64:
+        data = data.astype(np.float32)
+    rel = f"images/{result.subject_id}/{result.sample_id}.nii.gz"
+    target = Path(task.out) / rel
+    write_nifti(target, data, affine, descrip="")
+    result.outputs[rel] = sha256_file(target)
+    zooms = header.get_zooms()[:3]
+    result.used.append(file)
+    result.row = _row(result, rel, "nifti", "", data, tuple(float(z) for z in zooms), "patient", 0)
+
+
+# ------------------------------------------------------------------------------------------
+# DICOM
+# ------------------------------------------------------------------------------------------
+
+
+def burned_in_decision(ds: Dataset, config: IngestConfig) -> tuple[str, list[tuple[int, int, int, int]]]:
+    """``("ok" | "blank" | "quarantine", regions)`` for one image (PS3.15 E.3.1: pixel data)."""
+    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if flag == "NO":
+        return "ok", []
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    image_type = [str(item).upper() for item in (ds.get("ImageType") or [])] if ds.get("ImageType") else []
+    risky = (
+        flag == "YES"
+        or modality in {item.upper() for item in config.burned_in.modalities}
+        or sop_class.startswith(_BURNED_IN_CLASS_PREFIXES)
+        or "SCREEN SAVE" in image_type
+    )
+    if not risky:
+        return "ok", []
+    manufacturer = str(ds.get("Manufacturer", "") or "").strip().upper()
+    model = str(ds.get("ManufacturerModelName", "") or "").strip().upper()
+    rows, columns = ds.get("Rows"), ds.get("Columns")
+    for device in config.burned_in.blank:
+        if device.manufacturer.strip().upper() != manufacturer:
+            continue
+        if device.model is not None and device.model.strip().upper() != model:
+            continue
+        if (device.rows is not None and device.rows != rows) or (device.columns is not None and device.columns != columns):
+            continue
+        return "blank", list(device.regions)
+    return "quarantine", []
+
+
+def _read(content: bytes) -> Dataset:
+    has_preamble = len(content) >= 132 and content[128:132] == b"DICM"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(io.BytesIO(content), force=not has_preamble)
+
+
+def _ts_name(ds: Dataset) -> str:
+    uid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    return UID(str(uid)).name if uid else "no transfer syntax"
+
+
+def _screen(ds: Dataset, config: IngestConfig) -> tuple[str, list[tuple[int, int, int, int]]]:
+    """``("", regions)`` for a usable image, else ``(reason, [])``."""
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    if not any(name in ds for name in _PIXEL_TAGS):
+        name = UID(sop_class).name if sop_class else "no SOPClassUID"
+        return f"no pixel data: non-image object or stripped image ({name})", []
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality in NON_SCAN_MODALITIES:
+        name = UID(sop_class).name if sop_class else modality
+        return f"not a scan ({name})", []
+    if not sop_class:
+        return "image without SOPClassUID (not a valid DICOM image object)", []
+    decision, regions = burned_in_decision(ds, config)
+    if decision == "quarantine":
+        return "possible burned-in PHI", []
+    return "", regions
+
+
+def _blank(ds: Dataset, regions: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """Blank the regions in the stored pixels (every frame); returns the stored array."""
+    pixels = ds.pixel_array.copy()
+    fill = pixels.min()
+    for x0, y0, x1, y1 in regions:
+        pixels[..., y0:y1, x0:x1] = fill
+    return pixels
+
+
+def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestConfig, result: SeriesResult) -> None:
+    profile = profile_for(config)
+    patient = task.subject_key.split("\x00", 1)[-1]
+    ctx = DeidContext(
+        profile=profile,
+        key=key,
+        subject_id=result.subject_id,
+        date_offset=date_offset_days(key, patient) if config.deid.modified_dates else None,
+        safe_private=tuple(config.deid.safe_private),
+    )
+    datasets: dict[int, Dataset] = {}
+    blanked: dict[int, np.ndarray] = {}
+    frames = []
+    for index, (file, content) in enumerate(zip(task.files, contents)):
+        if not content:
+            result.quarantined.append((file, "unreadable file (empty, permission or I/O error)"))
+            continue
+        try:
+            ds = _read(content)
+        except Exception as exc:
+            result.quarantined.append((file, f"unreadable DICOM (truncated or corrupt; {type(exc).__name__})"))
+            continue
+        try:
+            reason, regions = _screen(ds, config)
+        except Exception as exc:
+            reason, regions = f"unreadable DICOM header ({type(exc).__name__})", []
+        if reason:
+            result.quarantined.append((file, reason))
+            continue
+        try:
+            if regions:
+                blanked[index] = _blank(ds, regions)
+                ds.PixelData = blanked[index].tobytes()
+                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            frames.extend(frames_of(ds, index))
+        except SeriesProblem as exc:
+            result.quarantined.append((file, str(exc)))
+            continue
+        except Exception as exc:
+            result.quarantined.append((file, f"undecodable pixel data ({_ts_name(ds)}; {type(exc).__name__})"))
+            continue
+        ds._pixel_array = None  # the decoded copy is no longer needed: keep one series in memory, not two
+        contents[index] = b""
+        datasets[index] = ds
+    if not datasets:
+        return
+    try:
+        volume = build_volume(frames)
+    except SeriesProblem as exc:
+        for index in sorted(datasets):
+            result.quarantined.append((task.files[index], f"inconsistent series: {exc}"))
+        return
+    order = list(dict.fromkeys(volume.order))  # files in z order (a multi-frame file appears once)
+    out = Path(task.out)
+    modality = str(datasets[order[0]].get("Modality", "") or "").strip().upper()
+    if config.write_dicom:
+        folder = out / "dicom" / result.subject_id / result.sample_id
+        written: set[str] = set()
+        for position, index in enumerate(order, start=1):
+            ds = datasets[index]
+            anonymize(ds, ctx)
+            _identify(ds, ctx, result, profile, blanked=index in blanked)
+            rel = f"dicom/{result.subject_id}/{result.sample_id}/{position:04d}.dcm"
+            result.outputs[rel] = _write_dicom(ds, out / rel)
+            written.add(Path(rel).name)
+        _remove_stale(folder, written)
+    else:
+        for index in order:
+            anonymize(datasets[index], ctx)
+    for index in sorted(set(datasets) - set(order)):  # never reached: every decoded file is in the volume
+        result.quarantined.append((task.files[index], "slice not used in the volume"))
+    rel = f"images/{result.subject_id}/{result.sample_id}.nii.gz"
+    write_nifti(out / rel, volume.data, volume.affine, descrip="")
+    result.outputs[rel] = sha256_file(out / rel)
+    result.used = [task.files[index] for index in order]
+    result.identifiers = dict(ctx.identifiers)
+    result.kept_text = ctx.kept_text
+    result.audit = _audit_rows(ctx.audit)
+    result.row = _row(result, rel, "dicom", modality, volume.data, volume.spacing, volume.geometry, len(order))
+
+
+def _identify(ds: Dataset, ctx: DeidContext, result: SeriesResult, profile: Profile, blanked: bool) -> None:
+    """Top-level attributes every anonymized file carries (PS3.15 E.1.1, CID 7050)."""
+    ds.PatientID = result.subject_id
+    ds.PatientName = result.subject_id
+    ctx.audit[("(0010,0020)", "D", "pseudonym")] += 1
+    ctx.audit[("(0010,0010)", "D", "pseudonym")] += 1
+    ds.PatientIdentityRemoved = "YES"
+    codes = list(profile.codes)
+    if blanked:
+        ds.BurnedInAnnotation = "NO"
+        codes.append(CID7050["clean_pixel_data"])
+    methods = [f"{_TOOL}: PS3.15 E.1-1 {TABLE_EDITION} basic profile"]
+    methods += [f"{_TOOL}: option {name}" for name in profile.options]
+    if blanked:
+        methods.append(f"{_TOOL}: option clean_pixel_data")
+    ds.DeidentificationMethod = methods
+    items = []
+    for code, meaning in codes:
+        item = Dataset()
+        item.CodeValue = code
+        item.CodingSchemeDesignator = "DCM"
+        item.CodeMeaning = meaning
+        items.append(item)
+    ds.DeidentificationMethodCodeSequence = Sequence(items)
+    ds.LongitudinalTemporalInformationModified = "MODIFIED" if ctx.date_offset is not None else "REMOVED"
+
+
+def _write_dicom(ds: Dataset, target: Path) -> str:
+    """Write ``ds`` as a valid DICOM file (new file meta); returns the file's sha256."""
+    old_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    source_ts = old_meta.get("TransferSyntaxUID")
+    transfer_syntax = UID(str(source_ts)) if source_ts else ExplicitVRLittleEndian
+    big_endian = ds.original_encoding[1] is False if ds.original_encoding else False
+    if (
+        not transfer_syntax.is_transfer_syntax
+        or transfer_syntax.is_deflated
+        or not transfer_syntax.is_little_endian
+        or transfer_syntax.is_private
+        or big_endian
+    ):
+        transfer_syntax = ExplicitVRLittleEndian
+    if big_endian:
+        _to_little_endian(ds)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "MEDSYNTH"
+    ds.file_meta = meta
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    data = buffer.getvalue()
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _to_little_endian(ds: Dataset) -> None:
+    """Byte-swap the binary values of a big-endian dataset (pydicom converts the rest on write)."""
+    for elem in ds.iterall():
+        width = _SWAP_WIDTH.get(str(elem.VR))
+        if width and isinstance(elem.value, (bytes, bytearray)) and len(elem.value) % width == 0:
+            elem.value = np.frombuffer(elem.value, dtype=f">u{width}").astype(f"<u{width}").tobytes()
+
+
+def _remove_stale(folder: Path, keep: set[str]) -> None:
+    """Remove files of an earlier run of this series that this run did not write."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.is_file() and path.name not in keep:
+            path.unlink()
+
+
+def _audit_rows(counter: Counter) -> list[dict[str, object]]:
+    rows = []
+    for (where, action, rule), count in sorted(counter.items()):
+        last = where.rsplit("(", 1)[-1].rstrip(")")
+        keyword = ""
+        if "," in last and "private" not in last:
+            try:
+                keyword = keyword_for_tag(int(last.replace(",", ""), 16)) or ""
+            except ValueError:
+                keyword = ""
+        rows.append({"tag": where, "keyword": keyword, "action": action, "rule": rule, "count": count})
+    return rows
+
+
+def _row(
+    result: SeriesResult,
+    rel: str,
+    source_format: str,
+    modality: str,
+    data: np.ndarray,
+    spacing: tuple[float, ...],
+    geometry: str,
+    n_dicom: int,
+) -> dict[str, str]:
+    return {
+        "sample_id": result.sample_id,
+        "subject_id": result.subject_id,
+        "label": result.label,
+        "path": rel,
+        "origin": "real",
+        "sha256": result.outputs[rel],
+        "modality": modality,
+        "source_format": source_format,
+        "shape": "x".join(str(int(size)) for size in data.shape),
+        "spacing": "x".join(f"{float(value):.6g}" for value in spacing),
+        "dtype": str(data.dtype),
+        "geometry": geometry,
+        "dicom_files": str(n_dicom),
+    }

@@ -1,0 +1,159 @@
+"""MODEL_DIR: what ``train`` writes and every later stage reads.
+
+``model.json`` (metadata, resolved config, preprocessing spec, label map, MLflow run id) and
+``checkpoint.pt`` (state dicts for resuming and sampling). See docs/model_interface.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import InputError
+from pipeline.models.networks import Discriminator, Generator
+from pipeline.models.preprocess import MODEL_JSON
+
+__all__ = [
+    "MODEL_JSON",
+    "CHECKPOINT",
+    "read_model_json",
+    "load_checkpoint",
+    "build_generator",
+    "build_discriminator",
+    "load_generator",
+    "load_discriminator",
+    "sample",
+    "select_device",
+]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def read_model_json(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``model.json`` of a MODEL_DIR.
+
+    Raises:
+        InputError: missing or unreadable file.
+    """
+    path = Path(model_dir) / MODEL_JSON
+    if not path.is_file():
+        raise InputError(f"{path}: not found. Fix: pass a MODEL_DIR written by `medsynth train`.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not readable JSON ({type(exc).__name__}). Fix: re-run `medsynth train`.") from exc
+
+
+def load_checkpoint(model_dir: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The state dicts in ``checkpoint.pt`` (loaded with ``weights_only=True``)."""
+    path = Path(model_dir) / CHECKPOINT
+    if not path.is_file():
+        raise InputError(f"{path}: not found. Fix: pass a MODEL_DIR written by `medsynth train`.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several unrelated types for corrupt files
+        raise InputError(
+            f"{path}: not a readable checkpoint ({type(exc).__name__}). Fix: re-run `medsynth train` (or --resume)."
+        ) from exc
+
+
+def build_generator(meta: dict[str, Any]) -> Generator:
+    """An untrained generator with the architecture recorded in ``meta`` (model.json)."""
+    config = meta["config"]
+    return Generator(
+        spatial_dims=int(meta["spatial_dims"]),
+        image_size=list(meta["image_size"]),
+        num_classes=len(meta["labels"]),
+        latent_dim=int(config["latent_dim"]),
+        embed_dim=int(config["embed_dim"]),
+        width=int(config["g_width"]),
+    )
+
+
+def build_discriminator(meta: dict[str, Any]) -> Discriminator:
+    """An untrained discriminator with the architecture recorded in ``meta`` (model.json)."""
+    return Discriminator(
+        spatial_dims=int(meta["spatial_dims"]),
+        image_size=list(meta["image_size"]),
+        num_classes=len(meta["labels"]),
+        width=int(meta["config"]["d_width"]),
+    )
+
+
+def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto``: the CUDA device of this process when CUDA is present, else the CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but no CUDA device is available. Fix: set device: auto or cpu.")
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def load_generator(model_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> Generator:
+    """The EMA generator of a trained model, in eval mode, frozen.
+
+    Call it as ``generator(noise (N, latent_dim) float32, labels (N,) int64)``; ``labels`` index
+    ``model.json['labels']``. See :func:`sample`.
+    """
+    meta = read_model_json(model_dir)
+    state = load_checkpoint(model_dir)
+    generator = build_generator(meta)
+    generator.load_state_dict(state["ema"])
+    generator.requires_grad_(False)
+    return generator.eval().to(device)
+
+
+class _Scores(nn.Module):
+    """Wraps the discriminator so it returns one raw score per image (higher: looks more real)."""
+
+    def __init__(self, discriminator: Discriminator) -> None:
+        super().__init__()
+        self.discriminator = discriminator
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.discriminator(images, labels).float()
+
+
+def load_discriminator(model_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
+    """The trained discriminator as a callable ``(images (N, 1, *spatial) in [-1, 1], label ids (N,)) -> (N,)``.
+
+    In eval mode (spectral-norm power iterations frozen), parameters frozen; for the white-box
+    membership attack. Images must be preprocessed with the model's :class:`Preprocessor`.
+    """
+    meta = read_model_json(model_dir)
+    state = load_checkpoint(model_dir)
+    discriminator = build_discriminator(meta)
+    discriminator.load_state_dict(state["discriminator"])
+    scores = _Scores(discriminator)
+    scores.requires_grad_(False)
+    return scores.eval().to(device)
+
+
+def noise(count: int, latent_dim: int, seed: int) -> torch.Tensor:
+    """The noise vectors drawn by :func:`sample` (CPU, float32): same seed, same noise on any device."""
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.randn(count, latent_dim, generator=generator)
+
+
+@torch.no_grad()
+def sample(generator: nn.Module, labels: torch.Tensor, seed: int, batch_size: int = 256) -> torch.Tensor:
+    """Draw one image per label: ``(N, 1, *image_size)`` float32 in [-1, 1] on the CPU.
+
+    Image ``i`` depends only on ``(seed, i, labels[i])``, not on ``batch_size`` or the device.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    latent_dim = int(getattr(generator, "latent_dim"))
+    device = next(generator.parameters()).device
+    z = noise(len(labels), latent_dim, seed)
+    chunks = []
+    for start in range(0, len(labels), batch_size):
+        stop = start + batch_size
+        chunks.append(generator(z[start:stop].to(device), labels[start:stop].to(device)).float().cpu())
+    if not chunks:
+        return torch.zeros((0, 1))
+    return torch.cat(chunks)
