@@ -9,10 +9,7 @@ dataset on the model grid (as generate writes it) and a report.json with known f
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -26,7 +23,7 @@ from pipeline import tracking
 from pipeline.dataset import read_dataset, verify_checksums, write_manifest
 from pipeline.errors import CheckFailed, InputError
 from pipeline.export import EXCLUDED_COLUMNS, ExportConfig, run
-from pipeline.export.card import format_number, packaged_template
+from pipeline.export.card import card_environment, format_number, packaged_template
 from pipeline.files import read_nifti, sha256_file, write_nifti
 from pipeline.models.config import ModelConfig
 from pipeline.models.preprocess import Preprocessor, build_spec
@@ -42,10 +39,10 @@ def _phantom(rng: np.random.Generator, label: str, shape: tuple[int, int, int]) 
     x, y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
     cx, cy = shape[0] / 2 + rng.uniform(-2, 2), shape[1] / 2 + rng.uniform(-2, 2)
     body = ((x - cx) / (shape[0] * 0.35)) ** 2 + ((y - cy) / (shape[1] * 0.3)) ** 2 <= 1.0
-    image = np.where(body, 40.0, -1000.0) + rng.normal(0, 10, size=body.shape)
+    image = np.where(body, 40.0, -1000.0)
     if label == "lesion":
         image[(x - cx - 3) ** 2 + (y - cy) ** 2 <= 9] = 160.0
-    volume = np.repeat(image[:, :, None], shape[2], axis=2).astype(np.float32)
+    volume = (image[:, :, None] + rng.normal(0, 10, size=(*body.shape, shape[2]))).astype(np.float32)
     volume[:, :, 0] = -1000.0  # an air-only slice: the model preprocessing drops it
     return volume
 
@@ -67,14 +64,29 @@ def _real_dataset(root: Path) -> None:
                 spacing="0.8x0.8x2.5", shape="40x36x4",
             ))
     write_manifest(root, pd.DataFrame(rows))
-    pd.DataFrame([
-        {"reference": "q-01", "reason": "burned-in annotation: BurnedInAnnotation=YES"},
-        {"reference": "q-02", "reason": "unreadable: not a DICOM or NIfTI file"},
-        {"reference": "q-03", "reason": "unreadable: truncated pixel data"},
-    ]).to_csv(root / "quarantine.csv", index=False)
+    # quarantine.csv, audit.jsonl and ingest.json in the formats pipeline/ingest/stage.py writes.
+    reasons = ["burned-in annotation (BurnedInAnnotation=YES)", "not a DICOM or NIfTI file", "not a DICOM or NIfTI file"]
+    pd.DataFrame([{"ref": f"q{k:04d}", "reason": reason, "sample_id": "", "format": "other"} for k, reason in enumerate(reasons)]
+                 ).to_csv(root / "quarantine.csv", index=False)
     with open(root / "audit.jsonl", "w", encoding="utf-8") as handle:
-        for action in ("remove", "remove", "replace_uid", "shift_date"):
-            handle.write(json.dumps({"action": action, "rule": "basic"}) + "\n")
+        for row in rows:
+            rules = [{"tag": "(0010,0010)", "keyword": "PatientName", "action": "D", "rule": "pseudonym", "count": 1},
+                     {"tag": "(0008,0020)", "keyword": "StudyDate", "action": "C", "rule": "modified_dates", "count": 4},
+                     {"tag": "(0008,0080)", "keyword": "InstitutionName", "action": "X", "rule": "basic", "count": 4}]
+            handle.write(json.dumps({"sample_id": row["sample_id"], "format": "dicom", "status": "written", "files": 4,
+                                     "rules": rules}, sort_keys=True) + "\n")
+    record = {
+        "profile": {"standard": "DICOM PS3.15 Annex E, Table E.1-1", "edition": "2026c",
+                    "table_source": "dicom-anonymizer==2.1.0 (dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c)",
+                    "options": ["Retain Longitudinal Temporal Information with Modified Dates"]},
+        "deid": {"modified_dates": True, "patient_characteristics": False, "device_identity": False,
+                 "clean_descriptors": False, "safe_private": []},
+        "burned_in": {"modalities": ["US", "OT"], "blank": []},
+        "split": {"train": 0.5, "val": 0.25, "test": 0.25, "seed": 0},
+        "counts": {"files_seen": 35, "series_found": 8, "series_written": 8, "quarantined_files": 3, "subjects.train": 4},
+        "quarantined": {"not a DICOM or NIfTI file": 2, "burned-in annotation (BurnedInAnnotation=YES)": 1},
+    }
+    (root / "ingest.json").write_text(json.dumps(record), encoding="utf-8")
 
 
 def _model_dir(root: Path, real: Path) -> dict:
@@ -234,22 +246,58 @@ def test_flagged_samples_are_excluded_and_listed_with_distance_and_reason(inputs
     assert exported["summary"].excluded_synthetic == 2
 
 
-def test_min_distance_needs_per_sample_distances_and_excludes_below_it(inputs: dict, tmp_path: Path) -> None:
-    report = _report()
-    with pytest.raises(InputError, match="min_distance"):
-        run(inputs["real"], inputs["synthetic"], _write_report(tmp_path / "r1", report), tmp_path / "o1",
-            ExportConfig(min_distance=1.0), model_dir=inputs["model"])
+def _nearest_train_distances(inputs: dict) -> dict[str, float]:
+    """RMS distance of every preprocessed synthetic image to its closest preprocessed real train slice."""
+    pre = Preprocessor(inputs["info"]["preprocess"])
+    real, synthetic = read_dataset(inputs["real"]), read_dataset(inputs["synthetic"])
+    train, _, _ = pre.dataset_images(real, real.subset(split="train"))
+    images, _, ids = pre.dataset_images(synthetic)
+    train = train.reshape(len(train), -1).astype(np.float64)
+    out = {}
+    for sample_id, image in zip(ids, images.reshape(len(images), -1).astype(np.float64)):
+        out[sample_id] = float(np.sqrt(((train - image) ** 2).mean(axis=1)).min())
+    return out
+
+
+def test_min_distance_excludes_synthetic_images_closer_than_it(inputs: dict, tmp_path: Path) -> None:
+    distances = _nearest_train_distances(inputs)
+    limit = float(np.median(list(distances.values())))
+    flagged = {"syn-lesion-001", "syn-normal-004"}
+    summary = run(inputs["real"], inputs["synthetic"], inputs["report"], tmp_path / "out", ExportConfig(min_distance=limit),
+                  model_dir=inputs["model"])
+    excluded = pd.read_csv(tmp_path / "out" / "excluded.csv", dtype=str, keep_default_na=False).set_index("sample_id")
+    below = {sample_id for sample_id, distance in distances.items() if distance < limit}
+    assert below and set(excluded.index) == below | flagged
+    for sample_id in below - flagged:
+        assert float(excluded.loc[sample_id, "distance"]) == pytest.approx(distances[sample_id], rel=1e-4)
+        assert "export.min_distance" in excluded.loc[sample_id, "reason"]
+        assert excluded.loc[sample_id, "nearest_train_sample_id"].split("#z")[0] in {"rl0", "rl1", "rn0", "rn1"}
+    assert summary.synthetic_images == len(distances) - len(below | flagged)
+    assert "measured by export" in (tmp_path / "out" / "data_card.md").read_text()
+
+
+def test_per_sample_distances_in_the_report_are_used_as_given(inputs: dict, tmp_path: Path) -> None:
+    report = _report(flagged=())
     ids = read_dataset(inputs["synthetic"]).manifest["sample_id"].tolist()
     report["privacy"]["per_sample"] = [
         {"sample_id": sample_id, "distance": 0.5 + 0.1 * k, "nearest_train_sample_id": "rn0#z0"} for k, sample_id in enumerate(ids)
     ]
-    summary = run(inputs["real"], inputs["synthetic"], _write_report(tmp_path / "r2", report), tmp_path / "o2",
-                  ExportConfig(min_distance=0.85), model_dir=inputs["model"])
-    excluded = pd.read_csv(tmp_path / "o2" / "excluded.csv", dtype=str, keep_default_na=False)
-    below = {sample_id for k, sample_id in enumerate(ids) if 0.5 + 0.1 * k < 0.85}
-    assert set(excluded["sample_id"]) == below | {"syn-lesion-001", "syn-normal-004"}
-    assert summary.synthetic_images == len(ids) - len(set(excluded["sample_id"]))
-    assert any("export.min_distance" in reason for reason in excluded["reason"])
+    run(inputs["real"], inputs["synthetic"], _write_report(tmp_path / "r", report), tmp_path / "out",
+        ExportConfig(min_distance=0.85), model_dir=inputs["model"])
+    excluded = pd.read_csv(tmp_path / "out" / "excluded.csv", dtype=str, keep_default_na=False)
+    assert set(excluded["sample_id"]) == {sample_id for k, sample_id in enumerate(ids) if 0.5 + 0.1 * k < 0.85}
+
+
+def test_images_the_report_did_not_audit_are_held_to_its_threshold(inputs: dict, tmp_path: Path) -> None:
+    distances = _nearest_train_distances(inputs)
+    threshold = float(np.percentile(list(distances.values()), 30))
+    report = _report(flagged=())
+    report["privacy"].update(n_synthetic=4, memorization_threshold=threshold, memorization_space="pixel")
+    run(inputs["real"], inputs["synthetic"], _write_report(tmp_path / "r", report), tmp_path / "out", ExportConfig(),
+        model_dir=inputs["model"])
+    excluded = pd.read_csv(tmp_path / "out" / "excluded.csv", dtype=str, keep_default_na=False)
+    assert set(excluded["sample_id"]) == {sample_id for sample_id, d in distances.items() if d < threshold}
+    assert all("memorization threshold" in reason for reason in excluded["reason"])
 
 
 def test_without_model_real_images_are_copied_unchanged(inputs: dict, tmp_path: Path) -> None:
@@ -393,8 +441,12 @@ def test_card_has_every_section_and_the_reports_numbers(inputs: dict, exported: 
         assert f"| {split} | {label} | {real} | {synthetic} | {real + synthetic} |" in card
     assert f"**{len(manifest)}**" in card
     # Provenance: quarantine by reason, audit actions, tools and the commit.
-    assert "| burned-in annotation | 1 |" in card and "| unreadable | 2 |" in card
-    assert "| inputs quarantined by ingest | 3 |" in card and "| remove | 2 |" in card
+    assert "| not a DICOM or NIfTI file | 2 |" in card and "| burned-in annotation (BurnedInAnnotation=YES) | 1 |" in card
+    assert "| inputs quarantined by ingest | 3 |" in card
+    assert "| X: removed | 32 |" in card and "| C: cleaned (dates shifted / descriptors cleaned) | 32 |" in card
+    assert "8 series records: 8 written" in card
+    assert "edition 2026c" in card and "Retain Longitudinal Temporal Information with Modified Dates" in card
+    assert "| deid.modified_dates | yes |" in card and "| files_seen | 35 |" in card and "| split.seed | 0 |" in card
     for tool in ("medsynth", "torch", "monai", "pydicom", "nibabel", "mlflow"):
         assert f"\n| {tool} | " in card, tool
     assert "medsynth git commit" in card
@@ -416,12 +468,13 @@ def test_card_template_is_shipped_in_the_package_and_identical_to_data_cards() -
     assert packaged.is_file()
     assert packaged.read_text() == (REPO / "data_cards" / "data_card.md.j2").read_text()
     readme = (REPO / "data_cards" / "README.md").read_text()
-    # The README explains every field the template uses.
-    fields = set(re.findall(r"\{\{\s*([a-z_]+(?:\.[a-z_]+)*)", packaged.read_text()))
-    roots = {field.split(".")[0] for field in fields}
-    for root in roots - {"row", "gate", "line", "warning", "section", "label", "count", "name", "reason", "action",
-                         "split", "tool", "version", "stage", "run_id", "value", "title", "column"}:
-        assert f"`{root}" in readme, root
+    # The README explains every variable the template reads from the export's facts.
+    from jinja2 import meta
+
+    variables = meta.find_undeclared_variables(card_environment().parse(packaged.read_text()))
+    assert {"counts", "composition", "evaluation", "provenance", "generation"} <= variables
+    for variable in variables:
+        assert f"`{variable}`" in readme, variable
 
 
 def test_custom_template_and_undefined_fields(inputs: dict, tmp_path: Path) -> None:
@@ -455,6 +508,15 @@ def test_bad_inputs_are_refused_with_a_clear_message(inputs: dict, tmp_path: Pat
     stranger = _report(flagged=("syn-from-another-run",))
     with pytest.raises(InputError, match="another synthetic dataset"):
         run(inputs["real"], inputs["synthetic"], _write_report(tmp_path / "r2", stranger), tmp_path / "d", ExportConfig())
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(inputs["synthetic"], twin)
+    manifest = read_dataset(twin).manifest
+    manifest.loc[0, "sample_id"] = "rl0"  # a real sample id
+    write_manifest(twin, manifest)
+    with pytest.raises(InputError, match="also a real sample id"):
+        run(inputs["real"], twin, inputs["report"], tmp_path / "e", ExportConfig())
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "thesis.docx").write_text("not an export")
@@ -511,25 +573,33 @@ def test_mlflow_lineage_inputs_output_artifacts_and_links(inputs: dict, mlflow_s
     assert f"| export | `{tracker.run_id}` |" in card
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+def _cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """Run the `medsynth` entry point in-process; return (exit code, stdout, stderr)."""
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    captured = capsys.readouterr()
+    return int(exited.value.code), captured.out, captured.err
 
 
-def test_cli_export_success_refusal_and_override(inputs: dict, mlflow_store: Path, tmp_path: Path) -> None:
+def test_cli_export_success_refusal_and_override(
+    inputs: dict, mlflow_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     base = ["export", "--real", str(inputs["real"]), "--synthetic", str(inputs["synthetic"]), "--model", str(inputs["model"])]
-    done = _cli([*base, "--report", str(inputs["report"]), "--out", str(tmp_path / "ok")], mlflow_store)
-    assert done.returncode == 0, done.stderr
-    assert "Augmented dataset written to" in done.stdout and "data_card.md" in done.stdout
-    refused = _cli([*base, "--report", str(inputs["failed"]), "--out", str(tmp_path / "no")], mlflow_store)
-    assert refused.returncode == 1
-    assert refused.stderr.startswith("check failed: export refused") and "--allow-failed-gates" in refused.stderr
-    assert "Traceback" not in refused.stderr and not (tmp_path / "no").exists()
-    forced = _cli([*base, "--report", str(inputs["failed"]), "--out", str(tmp_path / "forced"), "--allow-failed-gates"],
-                  mlflow_store)
-    assert forced.returncode == 0, forced.stderr
-    assert "WARNING" in forced.stdout
-    missing = _cli([*base, "--report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], mlflow_store)
-    assert missing.returncode == 2 and "report not found" in missing.stderr
-    runs = {r.data.tags.get("medsynth.refused") for r in tracking.list_runs("medsynth-medsynth")}
-    assert "privacy gate fail" in runs
+    code, out, err = _cli([*base, "--report", str(inputs["report"]), "--out", str(tmp_path / "ok")], capsys)
+    assert code == 0, err
+    assert "Augmented dataset written to" in out and "data_card.md" in out
+    code, out, err = _cli([*base, "--report", str(inputs["failed"]), "--out", str(tmp_path / "no")], capsys)
+    assert code == 1
+    assert err.startswith("check failed: export refused") and "--allow-failed-gates" in err
+    assert "Traceback" not in err and not (tmp_path / "no").exists()
+    code, out, err = _cli([*base, "--report", str(inputs["failed"]), "--out", str(tmp_path / "forced"),
+                           "--allow-failed-gates"], capsys)
+    assert code == 0, err
+    assert "WARNING" in out
+    code, out, err = _cli([*base, "--report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "report not found" in err
+    runs = tracking.list_runs("medsynth-medsynth")
+    assert {r.data.tags.get("medsynth.refused") for r in runs} >= {"privacy gate fail"}
+    assert {r.info.status for r in runs} == {"FINISHED", "FAILED"}

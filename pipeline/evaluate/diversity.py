@@ -41,8 +41,9 @@ class MsSsimSettings:
 
 
 def _fits(side: int, scales: int, kernel: int) -> bool:
-    # MONAI's own check: side // max(1, scales - 1) ** 2 must exceed kernel - 1.
-    return side // max(1, scales - 1) ** 2 > kernel - 1
+    # MONAI's own check (side // (scales - 1)^2 > kernel - 1), and the coarsest scale
+    # (side / 2^(scales - 1)) must still hold the kernel, which MONAI's check alone does not ensure.
+    return side // max(1, scales - 1) ** 2 > kernel - 1 and side // 2 ** (scales - 1) >= kernel
 
 
 def ms_ssim_settings(spatial: tuple[int, ...]) -> MsSsimSettings:

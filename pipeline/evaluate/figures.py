@@ -1,6 +1,7 @@
-"""Matplotlib figures for report.html, returned as base64 PNG data URIs (one self-contained file).
+"""Figures for report.html as base64 PNG data URIs (one self-contained file).
 
-3D images are shown by their middle axial slice. Every figure uses the Agg backend (no display).
+Images are encoded one by one (the HTML lays them out with their sample ids as text); plots use
+Matplotlib's Agg backend. 3D images are shown by their middle axial slice.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["class_grids", "closest_pairs", "dcr_histograms", "prdc_bars", "ms_ssim_histograms"]
+__all__ = ["image_uri", "class_grids", "closest_pairs", "dcr_histograms", "prdc_bars", "ms_ssim_histograms"]
 
 
 def _pyplot():
@@ -37,47 +38,47 @@ def _plane(image: np.ndarray) -> np.ndarray:
     return plane.T[::-1]
 
 
-def _show(axis: Any, image: np.ndarray | None, title: str = "") -> None:
-    axis.axis("off")
-    if image is not None:
-        axis.imshow(_plane(image), cmap="gray", vmin=-1.0, vmax=1.0, interpolation="nearest")
-    if title:
-        axis.set_title(title, fontsize=7)
+def image_uri(image: np.ndarray) -> str:
+    """One image (2D, or a volume's middle axial slice) as a grey PNG data URI, [-1, 1] -> black..white.
+
+    Written with ``matplotlib.image.imsave`` (no figure, no axes): fast enough for dozens of images.
+    """
+    from matplotlib import image as mpimg
+
+    buffer = io.BytesIO()
+    mpimg.imsave(buffer, _plane(image), cmap="gray", vmin=-1.0, vmax=1.0, format="png")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def class_grids(grids: dict[str, dict[str, np.ndarray]]) -> dict[str, str]:
-    """One figure per class: a row of real training images above a row of synthetic ones."""
-    plt = _pyplot()
-    figures = {}
-    for label, sets in grids.items():
-        columns = max(1, max(len(images) for images in sets.values()))
-        figure, axes = plt.subplots(2, columns, figsize=(1.1 * columns + 0.6, 2.6), squeeze=False)
-        for row, name in enumerate(("real", "synthetic")):
-            images = sets.get(name, np.zeros((0,)))
-            for column in range(columns):
-                _show(axes[row, column], images[column] if column < len(images) else None)
-            axes[row, 0].text(-0.15, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right", fontsize=8)
-        figure.suptitle(f"class {label}: real training images (top) vs synthetic (bottom)", fontsize=9)
-        figures[label] = _data_uri(figure)
-    return figures
+def class_grids(grids: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, list[str]]]:
+    """Per class: data URIs of the real training images and of the synthetic images shown."""
+    return {
+        label: {name: [image_uri(image) for image in sets.get(name, [])] for name in ("real", "synthetic")}
+        for label, sets in grids.items()
+    }
 
 
-def closest_pairs(pairs: list[dict[str, Any]], baseline: dict[str, Any] | None) -> str | None:
-    """Synthetic image | its nearest training image | |difference|, closest first; baseline row last."""
-    rows = list(pairs) + ([baseline] if baseline is not None else [])
-    if not rows:
-        return None
-    plt = _pyplot()
-    figure, axes = plt.subplots(len(rows), 3, figsize=(4.6, 1.55 * len(rows)), squeeze=False)
-    for row, pair in enumerate(rows):
-        is_baseline = baseline is not None and row == len(rows) - 1
-        left = "held-out real" if is_baseline else "synthetic"
-        _show(axes[row, 0], pair["synthetic"], f"{left} {pair['synthetic_id']}")
-        _show(axes[row, 1], pair["train"], f"nearest train {pair['train_id']}")
-        difference = np.abs(pair["synthetic"] - pair["train"]) - 1.0  # map |diff| in [0, 2] to the [-1, 1] colour range
-        _show(axes[row, 2], difference, f"|difference|, RMS {pair['distance']:.3f}")
-    figure.suptitle("closest synthetic-training pairs (last row: closest held-out-training pair, the baseline)", fontsize=8)
-    return _data_uri(figure)
+def closest_pairs(pairs: list[dict[str, Any]], baseline: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Rows of (synthetic, nearest training image, |difference|) as data URIs with ids and distance.
+
+    The last row (``baseline: True``) is the closest held-out-training pair: how close two
+    different real subjects come.
+    """
+    rows = []
+    for pair, is_baseline in [(pair, False) for pair in pairs] + ([(baseline, True)] if baseline is not None else []):
+        difference = np.abs(pair["synthetic"] - pair["train"]) - 1.0  # |diff| in [0, 2] onto the [-1, 1] grey scale
+        rows.append(
+            {
+                "baseline": is_baseline,
+                "query_id": pair["synthetic_id"],
+                "train_id": pair["train_id"],
+                "distance": pair["distance"],
+                "query": image_uri(pair["synthetic"]),
+                "train": image_uri(pair["train"]),
+                "difference": image_uri(difference),
+            }
+        )
+    return rows
 
 
 def dcr_histograms(dcr: dict[str, dict[str, Any]]) -> str | None:

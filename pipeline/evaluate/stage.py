@@ -33,7 +33,7 @@ from pipeline.evaluate.utility import accuracy, balanced_accuracy, bootstrap_wei
 from pipeline.files import atomic_write_json, atomic_write_text
 from pipeline.tracking import NullTracker, Tracker
 
-__all__ = ["run", "evaluate_sets", "Evidence", "Evaluation", "headline_metrics"]
+__all__ = ["run", "evaluate_sets", "Evidence", "Evaluation", "headline_metrics", "summary_lines"]
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -252,6 +252,7 @@ def _privacy(
     synthetic: ImageSet,
     features: dict[str, np.ndarray],
     space: FeatureSpace,
+    attack_features: dict[str, dict[str, np.ndarray]],
     config: EvaluateConfig,
     holdout_reason: str | None,
     model_dir: Path | None,
@@ -345,11 +346,13 @@ def _privacy(
             distance_attack_scores(train_v, synthetic_v, scale=scale),
             distance_attack_scores(holdout_v, synthetic_v, scale=scale),
         ),
-        f"blackbox_feature_{space.name}": (
-            distance_attack_scores(features["train"], features["synthetic"], scale=feature_scale),
-            distance_attack_scores(features["holdout"], features["synthetic"], scale=feature_scale),
-        ),
     }
+    for name, space_features in attack_features.items():
+        attack_scale = math.sqrt(space_features["train"].shape[1])
+        members[f"blackbox_feature_{name}"] = (
+            distance_attack_scores(space_features["train"], space_features["synthetic"], scale=attack_scale),
+            distance_attack_scores(space_features["holdout"], space_features["synthetic"], scale=attack_scale),
+        )
     if model_dir is not None and model is not None:
         members["whitebox_discriminator"] = _discriminator_scores(model_dir, model, train, holdout)
     rng = np.random.default_rng(config.seed + 31)
@@ -644,7 +647,19 @@ def evaluate_sets(
         diversity[f"{key}_ratio"] = fidelity["ratios"].get(key)
     steps.next("privacy")
     privacy = _privacy(
-        train, holdout, synthetic, features[headline.name], headline, config, holdout_reason, model_dir, model, evidence
+        train,
+        holdout,
+        synthetic,
+        features[headline.name],
+        headline,
+        # The trained encoder saw the members (training split) and maps them differently from
+        # any unseen image: attacking in its space would measure the encoder, not the generator.
+        {space.name: features[space.name] for space in spaces if space.name != "trained-cnn"},
+        config,
+        holdout_reason,
+        model_dir,
+        model,
+        evidence,
     )
     _dp(model, privacy)
     steps.next("utility")
@@ -761,6 +776,36 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, float | None]:
         status = report["gates"][gate]
         metrics[f"gate_{gate}_pass"] = None if status == "not_run" else float(status == "pass")
     return {key: _number(value) for key, value in metrics.items()}
+
+
+def summary_lines(report: dict[str, Any], out: Path) -> list[str]:
+    """A few lines for the CLI: gates first, then the headline figures."""
+
+    def show(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.3g}"
+
+    fidelity, diversity, privacy, utility, gates = (
+        report[key] for key in ("fidelity", "diversity", "privacy", "utility", "gates")
+    )
+    thresholds = gates["thresholds"]
+    verdicts = ", ".join(
+        f"{gate} {gates[gate] if gates[gate] != 'fail' else 'FAIL'}" for gate in ("fidelity", "diversity", "privacy", "utility")
+    )
+    return [
+        f"Evaluated {report['inputs']['synthetic']['images']} synthetic vs {report['inputs']['real']['images']} real images "
+        f"(feature space {fidelity['feature_space']}); report: {Path(out) / REPORT_HTML}",
+        f"  gates: {verdicts}",
+        f"  fidelity: FID {show(fidelity.get('fid'))} (held-out reference {show(fidelity['reference'].get('fid'))}), "
+        f"precision {show(fidelity.get('precision'))}, recall {show(fidelity.get('recall'))}, "
+        f"density {show(fidelity.get('density'))}, coverage {show(fidelity.get('coverage'))}",
+        f"  diversity: MS-SSIM {show(diversity.get('ms_ssim'))} (real pairs {show(diversity.get('ms_ssim_real'))})",
+        f"  privacy: memorization_rate {show(privacy.get('memorization_rate'))} (max {show(thresholds['max_memorization_rate'])}), "
+        f"mia_auc {show(privacy.get('mia_auc'))} (max {show(thresholds['max_mia_auc'])}), "
+        f"{len(privacy.get('flagged', []))} flagged, epsilon {show(privacy.get('epsilon'))}",
+        f"  utility: synthetic_label_accuracy {show(utility.get('synthetic_label_accuracy'))}, augmentation_gain "
+        f"{show(utility.get('augmentation_gain'))} [{show(utility.get('augmentation_gain_ci_low'))}, "
+        f"{show(utility.get('augmentation_gain_ci_high'))}]: {utility.get('augmentation_verdict', 'not run')}",
+    ]
 
 
 def run(

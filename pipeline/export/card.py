@@ -34,6 +34,7 @@ __all__ = [
     "template_text",
     "packaged_template",
     "build_facts",
+    "card_environment",
     "render_card",
     "format_number",
     "size_category",
@@ -116,9 +117,13 @@ def _section_tables(section: Mapping[str, Any], headline: tuple[str, ...]) -> di
     """Headline figures (contract keys holding a number or null) and every other figure of a section."""
     keys = [key for key in headline if not isinstance(section.get(key), dict)]
     rows = figure_rows(section, keys)
+    reference = section.get("reference") if isinstance(section.get("reference"), dict) else {}
+    for row in rows:
+        value = reference.get(row["name"])
+        row["reference"] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     shown = {row["name"] for row in rows}
     more = [row for row in figure_rows(section) if row["name"] not in shown]
-    return {"headline": rows, "more": more}
+    return {"headline": rows, "more": more, "has_reference": any(row["reference"] is not None for row in rows)}
 
 
 def _feature_space(section: Mapping[str, Any]) -> list[str]:
@@ -130,6 +135,29 @@ def _feature_space(section: Mapping[str, Any]) -> list[str]:
     if isinstance(space, list):
         return [str(item) for item in space]
     return [str(space)]
+
+
+def _checks(checks: Any) -> list[dict[str, Any]]:
+    """The report's gate checks (``gates.checks``) as table rows."""
+    rows: list[dict[str, Any]] = []
+    if not isinstance(checks, dict):
+        return rows
+    for gate in GATES:
+        for check in checks.get(gate) or []:
+            if not isinstance(check, dict):
+                continue
+            passed = check.get("passed")
+            result = "pass" if passed is True else "fail" if passed is False else "not_run"
+            rows.append({
+                "gate": gate,
+                "name": str(check.get("name", "")),
+                "value": check.get("value"),
+                "comparison": str(check.get("comparison") or ""),
+                "threshold": check.get("threshold"),
+                "result": result,
+                "reason": str(check.get("reason") or ""),
+            })
+    return rows
 
 
 def _per_class(section: Mapping[str, Any]) -> dict[str, Any]:
@@ -148,37 +176,68 @@ def _per_class(section: Mapping[str, Any]) -> dict[str, Any]:
     return {"columns": columns, "rows": [{"label": row["label"], "figures": [row["figures"].get(c) for c in columns]} for row in rows]}
 
 
-def _safe_summary(summary: Any, prefix: str = "") -> list[dict[str, str]]:
-    """The ingest summary's settings and counts as rows, leaving out anything path-like.
+_PATH_WORDS = ("path", "dir", "folder", "root", "private", "key_file")
 
-    Source paths can hold patient names, so keys naming paths, folders or files, and string
-    values that look like paths, are dropped.
+
+def _flat_rows(value: Any, prefix: str) -> list[dict[str, str]]:
+    """Scalars of a nested record as ``{name, value}`` rows, leaving out anything path-like.
+
+    Source paths can hold patient names, so keys naming paths or folders, and string values that
+    look like paths, are dropped (the ingest record holds none; this keeps it that way on the card).
     """
     rows: list[dict[str, str]] = []
-    if not isinstance(summary, dict):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if any(word in str(key).lower() for word in _PATH_WORDS):
+                continue
+            rows.extend(_flat_rows(item, f"{prefix}.{key}" if prefix else str(key)))
         return rows
-    for key, value in summary.items():
-        name = f"{prefix}{key}"
-        lowered = str(key).lower()
-        if any(word in lowered for word in ("path", "dir", "folder", "file", "source", "root", "key", "private")):
-            continue
-        if isinstance(value, dict):
-            rows.extend(_safe_summary(value, prefix=f"{name}."))
-        elif isinstance(value, list):
-            if all(isinstance(item, (int, float, str, bool)) for item in value) and len(value) <= 20:
-                text = ", ".join(str(item) for item in value)
-                if "/" not in text and "\\" not in text:
-                    rows.append({"name": name, "value": text})
-        elif isinstance(value, str):
-            if "/" not in value and "\\" not in value:
-                rows.append({"name": name, "value": value})
+    if isinstance(value, list):
+        if all(isinstance(item, (int, float, str, bool)) for item in value):
+            text = ", ".join(format_number(item) for item in value) if value else "none"
+            if "/" not in text and "\\" not in text:
+                rows.append({"name": prefix, "value": text})
         else:
-            rows.append({"name": name, "value": format_number(value)})
+            rows.append({"name": prefix, "value": f"{len(value)} entries"})
+        return rows
+    if isinstance(value, str) and ("/" in value or "\\" in value):
+        return rows
+    rows.append({"name": prefix, "value": format_number(value) if value is not None else "not set"})
     return rows
+
+
+def _anonymization(record: Any) -> dict[str, Any] | None:
+    """The ingest record (``ingest.json``) as the card shows it: profile, settings, counts."""
+    if not isinstance(record, dict):
+        return None
+    profile = record.get("profile") if isinstance(record.get("profile"), dict) else {}
+    settings = []
+    for key in sorted(set(record) - {"profile", "counts", "quarantined"}):
+        settings.extend(_flat_rows(record[key], key))
+    return {
+        "standard": str(profile.get("standard") or "not recorded"),
+        "edition": str(profile.get("edition") or "not recorded"),
+        "table_source": str(profile.get("table_source") or "not recorded"),
+        "options": [str(option) for option in profile.get("options") or []],
+        "settings": settings,
+        "counts": _flat_rows(record.get("counts") or {}, ""),
+    }
 
 
 def _distinct(series: pd.Series) -> list[str]:
     return sorted({str(value) for value in series if str(value).strip()})
+
+
+def _descrip_example(augmented: Dataset) -> str:
+    """The NIfTI ``descrip`` of the first exported synthetic image (how the files mark themselves)."""
+    import nibabel as nib
+
+    rows = augmented.subset(origin="synthetic")
+    if rows.empty:
+        return "no synthetic image exported"
+    raw = nib.load(augmented.image_path(rows.iloc[0])).header["descrip"]
+    value = raw.item() if hasattr(raw, "item") else raw
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
 
 
 def build_facts(
@@ -204,6 +263,7 @@ def build_facts(
     warnings: list[str],
     flagged: int,
     out_name: str,
+    filter_how: str,
 ) -> dict[str, Any]:
     """Every fact the data card shows, as plain JSON-serialisable data (written as ``export.json``)."""
     manifest = augmented.manifest
@@ -250,6 +310,12 @@ def build_facts(
     evaluation: dict[str, Any] = {
         "gates": [{"name": name, "status": gates[name]} for name in GATES],
         "thresholds": [{"name": key, "value": value} for key, value in thresholds.items() if not isinstance(value, dict)],
+        "checks": _checks(report["gates"].get("checks")),
+        "feature_spaces": [
+            {"name": str(name), "description": str(text)}
+            for name, text in (report.get("feature_spaces") or {}).items()
+            if not isinstance(text, (dict, list))
+        ],
     }
     for name, headline in HEADLINE_KEYS.items():
         section = report[name]
@@ -296,7 +362,6 @@ def build_facts(
     totals = {
         origin: int((manifest["origin"] == origin).sum()) for origin in ("real", "synthetic")
     }
-    summary_rows = _safe_summary(ingest.get("summary")) if ingest.get("summary") else []
     source_folders = {"real": real.root.name, "synthetic": synthetic.root.name, "out": out_name}
     return {
         "pretty_name": pretty_name,
@@ -322,7 +387,7 @@ def build_facts(
         "grid": grid,
         "provenance": {
             "ingest": {key: value for key, value in ingest.items() if key != "summary"},
-            "ingest_summary": summary_rows,
+            "anonymization": _anonymization(ingest.get("summary")),
             "versions": dict(versions),
             "git_commit": commit,
             "real_digest": real.digest,
@@ -331,10 +396,11 @@ def build_facts(
         },
         "generation": {
             "model": model_block,
-            "generator_runs": _distinct(synthetic.manifest["generator_run_id"]),
+            "generator_runs": _distinct(synthetic.manifest["generator_run_id"]) or ["untracked (no MLflow run)"],
             "seeds": _distinct(synthetic.manifest["seed"]) if "seed" in synthetic.manifest else [],
             "model_digests": _distinct(synthetic.manifest["model_digest"]) if "model_digest" in synthetic.manifest else [],
             "per_class": {label: int((synthetic.manifest["label"] == label).sum()) for label in _distinct(synthetic.manifest["label"])},
+            "descrip_example": _descrip_example(augmented),
         },
         "evaluation": evaluation,
         "privacy_filter": {
@@ -342,6 +408,10 @@ def build_facts(
             "excluded": len(excluded_synthetic),
             "thresholds": flagged_thresholds,
             "min_distance": config.min_distance,
+            "method": filter_how,
+            "memorization_threshold": privacy.get("memorization_threshold"),
+            "distance": privacy.get("distance") if isinstance(privacy.get("distance"), str) else None,
+            "audited": privacy.get("n_synthetic"),
             "memorization_rate": privacy.get("memorization_rate"),
         },
         "links": dict(links),
@@ -358,13 +428,8 @@ def build_facts(
     }
 
 
-def render_card(facts: Mapping[str, Any], template: str | os.PathLike[str] | None = None) -> str:
-    """Render the data card from ``facts`` (see :func:`build_facts`).
-
-    Raises:
-        InputError: the template is missing, has a syntax error, or names a field the facts lack.
-    """
-    source = template_text(template)
+def card_environment() -> jinja2.Environment:
+    """The Jinja2 environment cards are rendered in: strict undefined fields and the card's filters."""
     environment = jinja2.Environment(
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -373,6 +438,17 @@ def render_card(facts: Mapping[str, Any], template: str | os.PathLike[str] | Non
         autoescape=False,  # Markdown, not HTML; table cells are escaped with the `cell` filter
     )
     environment.filters.update(num=format_number, cell=_cell, yaml=_yaml, gate=_gate)
+    return environment
+
+
+def render_card(facts: Mapping[str, Any], template: str | os.PathLike[str] | None = None) -> str:
+    """Render the data card from ``facts`` (see :func:`build_facts`).
+
+    Raises:
+        InputError: the template is missing, has a syntax error, or names a field the facts lack.
+    """
+    source = template_text(template)
+    environment = card_environment()
     where = str(template) if template is not None else TEMPLATE_NAME
     try:
         compiled = environment.from_string(source)

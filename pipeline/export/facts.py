@@ -24,6 +24,7 @@ from pipeline.errors import InputError
 __all__ = [
     "TOOLS",
     "INGEST_SUMMARY_NAMES",
+    "ACTION_NAMES",
     "tool_versions",
     "git_commit",
     "ingest_facts",
@@ -90,11 +91,23 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
-def ingest_facts(real: Dataset) -> dict[str, Any]:
-    """What ingest did to produce ``real``: counts, quarantine reasons, audit actions, its summary.
+# PS3.15 Table E.1-1 action codes as the ingest audit log records them.
+ACTION_NAMES: dict[str, str] = {
+    "X": "X: removed",
+    "Z": "Z: emptied (zero length)",
+    "D": "D: replaced by a dummy value",
+    "U": "U: UID replaced (keyed mapping)",
+    "K": "K: kept",
+    "C": "C: cleaned (dates shifted / descriptors cleaned)",
+}
 
-    Reads the ingest summary JSON when the dataset holds one, else derives every count from the
-    manifest, ``quarantine.csv`` and ``audit.jsonl``.
+
+def ingest_facts(real: Dataset) -> dict[str, Any]:
+    """What ingest did to produce ``real``: counts, quarantine reasons, audit actions, its record.
+
+    Reads ``ingest.json`` (the ingest record: profile, options, counts) when the dataset holds
+    one, and derives the rest from the manifest, ``quarantine.csv`` (columns ``ref, reason, ...``)
+    and ``audit.jsonl`` (one record per series with the rules applied and their counts).
     """
     manifest = real.manifest
     facts: dict[str, Any] = {
@@ -107,43 +120,26 @@ def ingest_facts(real: Dataset) -> dict[str, Any]:
         },
         "source_formats": _counts(manifest["source_format"]) if "source_format" in manifest else {},
         "modalities": _counts(manifest["modality"]) if "modality" in manifest else {},
+        "quarantine_file": (real.root / _QUARANTINE).is_file(),
         "quarantined": 0,
         "quarantine_reasons": {},
+        "audit_file": (real.root / _AUDIT).is_file(),
         "audit_records": 0,
+        "audit_status": {},
         "audit_actions": {},
         "summary": None,
         "summary_file": None,
-        "quarantine_file": (real.root / _QUARANTINE).is_file(),
-        "audit_file": (real.root / _AUDIT).is_file(),
     }
-    quarantine = real.root / _QUARANTINE
-    if quarantine.is_file():
+    if facts["quarantine_file"]:
         try:
-            table = pd.read_csv(quarantine, dtype=str, keep_default_na=False)
+            table = pd.read_csv(real.root / _QUARANTINE, dtype=str, keep_default_na=False)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
             table = pd.DataFrame()
         facts["quarantined"] = len(table)
         if "reason" in table.columns:
-            facts["quarantine_reasons"] = _counts(table["reason"].map(_reason_kind))
-    audit = real.root / _AUDIT
-    if audit.is_file():
-        actions: Counter[str] = Counter()
-        records = 0
-        with open(audit, encoding="utf-8") as handle:
-            for line in handle:
-                if not line.strip():
-                    continue
-                records += 1
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict):
-                    action = record.get("action") or record.get("event") or record.get("kind")
-                    if action:
-                        actions[str(action)] += 1
-        facts["audit_records"] = records
-        facts["audit_actions"] = dict(sorted(actions.items()))
+            facts["quarantine_reasons"] = dict(sorted(_counts(table["reason"]).items(), key=lambda item: (-item[1], item[0])))
+    if facts["audit_file"]:
+        facts.update(_audit_counts(real.root / _AUDIT))
     for name in INGEST_SUMMARY_NAMES:
         summary = _read_json(real.root / name)
         if summary is not None:
@@ -153,9 +149,49 @@ def ingest_facts(real: Dataset) -> dict[str, Any]:
     return facts
 
 
-def _reason_kind(reason: str) -> str:
-    """The kind of a quarantine reason: the text before the first ':' (details may follow it)."""
-    return str(reason).split(":", 1)[0].strip() or "unspecified"
+def _audit_counts(path: Path) -> dict[str, Any]:
+    """Series records by status, and de-identification actions summed over every rule applied."""
+    statuses: Counter[str] = Counter()
+    actions: Counter[str] = Counter()
+    records = 0
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            records += 1
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            if record.get("status"):
+                statuses[str(record["status"])] += 1
+            rules = record.get("rules")
+            if isinstance(rules, list):
+                for rule in rules:
+                    if isinstance(rule, dict) and rule.get("action"):
+                        actions[_action_name(str(rule["action"]))] += _int(rule.get("count", 1))
+            elif record.get("action"):
+                actions[_action_name(str(record["action"]))] += 1
+    return {
+        "audit_records": records,
+        "audit_status": dict(sorted(statuses.items())),
+        "audit_actions": dict(sorted(actions.items())),
+    }
+
+
+def _action_name(code: str) -> str:
+    base, _, detail = code.partition(":")
+    name = ACTION_NAMES.get(base, base)
+    return f"{name} ({detail})" if detail else name
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 1
 
 
 def model_facts(model_dir: str | os.PathLike[str] | None) -> dict[str, Any] | None:

@@ -186,7 +186,7 @@ def figure_rows(section: Mapping[str, Any], keys: list[str] | None = None, prefi
 
 
 def _row(name: str, value: Any, section: Mapping[str, Any], key: str) -> dict[str, Any]:
-    if isinstance(value, bool) or isinstance(value, str):
+    if isinstance(value, (bool, str, int)):
         return {"name": name, "value": value, "reason": ""}
     number = _number(value)
     return {"name": name, "value": number, "reason": "" if number is not None else reason_for(section, key)}

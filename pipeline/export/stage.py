@@ -19,6 +19,7 @@ half-written export and an interrupted export leaves ``OUT`` as it was.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -37,7 +38,7 @@ from pipeline.errors import CheckFailed, InputError
 from pipeline.export import card as card_module
 from pipeline.export.dicom import SyntheticImageInfo, synthetic_uid, write_synthetic_series
 from pipeline.export.facts import git_commit, ingest_facts, model_facts, tool_versions
-from pipeline.export.report import Flagged, flagged_samples, gate_status, load_report, report_path
+from pipeline.export.report import Flagged, base_sample_id, flagged_samples, gate_status, load_report, report_path
 from pipeline.export_config import ExportConfig
 from pipeline.files import atomic_path, atomic_write_json, atomic_write_text, read_nifti, sha256_file, write_nifti
 from pipeline.tracking import NullTracker, Tracker
@@ -154,19 +155,34 @@ def _check_origin(dataset: Dataset, origin: str, flag: str) -> None:
         )
 
 
-def _check_synthetic_provenance(dataset: Dataset) -> None:
+def _check_synthetic_provenance(dataset: Dataset) -> int:
+    """Require the provenance columns; return how many images lack a generator run id.
+
+    ``generate`` leaves ``generator_run_id`` empty when it ran without MLflow (a library call):
+    those images stay traceable by ``model_digest`` and ``seed``, and the card says so.
+    """
     manifest_path = dataset.root / "manifest.csv"
-    if "generator_run_id" not in dataset.manifest.columns:
-        raise InputError(
-            f"{manifest_path}: no 'generator_run_id' column, so its images cannot be traced to a generator run. "
-            "Fix: pass a synthetic dataset written by `medsynth generate`."
-        )
-    empty = dataset.manifest.index[dataset.manifest["generator_run_id"].str.strip() == ""]
-    if len(empty):
-        raise InputError(
-            f"{manifest_path} row {int(empty[0]) + 2}, column 'generator_run_id': empty value. "
-            "Fix: every synthetic image must name the generator run that drew it; re-run `medsynth generate`."
-        )
+    for column in ("generator_run_id", "model_digest", "seed"):
+        if column not in dataset.manifest.columns:
+            raise InputError(
+                f"{manifest_path}: no '{column}' column, so its images cannot be traced to their generator. "
+                "Fix: pass a synthetic dataset written by `medsynth generate`."
+            )
+    return int((dataset.manifest["generator_run_id"].str.strip() == "").sum())
+
+
+def _check_report_inputs(report: Mapping[str, Any], where: Path, real: Dataset, synthetic: Dataset) -> None:
+    """Refuse a report computed on other datasets than the ones given (when it records their digests)."""
+    recorded = report.get("inputs") if isinstance(report.get("inputs"), dict) else {}
+    for name, dataset, flag in (("real", real, "--real"), ("synthetic", synthetic, "--synthetic")):
+        entry = recorded.get(name) if isinstance(recorded.get(name), dict) else {}
+        digest = entry.get("digest")
+        if digest and digest != dataset.digest:
+            raise InputError(
+                f"{where}: key 'inputs.{name}.digest' does not match the {name} dataset passed as {flag} "
+                f"({dataset.root}): the report was computed on other data. Fix: re-run `medsynth evaluate` on "
+                "these datasets, or pass the datasets it evaluated."
+            )
 
 
 def _check_labels(real: Dataset, synthetic: Dataset) -> None:
@@ -203,29 +219,45 @@ def _check_out(out: Path, inputs: Mapping[str, Path]) -> None:
         )
 
 
-def _refusal(report: Mapping[str, Any], path: Path, status: str) -> CheckFailed:
+def _privacy_findings(report: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(failed checks as 'name value (max t)', reasons checks could not run) of the privacy gate."""
+    checks = (report["gates"].get("checks") or {}).get("privacy")
+    failed: list[str] = []
+    reasons: list[str] = []
+    if isinstance(checks, list) and checks:
+        for check in checks:
+            if not isinstance(check, dict):
+                continue
+            name = str(check.get("name", "")).replace("_", " ")
+            value, threshold = check.get("value"), check.get("threshold")
+            if check.get("passed") is False and isinstance(value, (int, float)):
+                bound = "max" if check.get("comparison") == "<=" else "min"
+                limit = f" ({bound} {threshold:.4g})" if isinstance(threshold, (int, float)) else ""
+                failed.append(f"{name} {value:.4g}{limit}")
+            elif check.get("passed") is None and check.get("reason"):
+                reasons.append(str(check["reason"]))
+        return failed, sorted(set(reasons))
     privacy = report["privacy"]
     thresholds = report["gates"].get("thresholds", {}) or {}
-    figures = []
-    for key, limit_key, label in (
-        ("memorization_rate", "max_memorization_rate", "memorization rate"),
-        ("mia_auc", "max_mia_auc", "membership-inference AUC"),
-        ("epsilon", "max_epsilon", "DP epsilon"),
-    ):
-        value = privacy.get(key)
+    for key, limit_key in (("memorization_rate", "max_memorization_rate"), ("mia_auc", "max_mia_auc"), ("epsilon", "max_epsilon")):
+        value, limit = privacy.get(key), thresholds.get(limit_key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            limit = thresholds.get(limit_key)
             bound = f" (max {limit:.4g})" if isinstance(limit, (int, float)) and not isinstance(limit, bool) else ""
-            figures.append(f"{label} {value:.4g}{bound}")
-    measured = f": {', '.join(figures)}" if figures else ""
+            failed.append(f"{key.replace('_', ' ')} {value:.4g}{bound}")
+        elif privacy.get(f"{key}_reason"):
+            reasons.append(str(privacy[f"{key}_reason"]))
+    return failed, sorted(set(reasons))
+
+
+def _refusal(report: Mapping[str, Any], path: Path, status: str) -> CheckFailed:
+    failed, reasons = _privacy_findings(report)
     if status == "fail":
+        measured = f": {', '.join(failed)}" if failed else ""
         what = f"the privacy gate of {path} failed{measured}. The synthetic images may reproduce training patients."
         fix = "retrain (more data, fewer steps, differential privacy) and re-run evaluate"
     else:
-        what = (
-            f"the privacy gate of {path} did not run ({privacy.get('reason') or 'see the report'}), so nothing shows "
-            "the synthetic images are safe to share."
-        )
+        why = "; ".join(reasons) or "see the report"
+        what = f"the privacy gate of {path} did not run ({why}), so nothing shows the synthetic images are safe to share."
         fix = "give evaluate enough held-out real images (val + test) and re-run it"
     return CheckFailed(
         f"export refused: {what} Fix: {fix}; or, to export anyway (e.g. for internal inspection), pass "
@@ -298,7 +330,7 @@ def _export_real(real: Dataset, stage_dir: Path, preprocessor: Any | None) -> tu
             write_nifti(stage_dir / rel, volume, grid, descrip="real (medsynth export, model grid)")
             rows.append({**base, "sample_id": sample_id, "path": rel.as_posix(), "sha256": sha256_file(stage_dir / rel),
                          "slice_index": str(index) if two_d else "", "preprocessing": "model-grid",
-                         "spacing": _spacing_text(grid), "shape": _shape_text(volume.shape)})
+                         "spacing": _spacing_text(grid), "shape": _shape_text(volume.shape), "dtype": "float32"})
     return rows, excluded
 
 
@@ -403,9 +435,21 @@ def _modality(model: Mapping[str, Any] | None, real: Dataset, synthetic: Dataset
 
 
 def _excluded_synthetic(
-    synthetic: Dataset, flagged: list[Flagged], report: Mapping[str, Any], min_distance: float | None, where: Path
+    synthetic: Dataset,
+    flagged: list[Flagged],
+    distances: Mapping[str, tuple[float, str]] | None,
+    limits: list[tuple[float, str]],
+    where: Path,
 ) -> list[dict[str, Any]]:
-    """Rows of excluded.csv for the synthetic images the privacy gate removes."""
+    """Rows of excluded.csv for the synthetic images the privacy filter removes.
+
+    Args:
+        synthetic: the synthetic dataset.
+        flagged: the report's flagged images (always excluded).
+        distances: nearest-training-image distance and id per synthetic sample (None: not computed).
+        limits: ``(threshold, why)`` pairs: an image closer than a threshold is excluded too.
+        where: the report file (for messages).
+    """
     manifest = synthetic.manifest.set_index("sample_id", drop=False)
     known = set(manifest.index)
     rows: dict[str, dict[str, Any]] = {}
@@ -419,24 +463,25 @@ def _excluded_synthetic(
         distance = "" if item.distance is None else f"{item.distance:.6g}"
         threshold = "" if item.threshold is None else f"{item.threshold:.6g}"
         detail = (
-            f"distance {distance} to the nearest training image is below the threshold {threshold}"
+            f"distance {distance} to the nearest training image is below the report's memorization threshold {threshold}"
             if distance and threshold
             else "flagged by the report"
         )
         rows[item.sample_id] = {
-            "sample_id": item.sample_id, "reason": f"memorized: {detail} (privacy.flagged in the report)",
+            "sample_id": item.sample_id, "reason": f"memorized: {detail} (privacy.flagged)",
             "distance": distance, "threshold": threshold, "nearest_train_sample_id": item.nearest_train_sample_id,
         }
-    if min_distance is not None:
-        distances = _per_sample_distances(report, where)
-        for sample_id, (distance, nearest) in sorted(distances.items()):
-            if sample_id in known and sample_id not in rows and distance < min_distance:
+    for sample_id, (distance, nearest) in sorted((distances or {}).items()):
+        if sample_id not in known or sample_id in rows:
+            continue
+        for threshold, why in limits:
+            if distance < threshold:
                 rows[sample_id] = {
                     "sample_id": sample_id,
-                    "reason": f"too close: distance {distance:.6g} to the nearest training image is below "
-                    f"export.min_distance {min_distance:g}",
-                    "distance": f"{distance:.6g}", "threshold": f"{min_distance:g}", "nearest_train_sample_id": nearest,
+                    "reason": f"too close: distance {distance:.6g} to the nearest training image is below {why} {threshold:.6g}",
+                    "distance": f"{distance:.6g}", "threshold": f"{threshold:.6g}", "nearest_train_sample_id": nearest,
                 }
+                break
     out = []
     for sample_id in sorted(rows):
         source = manifest.loc[sample_id]
@@ -445,17 +490,11 @@ def _excluded_synthetic(
     return out
 
 
-def _per_sample_distances(report: Mapping[str, Any], where: Path) -> dict[str, tuple[float, str]]:
-    """Nearest-training-image distance of every synthetic sample, from the report (for export.min_distance)."""
-    from pipeline.export.report import base_sample_id
-
-    entries = report["privacy"].get("per_sample") or report["privacy"].get("distances")
+def _report_distances(report: Mapping[str, Any]) -> dict[str, tuple[float, str]] | None:
+    """Per-sample nearest-training distances recorded in the report (``privacy.per_sample``), if any."""
+    entries = report["privacy"].get("per_sample")
     if not isinstance(entries, list) or not entries:
-        raise InputError(
-            f"{where}: export.min_distance is set but the report holds no per-sample distances "
-            "('privacy.per_sample'). Fix: remove export.min_distance (the report's own flags still apply), "
-            "or re-run `medsynth evaluate` with a version that records them."
-        )
+        return None
     distances: dict[str, tuple[float, str]] = {}
     for entry in entries:
         if not isinstance(entry, dict) or entry.get("distance") is None:
@@ -465,6 +504,73 @@ def _per_sample_distances(report: Mapping[str, Any], where: Path) -> dict[str, t
         if sample_id not in distances or distance < distances[sample_id][0]:
             distances[sample_id] = (distance, str(entry.get("nearest_train_sample_id") or ""))
     return distances
+
+
+def _measured_distances(
+    real: Dataset, synthetic: Dataset, model_dir: Path | None, report: Mapping[str, Any], where: Path
+) -> dict[str, tuple[float, str]]:
+    """Nearest-training-image distance of every synthetic image, measured as the report measures it.
+
+    Uses the evaluate stage's own image loading and distance (RMS difference of preprocessed images
+    in pixel space, the report's ``privacy.memorization_space``), so the numbers compare with the
+    report's memorization threshold.
+    """
+    from pipeline.evaluate.images import load_image_sets
+    from pipeline.evaluate.neighbours import as_vectors
+    from pipeline.evaluate.privacy import closest_records
+
+    space = report["privacy"].get("memorization_space", "pixel")
+    if space != "pixel":
+        raise InputError(
+            f"{where}: 'privacy.memorization_space' is {space!r}; export can re-measure distances only in the pixel "
+            "space. Fix: remove export.min_distance, or re-run `medsynth evaluate` with this version."
+        )
+    seed = int((report.get("config") or {}).get("seed", 0))
+    real_set, synthetic_set, _ = load_image_sets(real, synthetic, model_dir=model_dir, seed=seed, max_images=None)
+    train = real_set.split("train")
+    train_vectors = as_vectors(train.images)
+    close = closest_records(as_vectors(synthetic_set.images), train_vectors, math.sqrt(train_vectors.shape[1]))
+    distances: dict[str, tuple[float, str]] = {}
+    for index, sample_id in enumerate(synthetic_set.sample_ids):
+        key = base_sample_id(str(sample_id))
+        distance = float(close.distance[index])
+        if key not in distances or distance < distances[key][0]:
+            distances[key] = (distance, str(train.sample_ids[close.index[index]]))
+    return distances
+
+
+def _privacy_filter(
+    real: Dataset,
+    synthetic: Dataset,
+    model_dir: Path | None,
+    report: Mapping[str, Any],
+    config: ExportConfig,
+    where: Path,
+) -> tuple[list[Flagged], list[dict[str, Any]], str]:
+    """The report's flags plus, where needed, distances measured here; returns (flagged, excluded rows, how).
+
+    Distances are measured when ``export.min_distance`` is set (and the report records no
+    per-sample distances), and when the report audited fewer synthetic images than the dataset
+    holds (evaluate caps large sets): then every image is held to the report's memorization threshold.
+    """
+    flagged = flagged_samples(report)
+    privacy = report["privacy"]
+    audited = privacy.get("n_synthetic")
+    unaudited = isinstance(audited, int) and not isinstance(audited, bool) and audited < len(synthetic.manifest)
+    limits: list[tuple[float, str]] = []
+    threshold = privacy.get("memorization_threshold")
+    if unaudited and isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        limits.append((float(threshold), "the report's memorization threshold"))
+    if config.min_distance is not None:
+        limits.append((float(config.min_distance), "export.min_distance"))
+    if not limits:
+        return flagged, _excluded_synthetic(synthetic, flagged, None, [], where), "report flags"
+    distances = _report_distances(report)
+    how = "report flags + per-sample distances recorded in the report"
+    if distances is None:
+        distances = _measured_distances(real, synthetic, model_dir, report, where)
+        how = "report flags + nearest-training distances measured by export (the report's pixel space)"
+    return flagged, _excluded_synthetic(synthetic, flagged, distances, limits, where), how
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,6 +609,64 @@ def _verify(dataset: Dataset, flag: str) -> None:
             )
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """The checked inputs of one export."""
+
+    real: Dataset
+    synthetic: Dataset
+    report: dict[str, Any]
+    report_file: Path
+    model_dir: Path | None
+    model: dict[str, Any] | None
+    untracked: int  # synthetic images without a generator run id
+
+
+def _load_inputs(
+    real: Path, synthetic: Path, report: str | os.PathLike[str], out: Path, model_dir: Path | None
+) -> _Inputs:
+    """Read and cross-check the datasets, the report and the model; refuse an unsafe output folder."""
+    where = report_path(report)
+    real_ds, synthetic_ds = read_dataset(real), read_dataset(synthetic)
+    _check_origin(real_ds, "real", "--real")
+    _check_origin(synthetic_ds, "synthetic", "--synthetic")
+    untracked = _check_synthetic_provenance(synthetic_ds)
+    _check_labels(real_ds, synthetic_ds)
+    clash = sorted(set(real_ds.manifest["sample_id"]) & set(synthetic_ds.manifest["sample_id"]))
+    if clash:
+        raise InputError(
+            f"{synthetic / 'manifest.csv'}: sample id {clash[0]!r} is also a real sample id in {real / 'manifest.csv'}. "
+            "Fix: sample ids must be unique across the real and synthetic datasets; re-run `medsynth generate`."
+        )
+    report_doc = load_report(report)
+    _check_report_inputs(report_doc, where, real_ds, synthetic_ds)
+    folders = {"--real": real, "--synthetic": synthetic, "--report": where.parent}
+    if model_dir is not None:
+        folders["--model"] = model_dir
+    _check_out(out, folders)
+    return _Inputs(real_ds, synthetic_ds, report_doc, where, model_dir, model_facts(model_dir), untracked)
+
+
+def _notes(inputs: _Inputs, remarked: int, moved: int, preprocessed: bool) -> list[str]:
+    """What a reader of the summary and the card should know about how the export went."""
+    notes = []
+    if inputs.untracked:
+        notes.append(
+            f"{inputs.untracked} synthetic image(s) have no generator run id (generated without MLflow tracking); "
+            "they are traced by the model digest and seed columns"
+        )
+    if remarked:
+        notes.append(f"{remarked} synthetic NIfTI file(s) lacked the synthetic marker in 'descrip' and were re-marked")
+    if moved:
+        notes.append(f"{moved} synthetic image(s) listed outside 'train' were moved to the train split")
+    if not preprocessed:
+        notes.append(
+            "no model folder was given, so the real images were copied unchanged: they keep their native grid and "
+            "intensity scale, unlike the synthetic images (pass --model to put both on the model grid)"
+        )
+    return notes
+
+
 def run(
     real: str | os.PathLike[str],
     synthetic: str | os.PathLike[str],
@@ -537,85 +701,54 @@ def run(
         InputError: unreadable or inconsistent inputs, or an unsafe output folder.
         CheckFailed: the privacy gate failed (or did not run) and failed gates were not allowed.
     """
-    real, synthetic, out = Path(real), Path(synthetic), Path(out)
-    where = report_path(report)
-    links = {key: value for key, value in (links or {}).items() if value}
-    real_ds = read_dataset(real)
-    synthetic_ds = read_dataset(synthetic)
-    _check_origin(real_ds, "real", "--real")
-    _check_origin(synthetic_ds, "synthetic", "--synthetic")
-    _check_synthetic_provenance(synthetic_ds)
-    _check_labels(real_ds, synthetic_ds)
-    report_doc = load_report(report)
-    inputs = {"--real": real, "--synthetic": synthetic, "--report": where.parent}
-    if model_dir is not None:
-        inputs["--model"] = Path(model_dir)
-    _check_out(out, inputs)
-    model = model_facts(model_dir)
-
-    privacy_gate = gate_status(report_doc, "privacy")
+    out = Path(out)
+    inputs = _load_inputs(Path(real), Path(synthetic), report, out, Path(model_dir) if model_dir is not None else None)
+    gates = {name: gate_status(inputs.report, name) for name in ("fidelity", "diversity", "privacy", "utility")}
+    privacy_gate = gates["privacy"]
     allowed = allow_failed_gates or config.allow_failed_gates
-    gates = {name: gate_status(report_doc, name) for name in ("fidelity", "diversity", "privacy", "utility")}
     overridden = privacy_gate != "pass"
     tracker.set_tags({"medsynth.privacy_gate": privacy_gate, "medsynth.allow_failed_gates": str(allowed).lower()})
     if overridden and not allowed:
         tracker.set_tags({"medsynth.refused": "privacy gate " + privacy_gate})
-        raise _refusal(report_doc, where, privacy_gate)
+        raise _refusal(inputs.report, inputs.report_file, privacy_gate)
 
-    flagged = flagged_samples(report_doc)
-    excluded_synthetic = _excluded_synthetic(synthetic_ds, flagged, report_doc, config.min_distance, where)
+    flagged, excluded_synthetic, filter_how = _privacy_filter(
+        inputs.real, inputs.synthetic, inputs.model_dir, inputs.report, config, inputs.report_file
+    )
     excluded_ids = {row["sample_id"] for row in excluded_synthetic}
-    kept = synthetic_ds.manifest[~synthetic_ds.manifest["sample_id"].isin(excluded_ids)]
-    _verify(real_ds, "--real")
-    _verify(synthetic_ds, "--synthetic")
-
+    kept = inputs.synthetic.manifest[~inputs.synthetic.manifest["sample_id"].isin(excluded_ids)]
+    _verify(inputs.real, "--real")
+    _verify(inputs.synthetic, "--synthetic")
     preprocessor = None
-    if model is not None:
+    if inputs.model is not None:
         from pipeline.models.preprocess import Preprocessor
 
-        preprocessor = Preprocessor(model["preprocess"])
-    modality = _modality(model, real_ds, synthetic_ds)
+        preprocessor = Preprocessor(inputs.model["preprocess"])
+    modality = _modality(inputs.model, inputs.real, inputs.synthetic)
     window = None
-    if model is not None and modality == "CT":
-        low, high = model["preprocess"]["window"]
+    if inputs.model is not None and modality == "CT":
+        low, high = inputs.model["preprocess"]["window"]
         window = (float(low), float(high))
 
     stage_dir = _staging_dir(out)
     try:
-        real_rows, excluded_real = _export_real(real_ds, stage_dir, preprocessor)
-        synthetic_rows, remarked, moved = _export_synthetic(synthetic_ds, kept, stage_dir, config, modality, window)
+        real_rows, excluded_real = _export_real(inputs.real, stage_dir, preprocessor)
+        synthetic_rows, remarked, moved = _export_synthetic(inputs.synthetic, kept, stage_dir, config, modality, window)
         manifest = _manifest(real_rows + synthetic_rows)
-        clash = manifest["sample_id"].duplicated()
-        if clash.any():
-            duplicate = manifest.loc[clash, "sample_id"].iloc[0]
-            raise InputError(
-                f"sample id {duplicate!r} occurs in both {real / 'manifest.csv'} and {synthetic / 'manifest.csv'}. "
-                "Fix: sample ids must be unique across the real and synthetic datasets; re-run `medsynth generate`."
-            )
         write_manifest(stage_dir, manifest)
         excluded = pd.DataFrame(excluded_synthetic + excluded_real, columns=list(EXCLUDED_COLUMNS)).fillna("")
         with atomic_path(stage_dir / EXCLUDED_NAME) as tmp:
             excluded.to_csv(tmp, index=False, lineterminator="\n")
-        preprocessing = _preprocessing_record(preprocessor, model)
+        preprocessing = _preprocessing_record(preprocessor, inputs.model)
         atomic_write_json(stage_dir / PREPROCESSING_NAME, preprocessing)
-
-        warnings = []
-        if remarked:
-            warnings.append(f"{remarked} synthetic NIfTI file(s) lacked the synthetic marker in 'descrip' and were re-marked")
-        if moved:
-            warnings.append(f"{moved} synthetic image(s) listed outside 'train' were moved to the train split")
-        if preprocessor is None:
-            warnings.append(
-                "no model folder was given, so the real images were copied unchanged: they keep their native grid and "
-                "intensity scale, unlike the synthetic images (pass --model to put both on the model grid)"
-            )
-        augmented = read_dataset(stage_dir)
+        notes = _notes(inputs, remarked, moved, preprocessor is not None)
         facts = card_module.build_facts(
-            real=real_ds, synthetic=synthetic_ds, augmented=augmented, report=report_doc, model=model, config=config,
-            excluded=excluded, preprocessing=preprocessing, composition=_composition(manifest), gates=gates,
-            privacy_gate=privacy_gate, gates_overridden=overridden, links=_links(links, model, synthetic_ds, report_doc),
-            export_run_id=tracker.run_id, modality=modality, ingest=ingest_facts(real_ds), versions=tool_versions(),
-            commit=git_commit(), warnings=warnings, flagged=len(flagged), out_name=out.name,
+            real=inputs.real, synthetic=inputs.synthetic, augmented=read_dataset(stage_dir), report=inputs.report,
+            model=inputs.model, config=config, excluded=excluded, preprocessing=preprocessing,
+            composition=_composition(manifest), gates=gates, privacy_gate=privacy_gate, gates_overridden=overridden,
+            links=_links(links or {}, inputs.model, inputs.synthetic, inputs.report), export_run_id=tracker.run_id,
+            modality=modality, ingest=ingest_facts(inputs.real), versions=tool_versions(), commit=git_commit(),
+            warnings=notes, flagged=len(flagged), out_name=out.name, filter_how=filter_how,
         )
         atomic_write_json(stage_dir / FACTS_NAME, facts)
         atomic_write_text(stage_dir / CARD_NAME, card_module.render_card(facts, config.card.template))
@@ -628,7 +761,7 @@ def run(
     summary = ExportSummary(
         out=out,
         real_images=len(real_rows),
-        real_sources=len(real_ds.manifest) - len(excluded_real),
+        real_sources=len(inputs.real.manifest) - len(excluded_real),
         synthetic_images=len(synthetic_rows),
         excluded_synthetic=len(excluded_synthetic),
         excluded_real=len(excluded_real),
@@ -642,9 +775,9 @@ def run(
         manifest=out / "manifest.csv",
         excluded=out / EXCLUDED_NAME,
         digest=augmented.digest,
-        warnings=warnings,
+        warnings=notes,
     )
-    _track(tracker, real_ds, synthetic_ds, augmented, summary, facts["links"])
+    _track(tracker, inputs.real, inputs.synthetic, augmented, summary, facts["links"])
     return summary
 
 
@@ -655,13 +788,15 @@ def _links(
     found: dict[str, str] = {}
     if model is not None and model.get("mlflow_run_id"):
         found["train"] = str(model["mlflow_run_id"])
-    generator_runs = sorted(set(synthetic.manifest["generator_run_id"]))
+    generator_runs = sorted(set(synthetic.manifest["generator_run_id"]) - {""})
     if len(generator_runs) == 1:
         found["generate"] = generator_runs[0]
-    for key in ("mlflow_run_id", "run_id"):
-        if report.get(key):
-            found["evaluate"] = str(report[key])
-    found.update({key: str(value) for key, value in links.items()})
+    recorded = report.get("mlflow") if isinstance(report.get("mlflow"), dict) else {}
+    if recorded.get("model_run_id") and "train" not in found:
+        found["train"] = str(recorded["model_run_id"])
+    if recorded.get("run_id"):
+        found["evaluate"] = str(recorded["run_id"])
+    found.update({key: str(value) for key, value in links.items() if value})
     return {stage: found[stage] for stage in (*LINK_STAGES, *sorted(set(found) - set(LINK_STAGES))) if stage in found}
 
 

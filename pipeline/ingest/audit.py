@@ -35,6 +35,7 @@ from pipeline.errors import InputError
 from pipeline.ingest.config import DeidOptions, IngestConfig
 from pipeline.ingest.deid import STOP_VALUES, DeidContext, anonymize, identifier_candidates, is_identifier, tag_text
 from pipeline.ingest.discover import NIFTI_SUFFIXES, scan_file, walk_sources
+from pipeline.ingest.pool import pool_map
 from pipeline.ingest.profile import Profile
 
 __all__ = [
@@ -45,11 +46,19 @@ __all__ = [
     "harvest_sources",
     "path_identifiers",
     "scan_output_file",
+    "structure_findings",
     "INGEST_RECORD",
 ]
 
 INGEST_RECORD = "ingest.json"
+_AUDIT_CHUNK = 128
 _TOKEN = re.compile(rb"[a-z0-9\x80-\xff]+")
+# Lower-cases letters and blanks every byte that cannot be part of a token: ``split()`` then
+# gives the same tokens as ``_TOKEN.findall(text.lower())``, four times faster.
+_TOKEN_TABLE = bytes(
+    (byte + 32 if 65 <= byte <= 90 else byte) if (48 <= byte <= 57 or 65 <= byte <= 90 or 97 <= byte <= 122 or byte >= 128) else 32
+    for byte in range(256)
+)
 _PATH_PIECES = re.compile(r"[_\-. ^,]+")
 _PIXEL_TAG = b"\xe0\x7f\x10\x00"
 _MIN_BINARY = 8  # in non-text files only long identifiers are searched (random bytes match short ones)
@@ -92,7 +101,11 @@ class AuditReport:
     def lines(self) -> list[str]:
         head = (
             f"Audit of {self.directory}: {self.files} files scanned"
-            + (f" for {self.identifiers} identifying values from {self.sources} source folder(s)" if self.sources else " (structure only; pass --against SOURCE to search for source identifiers)")
+            + (
+                f" for {self.identifiers} identifying values of {self.sources} source folder(s)"
+                if self.sources
+                else " (structure only; pass --against SOURCE to search for source identifiers)"
+            )
         )
         if self.ok:
             return [head, "  no finding"]
@@ -163,18 +176,21 @@ class _Matcher:
                 self.multi.append((value, tokens, kind))
 
     def kinds_in(self, text: bytes, binary: bool = False) -> list[str]:
-        """Kinds of the identifiers found in ``text`` (lower-cased by the caller)."""
-        tokens = set(_TOKEN.findall(text))
+        """Kinds of the identifiers found in ``text`` (any case)."""
+        tokens = set(text.translate(_TOKEN_TABLE).split())
         found = [
             self.single[token]
             for token in sorted(tokens & self.single.keys())
             if not binary or len(token) >= _MIN_BINARY
         ]
+        lowered = b""
         for value, parts, kind in self.multi:
             if binary and len(value) < _MIN_BINARY:
                 continue
-            if all(part in tokens for part in parts) and _bounded_find(text, value):
-                found.append(kind)
+            if all(part in tokens for part in parts):
+                lowered = lowered or text.lower()
+                if _bounded_find(lowered, value):
+                    found.append(kind)
         return found
 
 
@@ -292,11 +308,11 @@ def _dicom_header_end(data: bytes) -> int:
     return len(data)
 
 
-def scan_output_file(path: Path, rel: str, matcher: _Matcher | None, profile: Profile) -> list[Finding]:
-    """Findings in one output file (name, content, structure)."""
+def scan_output_file(path: Path, rel: str, matcher: _Matcher | None, profile: Profile | None) -> list[Finding]:
+    """Findings in one output file (name, content; structure unless ``profile`` is None)."""
     findings: list[Finding] = []
     if matcher is not None:
-        for kind in matcher.kinds_in(rel.lower().encode("utf-8", "replace")):
+        for kind in matcher.kinds_in(rel.encode("utf-8", "replace")):
             findings.append(Finding(rel, "file name", kind))
     try:
         data = path.read_bytes()
@@ -315,7 +331,7 @@ def scan_output_file(path: Path, rel: str, matcher: _Matcher | None, profile: Pr
                 pass
         if matcher is not None:
             binary = _is_binary(data)
-            for kind in matcher.kinds_in(data.lower(), binary=binary):
+            for kind in matcher.kinds_in(data, binary=binary):
                 findings.append(Finding(rel, "content", kind))
     return findings
 
@@ -342,28 +358,37 @@ def _scan_nifti(path: Path, rel: str, matcher: _Matcher | None) -> list[Finding]
     if len(header) > 352 and header[348:352] != b"\x00\x00\x00\x00":
         findings.append(Finding(rel, "NIfTI header extension", "extension present (may carry PHI)"))
     if matcher is not None:
-        for kind in matcher.kinds_in(header[148:228].lower(), binary=False):
+        for kind in matcher.kinds_in(header[148:228], binary=False):
             findings.append(Finding(rel, "NIfTI descrip", kind))
-        for kind in matcher.kinds_in(header[348:].lower(), binary=True):
+        for kind in matcher.kinds_in(header[348:], binary=True):
             findings.append(Finding(rel, "NIfTI header extension", kind))
     return findings
 
 
-def _scan_dicom(data: bytes, rel: str, matcher: _Matcher | None, profile: Profile) -> list[Finding]:
+def _scan_dicom(data: bytes, rel: str, matcher: _Matcher | None, profile: Profile | None) -> list[Finding]:
     end = _dicom_header_end(data)
     findings: list[Finding] = []
-    if matcher is not None and matcher.kinds_in(data[:end].lower(), binary=False):
+    if matcher is not None and matcher.kinds_in(data[:end], binary=False):
         findings += _locate_in_dicom(data, rel, matcher)
+    if profile is None:  # structure already checked by whoever wrote the file (ingest's workers)
+        return findings
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     except Exception as exc:
         return findings + [Finding(rel, "DICOM header", f"unreadable ({type(exc).__name__})")]
+    return findings + structure_findings(ds, rel, profile)
+
+
+def structure_findings(ds: pydicom.Dataset, rel: str, profile: Profile) -> list[Finding]:
+    """What must not be in a de-identified DICOM dataset: no identity-removed flag, private
+    elements (unless the Retain Safe Private option is in force), attributes the profile removes,
+    values in attributes it empties (the pseudonymous PatientName/ID excepted)."""
+    findings: list[Finding] = []
     if str(ds.get("PatientIdentityRemoved", "")).strip().upper() != "YES":
         findings.append(Finding(rel, "(0012,0062) PatientIdentityRemoved", "not YES (file not de-identified)"))
-    findings += _structure(ds, rel, profile, "")
-    return findings
+    return findings + _structure(ds, rel, profile, "")
 
 
 def _structure(ds: pydicom.Dataset, rel: str, profile: Profile, path: str) -> list[Finding]:
@@ -407,7 +432,7 @@ def _locate_in_dicom(data: bytes, rel: str, matcher: _Matcher) -> list[Finding]:
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     except Exception:
-        return [Finding(rel, "DICOM header", kind) for kind in matcher.kinds_in(data[: _dicom_header_end(data)].lower())]
+        return [Finding(rel, "DICOM header", kind) for kind in matcher.kinds_in(data[: _dicom_header_end(data)])]
     findings: list[Finding] = []
     for elem in ds.iterall():
         if elem.VR == "SQ":
@@ -419,7 +444,7 @@ def _locate_in_dicom(data: bytes, rel: str, matcher: _Matcher) -> list[Finding]:
             text = "\\".join(str(item) for item in value).encode("utf-8", "replace")
         else:
             text = str(value).encode("utf-8", "replace")
-        for kind in matcher.kinds_in(text.lower()):
+        for kind in matcher.kinds_in(text):
             findings.append(Finding(rel, f"{tag_text(int(elem.tag))} {elem.keyword or ''}".rstrip(), kind))
     return findings or [Finding(rel, "DICOM header", "identifier between elements")]
 
@@ -457,6 +482,9 @@ def audit(
     identifiers: Identifiers | None = None,
     options: DeidOptions | None = None,
     exclude: Iterable[str] = (),
+    source_count: int | None = None,
+    check_dicom_structure: bool = True,
+    workers: int = 1,
 ) -> AuditReport:
     """Scan ``directory`` for PHI; see the module docstring.
 
@@ -467,6 +495,10 @@ def audit(
         options: the de-identification options the output was made with (default: read from
             ``DIR/ingest.json``, else the defaults).
         exclude: relative paths to skip (none by default).
+        source_count: how many source folders ``identifiers`` came from (for the report).
+        check_dicom_structure: parse each DICOM file to check its structure (ingest checks the
+            files it writes while writing them, and skips this).
+        workers: processes to scan with.
 
     Raises:
         InputError: the folder does not exist.
@@ -485,24 +517,42 @@ def audit(
                 raise InputError(f"--against: folder {source} not found. Fix: pass the source folder the dataset was made from.")
         gathered, kept = harvest_sources(sources, options)
         identifiers = gathered.finalize(kept, _labels(directory))
-    matcher = _Matcher(identifiers) if identifiers is not None and identifiers.values else None
     skip = set(exclude)
-    files = sorted(path for path in directory.rglob("*") if path.is_file())
+    files = [
+        (str(path), path.relative_to(directory).as_posix())
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.relative_to(directory).as_posix() not in skip
+    ]
+    values = identifiers.values if identifiers is not None else {}
+    chunks = [files[start : start + _AUDIT_CHUNK] for start in range(0, len(files), _AUDIT_CHUNK)]
+    jobs = [(chunk, values, options if check_dicom_structure else None) for chunk in chunks]
     findings: list[Finding] = []
-    scanned = 0
-    for path in files:
-        rel = path.relative_to(directory).as_posix()
-        if rel in skip:
-            continue
-        scanned += 1
-        findings += scan_output_file(path, rel, matcher, profile)
+    scanned = len(files)
+    for index, found in pool_map(_scan_chunk, jobs, workers, lambda _: None):
+        if isinstance(found, BaseException):
+            findings += [Finding(rel, "file", f"audit failed ({type(found).__name__})") for _, rel in chunks[index]]
+        else:
+            findings += found
+    findings.sort(key=lambda finding: (finding.path, finding.where, finding.kind))
     return AuditReport(
         directory=directory,
         files=scanned,
         identifiers=len(identifiers.values) if identifiers is not None else 0,
-        sources=len(sources),
+        sources=source_count if source_count is not None else len(sources),
         findings=_dedupe(findings),
     )
+
+
+def _scan_chunk(files: list[tuple[str, str]], values: dict[bytes, str], options: DeidOptions | None) -> list[Finding]:
+    """Scan a chunk of files (the unit of work of a pool worker)."""
+    from pipeline.ingest.task import profile_for
+
+    matcher = _Matcher(Identifiers(values=values)) if values else None
+    profile = profile_for(IngestConfig(deid=options)) if options is not None else None
+    findings: list[Finding] = []
+    for path, rel in files:
+        findings += scan_output_file(Path(path), rel, matcher, profile)
+    return findings
 
 
 def _dedupe(findings: list[Finding]) -> list[Finding]:

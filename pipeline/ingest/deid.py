@@ -55,6 +55,8 @@ STOP_VALUES = frozenset(
 _STRING_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
 _SINGLE_VALUED = frozenset({"LT", "ST", "UT", "UR"})
 _FREE_TEXT = frozenset({"LO", "LT", "SH", "ST", "UT", "UC"})
+# Retained values the leak audit must not mistake for identifiers (numbers and times excluded).
+_KEPT_TEXT_VRS = frozenset({"AE", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "UC", "UI", "UT"})
 _NUMERIC_LIKE = re.compile(rb"^[0-9.\-+/: ]+$")
 _NAME_PARTS = re.compile(rb"[\^= ,]+")
 _PRINTABLE = re.compile(rb"^[\x20-\x7e]+$")
@@ -117,7 +119,7 @@ class DeidContext:
     date_offset: int | None
     safe_private: tuple[SafePrivateElement, ...] = ()
     # Outputs of the walk:
-    audit: Counter = field(default_factory=Counter)  # (tag path, action, rule) -> element count
+    audit: Counter = field(default_factory=Counter)  # (parent path, tag, action, rule) -> element count
     identifiers: dict[bytes, str] = field(default_factory=dict)  # value -> kind
     kept_text: set[bytes] = field(default_factory=set)
     _deferred: list[tuple[Dataset, int, str, str]] = field(default_factory=list)
@@ -172,86 +174,89 @@ def _text(value: object) -> bytes:
 
 
 def _walk(ds: Dataset, ctx: DeidContext, path: str) -> None:
+    # Works on the dataset's element dict directly (pydicom 3 ``Dataset._dict``): no tag
+    # conversion and no value decoding for the elements it keeps, which is most of them.
+    elements = ds._dict
     private_keep = _safe_private_tags(ds, ctx) if ctx.safe_private else set()
-    for tag in list(ds.keys()):
-        tag = int(tag)
+    rule_of = ctx.profile.rule
+    for tag, raw in list(elements.items()):
         group, element = tag >> 16, tag & 0xFFFF
         if group == 0x0002:
             continue  # file meta is rebuilt by the writer
-        raw = ds.get_item(tag)
         if element == 0x0000:  # group lengths are retired and would be wrong after edits
-            del ds[tag]
+            del elements[tag]
             continue
         vr = _element_vr(raw, tag)
-        where = path + tag_text(tag)
         if group & 1:
             if tag in private_keep:
-                ctx.audit[(where, "K", "safe_private")] += 1
+                ctx.audit[(path, tag, "K", "safe_private")] += 1
+                ctx.kept_text.add(_value_bytes(raw).strip(b" \x00").lower())
                 continue
-            if vr in ("LO", "SH", "PN", "LT", "ST", "UT", "UC") or (vr == "UN" and element >= 0x1000):
+            # Private creators name a vendor's block, not a patient: only the data elements count.
+            if element >= 0x1000 and vr in ("LO", "SH", "PN", "LT", "ST", "UT", "UC", "UN"):
                 value = _value_bytes(raw).strip(b" \x00")
                 if vr != "UN" or _PRINTABLE.match(value or b"\x00"):
                     _note(ctx, value, "LO" if vr == "UN" else vr, "private element text")
-            del ds[tag]
-            ctx.audit[(f"{path}({group:04X},private)", "X", "private")] += 1
+            del elements[tag]
+            ctx.audit[(path, group << 16 | 0xFFFF, "X", "private")] += 1
             continue
-        rule = ctx.profile.rule(tag)
+        rule = rule_of(tag)
         if rule is None:
-            _keep(ds, tag, raw, vr, where, ctx)
+            _keep(ds, tag, raw, vr, path, ctx)
             continue
         action, source = rule
         if vr == "SQ":
-            _sequence_action(ds, tag, raw, action, source, where, ctx)
+            _sequence_action(ds, tag, raw, action, source, path, ctx)
             continue
-        if action != "K":
+        if action != "K" and source != "clean_descriptors":  # a cleaned descriptor is kept, minus identifiers
             _note(ctx, _value_bytes(raw), vr)
         if action == "X":
-            del ds[tag]
+            del elements[tag]
         elif action == "Z":
-            ds[tag] = DataElement(tag, vr, None)
+            elements[tag] = DataElement(tag, vr, None)
         elif action == "D":
-            ds[tag] = DataElement(tag, vr, _dummy(vr, raw, ctx))
+            elements[tag] = DataElement(tag, vr, _dummy(vr, raw, ctx))
         elif action == "U":
             if vr == "UI":
-                ds[tag] = DataElement(tag, vr, _map_uids(raw, ctx))
+                elements[tag] = DataElement(tag, vr, _map_uids(raw, ctx))
             else:
-                ds[tag] = DataElement(tag, vr, None)
+                elements[tag] = DataElement(tag, vr, None)
                 action = "Z"
         elif action == "K":
-            _keep(ds, tag, raw, vr, where, ctx)
+            _keep(ds, tag, raw, vr, path, ctx)
         elif action == "C":
             if source == "modified_dates":
                 action = _shift(ds, tag, raw, vr, ctx)
             else:
-                ctx._deferred.append((ds, tag, vr, where))
+                ctx._deferred.append((ds, tag, vr, path))
                 continue  # audited once cleaned
-        ctx.audit[(where, action, source)] += 1
+        ctx.audit[(path, tag, action, source)] += 1
 
 
-def _keep(ds: Dataset, tag: int, raw: DataElement | RawDataElement, vr: str, where: str, ctx: DeidContext) -> None:
+def _keep(ds: Dataset, tag: int, raw: DataElement | RawDataElement, vr: str, path: str, ctx: DeidContext) -> None:
     if vr == "SQ":
         for item in ds[tag].value or ():
-            _walk(item, ctx, where + "[].")
-    elif vr in _STRING_VRS:
+            _walk(item, ctx, path + tag_text(tag) + "[].")
+    elif vr in _KEPT_TEXT_VRS:
         value = _value_bytes(raw).strip(b" \x00")
         if value:
             ctx.kept_text.add(value.lower())
 
 
 def _sequence_action(
-    ds: Dataset, tag: int, raw: DataElement | RawDataElement, action: str, source: str, where: str, ctx: DeidContext
+    ds: Dataset, tag: int, raw: DataElement | RawDataElement, action: str, source: str, path: str, ctx: DeidContext
 ) -> None:
     if action == "X":
         _harvest_sequence(ds[tag].value, ctx)
-        del ds[tag]
+        del ds._dict[tag]
     elif action == "Z":
         _harvest_sequence(ds[tag].value, ctx)
-        ds[tag] = DataElement(tag, "SQ", Sequence([]))
+        ds._dict[tag] = DataElement(tag, "SQ", Sequence([]))
     else:
         # D, U (X/Z/U*), K, C on a sequence: keep its structure and apply the table inside.
         for item in ds[tag].value or ():
-            _walk(item, ctx, where + "[].")
-    ctx.audit[(where, action if action in ("X", "Z") else f"{action}:recurse", source)] += 1
+            _walk(item, ctx, path + tag_text(tag) + "[].")
+    ctx.audit[(path, tag, action if action in ("X", "Z") else f"{action}:recurse", source)] += 1
 
 
 def _harvest_sequence(items: Sequence | None, ctx: DeidContext) -> None:
@@ -259,7 +264,8 @@ def _harvest_sequence(items: Sequence | None, ctx: DeidContext) -> None:
     for item in items or ():
         for elem in item.iterall():
             vr = _element_vr(elem, int(elem.tag))
-            if vr != "SQ" and ((int(elem.tag) >> 16) & 1 == 0 or vr in _FREE_TEXT or vr == "PN"):
+            group, element = int(elem.tag) >> 16, int(elem.tag) & 0xFFFF
+            if vr != "SQ" and (not group & 1 or (element >= 0x1000 and (vr in _FREE_TEXT or vr == "PN"))):
                 _note(ctx, _value_bytes(elem), vr)
 
 
@@ -289,18 +295,18 @@ def _shift(ds: Dataset, tag: int, raw: DataElement | RawDataElement, vr: str, ct
     if vr == "TM" or not text:
         return "K"
     if ctx.date_offset is None or vr not in ("DA", "DT"):
-        del ds[tag]
+        del ds._dict[tag]
         return "X"
     shift = shift_date if vr == "DA" else shift_datetime
     shifted = [shift(part, ctx.date_offset) for part in text.split("\\")]
     if any(value is None for value in shifted):
-        del ds[tag]  # an unparsable date cannot be shifted safely
+        del ds._dict[tag]  # an unparsable date cannot be shifted safely
         return "X"
-    ds[tag] = DataElement(tag, vr, shifted[0] if len(shifted) == 1 else shifted)
+    ds._dict[tag] = DataElement(tag, vr, shifted[0] if len(shifted) == 1 else shifted)
     return "C"
 
 
-def _clean_descriptor(ds: Dataset, tag: int, vr: str, where: str, ctx: DeidContext) -> None:
+def _clean_descriptor(ds: Dataset, tag: int, vr: str, path: str, ctx: DeidContext) -> None:
     """Keep a descriptor with every known identifier of the series blanked out (Clean Descriptors)."""
     text = _value_bytes(ds.get_item(tag)).decode("utf-8", "replace")
     cleaned = text
@@ -309,7 +315,7 @@ def _clean_descriptor(ds: Dataset, tag: int, vr: str, where: str, ctx: DeidConte
         cleaned = re.sub(rf"(?<![0-9A-Za-z]){re.escape(needle)}(?![0-9A-Za-z])", "***", cleaned, flags=re.IGNORECASE)
     ds[tag] = DataElement(tag, vr, cleaned.strip() or None)
     ctx.kept_text.add(cleaned.strip().lower().encode("utf-8", "replace"))
-    ctx.audit[(where, "C", "clean_descriptors")] += 1
+    ctx.audit[(path, tag, "C", "clean_descriptors")] += 1
 
 
 def _safe_private_tags(ds: Dataset, ctx: DeidContext) -> set[int]:

@@ -18,6 +18,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from pipeline.errors import InputError
+from pipeline.ingest.dicomio import scan_header
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_HEAD_BYTES = 1 << 16  # enough for the tags up to SeriesInstanceUID in almost any header
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 _SCAN_TAGS = [
     "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality",
@@ -114,10 +116,22 @@ def scan_file(file: SourceFile) -> ScannedFile:
         return ScannedFile(file=file, kind="dicomdir")
     try:
         with open(file.path, "rb") as handle:
-            head = handle.read(132)
+            head = handle.read(_HEAD_BYTES)
     except OSError:
         return ScannedFile(file=file, kind="other", reason="unreadable file (permission or I/O error)")
-    has_preamble = len(head) == 132 and head[128:132] == b"DICM"
+    has_preamble = len(head) >= 132 and head[128:132] == b"DICM"
+    fast = scan_header(head) if has_preamble else None
+    if fast is not None:
+        media_class, values = fast
+        if media_class == DICOMDIR_CLASS or "DirectoryRecordSequence" in values:
+            return ScannedFile(file=file, kind="dicomdir")
+        return ScannedFile(
+            file=file,
+            kind="dicom",
+            patient_id=values.get("PatientID", ""),
+            series_uid=values.get("SeriesInstanceUID", ""),
+            sop_uid=values.get("SOPInstanceUID", ""),
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

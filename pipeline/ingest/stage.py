@@ -21,22 +21,19 @@ from __future__ import annotations
 import csv
 import io
 import json
-import multiprocessing
 import os
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pandas as pd
 
 from pipeline.dataset import read_dataset, write_manifest
 from pipeline.errors import CheckFailed, InputError
 from pipeline.files import atomic_write_json, atomic_write_text
-from pipeline.ingest.audit import INGEST_RECORD, AuditReport, Identifiers, audit, path_identifiers
+from pipeline.ingest.audit import INGEST_RECORD, AuditReport, Finding, Identifiers, audit, path_identifiers
 from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.discover import (
     LabelBook,
@@ -49,9 +46,10 @@ from pipeline.ingest.discover import (
     walk_sources,
 )
 from pipeline.ingest.keys import file_reference, load_or_create_key, sample_pseudonym
+from pipeline.ingest.pool import pool_map
 from pipeline.ingest.profile import TABLE_EDITION, TABLE_MODULE, TABLE_PACKAGE
 from pipeline.ingest.split import assign_splits
-from pipeline.ingest.task import STATE_DIR, SeriesResult, SeriesTask, process_series, profile_for
+from pipeline.ingest.task import SeriesResult, SeriesTask, process_series, profile_for
 from pipeline.tracking import NullTracker, Tracker
 
 __all__ = ["IngestSummary", "run", "default_private", "QUARANTINE_NAME", "AUDIT_LOG_NAME"]
@@ -59,7 +57,6 @@ __all__ = ["IngestSummary", "run", "default_private", "QUARANTINE_NAME", "AUDIT_
 QUARANTINE_NAME = "quarantine.csv"
 AUDIT_LOG_NAME = "audit.jsonl"
 _SCAN_CHUNK = 64
-T = TypeVar("T")
 
 
 @dataclass
@@ -154,29 +151,6 @@ def _check_locations(sources: list[Path], out: Path, private: Path) -> None:
             raise InputError(f"--source #{index} and --out overlap. Fix: write the dataset outside the source folders.")
         if _inside(private, source):
             raise InputError(f"--private is inside --source #{index}. Fix: put the private folder outside the sources.")
-
-
-def _pool_map(
-    function: Callable[..., T], jobs: list[tuple[Any, ...]], workers: int, tick: Callable[[T], None]
-) -> Iterator[tuple[int, T | BaseException]]:
-    """Run ``function(*job)`` for every job (in a process pool when workers > 1); yields (index, result)."""
-    if workers <= 1 or len(jobs) <= 1:
-        for index, job in enumerate(jobs):
-            result = function(*job)
-            tick(result)
-            yield index, result
-        return
-    context = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures: dict[Future, int] = {pool.submit(function, *job): index for index, job in enumerate(jobs)}
-        for future in as_completed(futures):
-            try:
-                result = future.result()
-            except BaseException as exc:  # a worker died (e.g. out of memory): report, go on
-                yield futures[future], exc
-                continue
-            tick(result)
-            yield futures[future], result
 
 
 def _default_workers() -> int:
@@ -303,7 +277,7 @@ def run(
     _write_record(out, config, summary)
 
     if config.audit_output:
-        report = _self_audit(out, files, results, book, config)
+        report = _self_audit(out, files, results, book, config, workers)
         summary.audit_identifiers = report.identifiers
         summary.audit_findings = len(report.findings)
         _write_record(out, config, summary)
@@ -320,7 +294,7 @@ def _scan(files: list[SourceFile], workers: int, progress: bool) -> list[Scanned
     chunks = [files[start : start + _SCAN_CHUNK] for start in range(0, len(files), _SCAN_CHUNK)]
     scanned: list[list[ScannedFile]] = [[] for _ in chunks]
     with _progress(len(files), "scan", progress, "file") as bar:
-        for index, result in _pool_map(scan_files, [(chunk,) for chunk in chunks], workers, lambda done: bar.update(len(done))):
+        for index, result in pool_map(scan_files, [(chunk,) for chunk in chunks], workers, lambda done: bar.update(len(done))):
             if isinstance(result, BaseException):
                 scanned[index] = [
                     ScannedFile(file=file, kind="other", reason=f"scan failed ({type(result).__name__})") for file in chunks[index]
@@ -336,7 +310,7 @@ def _process(tasks: list[SeriesTask], key: bytes, config: IngestConfig, workers:
     jobs = [(tasks[index], key, config) for index in order]
     results: list[SeriesResult | None] = [None] * len(tasks)
     with _progress(sum(len(task.files) for task in tasks), "ingest", progress, "file") as bar:
-        for position, result in _pool_map(process_series, jobs, workers, lambda done: bar.update(len(done.used) + len(done.quarantined))):
+        for position, result in pool_map(process_series, jobs, workers, lambda done: bar.update(len(done.used) + len(done.quarantined))):
             index = order[position]
             if isinstance(result, BaseException):
                 task = tasks[index]
@@ -433,7 +407,7 @@ def _remove_orphans(out: Path, keep: set[str]) -> None:
 
 
 def _self_audit(
-    out: Path, files: list[SourceFile], results: list[SeriesResult], book: LabelBook, config: IngestConfig
+    out: Path, files: list[SourceFile], results: list[SeriesResult], book: LabelBook, config: IngestConfig, workers: int
 ) -> AuditReport:
     identifiers = Identifiers()
     kept: set[bytes] = set()
@@ -446,7 +420,19 @@ def _self_audit(
     if book.by_key is not None:
         labels |= set(book.by_key.values())
     final = identifiers.finalize(kept, labels)
-    return audit(out, identifiers=final, options=config.deid, exclude=())
+    report = audit(
+        out,
+        identifiers=final,
+        options=config.deid,
+        source_count=len({file.source for file in files}),
+        check_dicom_structure=False,  # checked by the workers on every file they wrote
+        workers=workers,
+    )
+    report.findings = sorted(
+        set(report.findings) | {Finding(rel, where, kind) for result in results for rel, where, kind in result.structure},
+        key=lambda finding: (finding.path, finding.where, finding.kind),
+    )
+    return report
 
 
 def _track(tracker: Tracker, summary: IngestSummary, out: Path, config: IngestConfig) -> None:

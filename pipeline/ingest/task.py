@@ -28,11 +28,13 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import UID, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.tag import BaseTag
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from pipeline.files import atomic_path, atomic_write_json, sha256_file, write_nifti
 from pipeline.ingest.config import IngestConfig
-from pipeline.ingest.deid import DeidContext, anonymize, identifier_candidates
+from pipeline.ingest.deid import DeidContext, anonymize, identifier_candidates, tag_text
+from pipeline.ingest.dicomio import encode_file
 from pipeline.ingest.discover import SourceFile
 from pipeline.ingest.keys import date_offset_days, keyed_hex, sample_pseudonym, subject_pseudonym
 from pipeline.ingest.profile import CID7050, TABLE_EDITION, Profile, build_profile
@@ -93,6 +95,7 @@ class SeriesResult:
     audit: list[dict[str, object]] = field(default_factory=list)
     identifiers: dict[bytes, str] = field(default_factory=dict)  # value -> kind
     kept_text: set[bytes] = field(default_factory=set)
+    structure: list[tuple[str, str, str]] = field(default_factory=list)  # (output, place, kind) problems
     resumed: bool = False
 
 
@@ -181,6 +184,7 @@ def _resume(state_path: Path, input_hash: str, task: SeriesTask, result: SeriesR
     result.audit = list(state.get("audit", []))
     result.identifiers = {bytes.fromhex(item): kind for item, kind in state.get("identifiers", [])}
     result.kept_text = {bytes.fromhex(item) for item in state.get("kept_text", [])}
+    result.structure = [tuple(item) for item in state.get("structure", [])]  # type: ignore[misc]
     result.resumed = True
     return result
 
@@ -200,6 +204,7 @@ def _save_state(state_path: Path, input_hash: str, task: SeriesTask, result: Ser
             "audit": result.audit,
             "identifiers": sorted([item.hex(), kind] for item, kind in result.identifiers.items()),
             "kept_text": sorted(item.hex() for item in result.kept_text),
+            "structure": [list(item) for item in result.structure],
         },
     )
 
@@ -353,6 +358,7 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
         except Exception as exc:
             result.quarantined.append((file, f"unreadable DICOM (truncated or corrupt; {type(exc).__name__})"))
             continue
+        raw_elements = dict(ds._dict)
         try:
             reason, regions = _screen(ds, config)
         except Exception as exc:
@@ -373,6 +379,11 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
             result.quarantined.append((file, f"undecodable pixel data ({_ts_name(ds)}; {type(exc).__name__})"))
             continue
         ds._pixel_array = None  # the decoded copy is no longer needed: keep one series in memory, not two
+        # Reading attributes converted some raw elements; put the raw ones back (values unchanged)
+        # so that the writer copies their bytes instead of re-encoding them.
+        for tag, raw in raw_elements.items():
+            if tag in ds._dict and not (index in blanked and tag == 0x7FE00010):
+                ds._dict[tag] = raw
         contents[index] = b""
         datasets[index] = ds
     if not datasets:
@@ -388,14 +399,23 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
     modality = str(datasets[order[0]].get("Modality", "") or "").strip().upper()
     if config.write_dicom:
         folder = out / "dicom" / result.subject_id / result.sample_id
+        folder.mkdir(parents=True, exist_ok=True)
+        identity = _identity_elements(ctx, result, profile, blanked=False)
+        identity_blanked = _identity_elements(ctx, result, profile, blanked=True) if blanked else identity
         written: set[str] = set()
         for position, index in enumerate(order, start=1):
             ds = datasets[index]
             anonymize(ds, ctx)
-            _identify(ds, ctx, result, profile, blanked=index in blanked)
+            ds._dict.update(identity_blanked if index in blanked else identity)
             rel = f"dicom/{result.subject_id}/{result.sample_id}/{position:04d}.dcm"
+            result.structure.extend(
+                (rel, where, kind) for where, kind in structure_problems(ds, profile)
+            )
             result.outputs[rel] = _write_dicom(ds, out / rel)
             written.add(Path(rel).name)
+            datasets[index] = None  # type: ignore[assignment]  # free memory as we go
+        ctx.audit[("", 0x00100020, "D", "pseudonym")] += len(order)
+        ctx.audit[("", 0x00100010, "D", "pseudonym")] += len(order)
         _remove_stale(folder, written)
     else:
         for index in order:
@@ -412,22 +432,14 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
     result.row = _row(result, rel, "dicom", modality, volume.data, volume.spacing, volume.geometry, len(order))
 
 
-def _identify(ds: Dataset, ctx: DeidContext, result: SeriesResult, profile: Profile, blanked: bool) -> None:
-    """Top-level attributes every anonymized file carries (PS3.15 E.1.1, CID 7050)."""
-    ds.PatientID = result.subject_id
-    ds.PatientName = result.subject_id
-    ctx.audit[("(0010,0020)", "D", "pseudonym")] += 1
-    ctx.audit[("(0010,0010)", "D", "pseudonym")] += 1
-    ds.PatientIdentityRemoved = "YES"
+def _identity_elements(ctx: DeidContext, result: SeriesResult, profile: Profile, blanked: bool) -> dict[int, DataElement]:
+    """Top-level attributes every anonymized file of the series carries (PS3.15 E.1.1, CID 7050)."""
     codes = list(profile.codes)
-    if blanked:
-        ds.BurnedInAnnotation = "NO"
-        codes.append(CID7050["clean_pixel_data"])
     methods = [f"{_TOOL}: PS3.15 E.1-1 {TABLE_EDITION} basic profile"]
     methods += [f"{_TOOL}: option {name}" for name in profile.options]
     if blanked:
+        codes.append(CID7050["clean_pixel_data"])
         methods.append(f"{_TOOL}: option clean_pixel_data")
-    ds.DeidentificationMethod = methods
     items = []
     for code, meaning in codes:
         item = Dataset()
@@ -435,8 +447,25 @@ def _identify(ds: Dataset, ctx: DeidContext, result: SeriesResult, profile: Prof
         item.CodingSchemeDesignator = "DCM"
         item.CodeMeaning = meaning
         items.append(item)
-    ds.DeidentificationMethodCodeSequence = Sequence(items)
-    ds.LongitudinalTemporalInformationModified = "MODIFIED" if ctx.date_offset is not None else "REMOVED"
+    values = [
+        (0x00100010, "PN", result.subject_id),
+        (0x00100020, "LO", result.subject_id),
+        (0x00120062, "CS", "YES"),
+        (0x00120063, "LO", methods),
+        (0x00120064, "SQ", Sequence(items)),
+        (0x00280303, "CS", "MODIFIED" if ctx.date_offset is not None else "REMOVED"),
+    ]
+    if blanked:
+        values.append((0x00280301, "CS", "NO"))
+    # Keys must be BaseTag: they go straight into Dataset._dict.
+    return {BaseTag(tag): DataElement(tag, vr, value) for tag, vr, value in values}
+
+
+def structure_problems(ds: Dataset, profile: Profile) -> list[tuple[str, str]]:
+    """(place, kind) of what must not be in an anonymized file; same rules as the audit's."""
+    from pipeline.ingest.audit import structure_findings
+
+    return [(finding.where, finding.kind) for finding in structure_findings(ds, "", profile)]
 
 
 def _write_dicom(ds: Dataset, target: Path) -> str:
@@ -455,20 +484,12 @@ def _write_dicom(ds: Dataset, target: Path) -> str:
         transfer_syntax = ExplicitVRLittleEndian
     if big_endian:
         _to_little_endian(ds)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "MEDSYNTH"
-    ds.file_meta = meta
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    data = buffer.getvalue()
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
+    data = encode_file(ds, transfer_syntax)
+    # Atomic: a temp file beside the target, then rename (cheaper than mkstemp per slice).
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, target)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -490,15 +511,13 @@ def _remove_stale(folder: Path, keep: set[str]) -> None:
 
 
 def _audit_rows(counter: Counter) -> list[dict[str, object]]:
+    """Audit-log rows: tag path, keyword, action, rule, element count (never a value)."""
     rows = []
-    for (where, action, rule), count in sorted(counter.items()):
-        last = where.rsplit("(", 1)[-1].rstrip(")")
-        keyword = ""
-        if "," in last and "private" not in last:
-            try:
-                keyword = keyword_for_tag(int(last.replace(",", ""), 16)) or ""
-            except ValueError:
-                keyword = ""
+    for (path, tag, action, rule), count in sorted(counter.items(), key=lambda item: (item[0][0], item[0][1], item[0][2], item[0][3])):
+        if rule == "private":
+            where, keyword = f"{path}({tag >> 16:04X},private)", ""
+        else:
+            where, keyword = path + tag_text(tag), keyword_for_tag(tag) or ""
         rows.append({"tag": where, "keyword": keyword, "action": action, "rule": rule, "count": count})
     return rows
 

@@ -17,6 +17,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
+from pipeline.ingest.dicomio import fast_pixels
+
 __all__ = ["SeriesProblem", "Frame", "Volume", "frames_of", "build_volume", "LPS_TO_RAS"]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -110,7 +112,9 @@ def frames_of(ds: Dataset, source: int) -> list[Frame]:
     """
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise SeriesProblem("colour image (SamplesPerPixel > 1): not supported by the grayscale pipeline")
-    pixels = ds.pixel_array
+    pixels = fast_pixels(ds)
+    if pixels is None:
+        pixels = ds.pixel_array
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if n_frames == 1 and pixels.ndim == 2:
         pixels = pixels[np.newaxis]

@@ -381,7 +381,7 @@ def _run(
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
-        g_train = DDP(generator, device_ids=ids, broadcast_buffers=False)
+        g_train = DDP(generator, device_ids=ids)
         d_train = DDP(discriminator, device_ids=ids)
 
     # -- tracking -------------------------------------------------------------------------------

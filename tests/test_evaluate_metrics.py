@@ -1,0 +1,178 @@
+"""The evaluate stage's metric functions, on arrays with known answers (fast, no files)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.evaluate.diversity import ms_ssim_pairs, ms_ssim_settings, same_class_pairs
+from pipeline.evaluate.fidelity import fid, kid, prdc, standardize
+from pipeline.evaluate.gates import Check, gate_status
+from pipeline.evaluate.neighbours import kth_neighbour_radius, nearest
+from pipeline.evaluate.privacy import auc, closest_records, distance_attack_scores, memorization
+from pipeline.evaluate.utility import balanced_accuracy, bootstrap_weights, interval, roc_auc
+
+
+@pytest.fixture()
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def test_nearest_matches_brute_force_and_excludes_self(rng: np.random.Generator) -> None:
+    reference = rng.normal(size=(300, 16))
+    queries = rng.normal(size=(50, 16))
+    distances, indices = nearest(queries, reference, k=3)
+    brute = np.linalg.norm(queries[:, None] - reference[None], axis=2)
+    np.testing.assert_array_equal(indices, np.argsort(brute, axis=1)[:, :3])
+    np.testing.assert_allclose(distances, np.sort(brute, axis=1)[:, :3], rtol=1e-6)
+    radius = kth_neighbour_radius(reference, 2)
+    self_brute = np.linalg.norm(reference[:, None] - reference[None], axis=2)
+    np.fill_diagonal(self_brute, np.inf)
+    np.testing.assert_allclose(radius, np.sort(self_brute, axis=1)[:, 1], rtol=1e-6)
+
+
+def test_fid_is_zero_for_identical_sets_and_agrees_with_monai(rng: np.random.Generator) -> None:
+    from monai.metrics import FIDMetric
+
+    real = rng.normal(size=(400, 8))
+    assert fid(real, real) == pytest.approx(0.0, abs=1e-8)
+    shifted = real + 2.0
+    assert fid(real, shifted) == pytest.approx(4.0 * 8, rel=1e-6)  # |delta mu|^2, equal covariances
+    other = rng.normal(size=(400, 8)) * 1.5 + 0.3
+    monai_value = float(FIDMetric()(torch.from_numpy(other), torch.from_numpy(real)))
+    assert fid(real, other) == pytest.approx(monai_value, rel=1e-6)
+
+
+def test_fid_stays_finite_when_there_are_fewer_images_than_dimensions(rng: np.random.Generator) -> None:
+    value = fid(rng.normal(size=(20, 64)), rng.normal(size=(15, 64)))
+    assert np.isfinite(value) and value > 0
+
+
+def test_kid_is_near_zero_for_one_distribution_and_large_for_another(rng: np.random.Generator) -> None:
+    a, b = rng.normal(size=(500, 16)), rng.normal(size=(500, 16))
+    same, same_std, size = kid(a, b, subsets=20, subset_size=100, seed=0)
+    assert size == 100
+    assert abs(same) < 3 * same_std + 0.01
+    different, _, _ = kid(a, b + 1.0, subsets=20, subset_size=100, seed=0)
+    assert different > 20 * abs(same) and different > 0.1
+    _, _, small = kid(a[:30], b, subsets=5, subset_size=100, seed=0)
+    assert small == 30  # capped at the smaller set: small data still works
+
+
+def test_prdc_identical_disjoint_and_collapsed(rng: np.random.Generator) -> None:
+    real = rng.normal(size=(400, 8))
+    same = prdc(real, real.copy(), k=5)
+    assert same["precision"] == 1.0 and same["recall"] == 1.0 and same["coverage"] == 1.0
+    far = prdc(real, real + 100.0, k=5)
+    assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+    collapsed = prdc(real, np.repeat(real[:1], 100, axis=0), k=5)
+    assert collapsed["precision"] == 1.0  # the one image is realistic...
+    assert collapsed["recall"] == 0.0  # ...but covers nothing of the real variety
+    assert collapsed["coverage"] < 0.05
+    independent = prdc(real, rng.normal(size=(400, 8)), k=5)
+    assert independent["density"] == pytest.approx(1.0, abs=0.2)
+    assert independent["coverage"] > 0.9
+
+
+def test_standardize_uses_the_reference_statistics(rng: np.random.Generator) -> None:
+    reference = rng.normal(3.0, 2.0, size=(1000, 4))
+    scaled_reference, scaled_other = standardize(reference, reference + 2.0)
+    np.testing.assert_allclose(scaled_reference.mean(0), 0.0, atol=1e-9)
+    np.testing.assert_allclose(scaled_other.mean(0), 2.0 / reference.std(0), rtol=1e-9)
+
+
+def test_ms_ssim_settings_fit_monai_at_small_sizes() -> None:
+    assert ms_ssim_settings((256, 256)).kernel_size == 11 and len(ms_ssim_settings((256, 256)).weights) == 5
+    at64 = ms_ssim_settings((64, 64))
+    assert (at64.kernel_size, len(at64.weights)) == (7, 4)
+    assert sum(at64.weights) == pytest.approx(1.0)
+    images = np.random.default_rng(1).uniform(-1, 1, size=(6, 1, 32, 32)).astype(np.float32)
+    for size in ((32, 32), (16, 16)):
+        settings = ms_ssim_settings(size)
+        crop = np.ascontiguousarray(images[:, :, : size[0], : size[1]])
+        values = ms_ssim_pairs(crop, np.array([[0, 0], [0, 1]]), settings)
+        assert values[0] == pytest.approx(1.0, abs=1e-5)
+        assert values[1] < 0.5
+
+
+def test_same_class_pairs_are_same_class_and_cross_subject(rng: np.random.Generator) -> None:
+    labels = np.array(["a"] * 10 + ["b"] * 10 + ["c"])
+    groups = np.repeat(np.arange(7), 3)
+    pairs = same_class_pairs(labels, groups, 20, rng)
+    assert pairs["c"].shape == (0, 2)
+    for label in ("a", "b"):
+        assert len(pairs[label]) == 20
+        assert (labels[pairs[label]] == label).all()
+        assert (groups[pairs[label][:, 0]] != groups[pairs[label][:, 1]]).all()
+
+
+def test_memorization_and_closest_records() -> None:
+    train = np.eye(4, 16, dtype=np.float32)
+    copies = train + 0.001
+    close = closest_records(copies, train, scale=4.0)
+    np.testing.assert_array_equal(close.index, [0, 1, 2, 3])
+    holdout_dcr = np.linspace(0.2, 1.0, 100)
+    rate, threshold, flags = memorization(close.distance, holdout_dcr, 5.0)
+    assert rate == 1.0 and flags.all()
+    assert threshold == pytest.approx(np.percentile(holdout_dcr, 5.0))
+    rate, _, _ = memorization(np.linspace(0.2, 1.0, 1000), holdout_dcr, 5.0)
+    assert rate == pytest.approx(0.05, abs=0.01)  # an honest generator reads at the percentile
+
+
+def test_auc_matches_sklearn_and_distance_attack_detects_copies(rng: np.random.Generator) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    positive, negative = rng.normal(1.0, 1.0, 80), rng.normal(0.0, 1.0, 120)
+    positive[:5] = negative[:5]  # ties count half
+    expected = roc_auc_score(np.r_[np.ones(80), np.zeros(120)], np.r_[positive, negative])
+    assert auc(positive, negative) == pytest.approx(expected)
+    members, nonmembers = rng.normal(size=(50, 32)), rng.normal(size=(50, 32))
+    synthetic = members + rng.normal(0.0, 0.01, size=members.shape)
+    scores_in = distance_attack_scores(members, synthetic)
+    scores_out = distance_attack_scores(nonmembers, synthetic)
+    assert auc(scores_in, scores_out) == 1.0
+
+
+def test_weighted_utility_metrics_match_sklearn(rng: np.random.Generator) -> None:
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    truth = rng.integers(0, 3, 90)
+    proba = rng.dirichlet(np.ones(3), 90)
+    proba[np.arange(90), truth] += 0.3
+    proba /= proba.sum(1, keepdims=True)
+    predicted = proba.argmax(1)
+    assert balanced_accuracy(truth, predicted) == pytest.approx(balanced_accuracy_score(truth, predicted))
+    assert roc_auc(truth, proba, np.arange(3)) == pytest.approx(roc_auc_score(truth, proba, multi_class="ovr"))
+    weights = rng.integers(0, 3, size=(4, 90)).astype(float)
+    for row, w in enumerate(weights):
+        assert balanced_accuracy(truth, predicted, weights)[row] == pytest.approx(
+            balanced_accuracy_score(truth, predicted, sample_weight=w)
+        )
+    binary = (truth > 0).astype(int)
+    two = np.stack([1 - proba[:, 0], proba[:, 0]], axis=1)
+    for row, w in enumerate(weights):
+        assert roc_auc(binary, two, np.array([0, 1]), weights)[row] == pytest.approx(
+            roc_auc_score(binary, two[:, 1], sample_weight=w)
+        )
+
+
+def test_bootstrap_draws_whole_subjects(rng: np.random.Generator) -> None:
+    groups = np.repeat(["s1", "s2", "s3", "s4"], [1, 2, 3, 4])
+    weights = bootstrap_weights(groups, 500, rng)
+    assert weights.shape == (500, 10)
+    for name in ("s2", "s3", "s4"):
+        members = weights[:, groups == name]
+        assert (members == members[:, :1]).all()  # every image of a subject gets the subject's draw count
+    assert (weights[:, groups == "s1"].sum(1) + weights[:, groups == "s2"][:, 0] + weights[:, groups == "s3"][:, 0] + weights[:, groups == "s4"][:, 0] == 4).all()
+    low, high = interval(rng.normal(0.0, 1.0, 10_000))
+    assert low == pytest.approx(-1.96, abs=0.1) and high == pytest.approx(1.96, abs=0.1)
+
+
+def test_gate_status_rules() -> None:
+    passed = Check("a", 1.0, ">=", 0.5, True, "")
+    failed = Check("b", 0.1, ">=", 0.5, False, "")
+    missing = Check("c", None, ">=", 0.5, None, "", "too few images")
+    assert gate_status([passed, missing]) == "pass"
+    assert gate_status([passed, failed]) == "fail"
+    assert gate_status([missing]) == "not_run"

@@ -1,0 +1,397 @@
+"""Ingest end to end on real pydicom test files with planted PHI: no leak, faithful pixels, stable UIDs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from _ingest_data import (
+    BIRTH_DATE,
+    MARKERS,
+    NAME_FAMILY,
+    PATIENT_ID,
+    STUDY_DATE,
+    all_markers,
+    copy_all_testdata,
+    uid,
+    write_phi_nifti,
+    write_series,
+)
+from conftest import REPO, scan_for_markers
+from pipeline.cli import main
+from pipeline.dataset import read_dataset
+from pipeline.ingest import IngestConfig, audit, run
+from pipeline.ingest.keys import keyed_uid
+
+PYTHON = sys.executable
+
+
+def _cohort(root: Path) -> Path:
+    """SOURCE/<label>/<patient folder>/...: two DICOM series and one NIfTI, all carrying markers."""
+    source = root / "source"
+    write_series(source / "normal" / f"{NAME_FAMILY}_{PATIENT_ID}" / "CT", "CT_small.dcm", 4, series="ct-1")
+    write_series(source / "lesion" / f"{NAME_FAMILY}B_{PATIENT_ID}B" / "MR", "MR_small.dcm", 3, series="mr-1", who="B")
+    write_phi_nifti(source / "lesion" / f"Quenivere_{'MKNIFTI77'}.nii.gz")
+    return source
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return int(exit_info.value.code or 0), captured.out + captured.err
+
+
+def test_ingest_leaks_no_marker_anywhere(tmp_path: Path, mlflow_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = _cohort(tmp_path)
+    out = tmp_path / "dataset"
+    code, console = _cli(["ingest", "--source", str(source), "--out", str(out), "--workers", "2"], capsys)
+    assert code == 0, console
+    assert "Ingested 3 of 3 series" in console
+
+    markers = all_markers()
+    assert scan_for_markers(out, markers) == []
+    assert scan_for_markers(mlflow_store, markers) == []
+    leaked = [marker for marker in markers if marker.lower() in console.lower()]
+    assert leaked == []
+    assert str(source) not in console
+    # The private folder sits beside the dataset and holds the key and the source map.
+    private = tmp_path / "dataset.private"
+    assert (private / "pseudonym.key").is_file() and (private / "source_map.csv").is_file()
+    assert not (out / "pseudonym.key").exists()
+
+    dataset = read_dataset(out)
+    assert sorted(dataset.manifest["label"]) == ["lesion", "lesion", "normal"]
+    assert set(dataset.manifest["origin"]) == {"real"}
+    for rel in dataset.manifest["path"]:
+        assert rel.startswith("images/sub-") and "MK" not in rel
+    # every written DICOM re-reads and says it was de-identified
+    dicoms = sorted((out / "dicom").rglob("*.dcm"))
+    assert len(dicoms) == 7
+    for path in dicoms:
+        ds = pydicom.dcmread(path)
+        assert ds.PatientIdentityRemoved == "YES"
+        assert ds.PatientID.startswith("sub-")
+        assert "OtherPatientIDsSequence" not in ds and "RequestAttributesSequence" not in ds
+        assert not any(elem.tag.is_private for elem in ds.iterall())
+        assert {item.CodeValue for item in ds.DeidentificationMethodCodeSequence} == {"113100", "113107"}
+        assert ds.StudyDate != STUDY_DATE and len(ds.StudyDate) == 8
+        ds.pixel_array  # noqa: B018 - decodes
+    # the audit log names rules and tags, never values
+    log = (out / "audit.jsonl").read_text()
+    assert '"keyword": "PatientName"' in log and NAME_FAMILY.lower() not in log.lower()
+    # MLflow got counts and the dataset, nothing identifying (checked above by the scan)
+    from pipeline.tracking import list_runs
+
+    run_entity = list_runs("medsynth-medsynth")[0]
+    assert run_entity.data.metrics["series_written"] == 3
+    assert run_entity.data.tags["ingest.options"] == "modified_dates"
+    assert run_entity.inputs.dataset_inputs, "the output dataset is logged"
+    # `medsynth audit --against` agrees
+    code, console = _cli(["audit", str(out), "--against", str(source)], capsys)
+    assert code == 0, console
+    assert "no finding" in console
+
+
+def test_pixels_and_affine_match_the_source(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    files = write_series(source / "normal" / "p1", "CT_small.dcm", 5, series="ct-geom", spacing=2.5)
+    out = tmp_path / "dataset"
+    run([source], out, IngestConfig(workers=1))
+    dataset = read_dataset(out)
+    image = nib.load(out / dataset.manifest.iloc[0]["path"])
+    data = np.asarray(image.dataobj)
+    slices = sorted((pydicom.dcmread(path) for path in files), key=lambda ds: float(ds.ImagePositionPatient[2]))
+    expected = np.stack(
+        [ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in slices],
+        axis=-1,
+    ).transpose(1, 0, 2)
+    assert data.shape == expected.shape == (128, 128, 5)
+    np.testing.assert_array_equal(data, expected)
+    # Affine: LPS -> RAS of the first slice's position, row/column cosines and the slice step.
+    first = slices[0]
+    row, col = np.asarray(first.ImageOrientationPatient[:3], float), np.asarray(first.ImageOrientationPatient[3:], float)
+    dy, dx = (float(v) for v in first.PixelSpacing)
+    step = (np.asarray(slices[-1].ImagePositionPatient, float) - np.asarray(first.ImagePositionPatient, float)) / 4
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row * dx, col * dy, step, np.asarray(first.ImagePositionPatient, float)
+    np.testing.assert_allclose(image.affine, np.diag([-1, -1, 1, 1]) @ lps, atol=1e-4)
+    assert image.header["descrip"].item() == b""
+    # The anonymized DICOM keeps the same pixels, in z order.
+    written = sorted((out / "dicom").rglob("*.dcm"))
+    assert [pydicom.dcmread(path).pixel_array[0, 0] for path in written] == [ds.pixel_array[0, 0] for ds in slices]
+
+
+def test_uids_map_consistently_per_key(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    write_series(source / "normal" / "p1", "CT_small.dcm", 3, series="ct-uid")
+
+    def uids(out: Path, private: Path) -> dict[int, tuple[str, str, str, str]]:
+        run([source], out, IngestConfig(workers=1), private=private)
+        found = {}
+        for path in sorted((out / "dicom").rglob("*.dcm")):
+            ds = pydicom.dcmread(path)
+            reference = ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID if "ReferencedImageSequence" in ds else ""
+            found[int(path.stem)] = (ds.SOPInstanceUID, ds.StudyInstanceUID, ds.FrameOfReferenceUID, reference)
+        return found
+
+    first = uids(tmp_path / "a", tmp_path / "key1")
+    again = uids(tmp_path / "b", tmp_path / "key1")
+    other = uids(tmp_path / "c", tmp_path / "key2")
+    assert first == again
+    assert all(first[k][0] != other[k][0] and first[k][1] != other[k][1] for k in first)
+    original = {uid("ct-uid", k) for k in range(3)}
+    assert not original & {value for row in first.values() for value in row}
+    # references inside sequences follow the mapping: slice k points at slice k-1
+    assert first[2][3] == first[1][0] and first[3][3] == first[2][0]
+    key = bytes.fromhex((tmp_path / "key1" / "pseudonym.key").read_text().strip())
+    assert first[1][0] == keyed_uid(key, uid("ct-uid", 0))
+
+
+def test_every_pydicom_test_file_is_written_or_quarantined(tmp_path: Path, mlflow_store: Path) -> None:
+    """Acceptance: ingest over all of pydicom's bundled files: exit 0, no traceback, a reason per file."""
+    count = copy_all_testdata(tmp_path / "src")
+    out = tmp_path / "dataset"
+    completed = subprocess.run(
+        [PYTHON, "-m", "pipeline", "ingest", "--source", str(tmp_path / "src"), "--out", str(out), "--workers", "2"],
+        capture_output=True, text=True, cwd=mlflow_store, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
+             "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)},
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "Traceback" not in completed.stdout + completed.stderr
+    with open(out / "quarantine.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and all(row["reason"].strip() for row in rows)
+    assert all(row["ref"].startswith("q-") for row in rows)
+    record = json.loads((out / "ingest.json").read_text())
+    with open(tmp_path / "dataset.private" / "source_map.csv", newline="") as handle:
+        used = list(csv.DictReader(handle))
+    skipped = sum(1 for path in (tmp_path / "src").rglob("DICOMDIR*")) + 1  # TINY_ALPHA/DICOMDIR is one of them
+    accounted = len(rows) + len(used)
+    assert record["counts"]["files_seen"] == count
+    assert accounted + record["counts"].get("dicomdir_skipped", 0) <= count <= accounted + skipped
+    assert len(read_dataset(out).manifest) >= 10
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
+     "MR_small_jpeg_ls_lossless.dcm", "MR_small_expb.dcm"],
+)
+def test_transfer_syntaxes_give_the_reference_pixels(tmp_path: Path, variant: str) -> None:
+    reference = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array
+    source = tmp_path / "source" / "mr"
+    source.mkdir(parents=True)
+    (source / "image").write_bytes(Path(get_testdata_file(variant)).read_bytes())  # no extension on purpose
+    out = tmp_path / "dataset"
+    run([tmp_path / "source"], out, IngestConfig(workers=1))
+    data = np.asarray(nib.load(next((out / "images").rglob("*.nii.gz"))).dataobj)
+    np.testing.assert_array_equal(data[:, :, 0], reference.T.astype(data.dtype))
+    written = pydicom.dcmread(next((out / "dicom").rglob("*.dcm")))
+    np.testing.assert_array_equal(written.pixel_array, reference)
+    assert written.file_meta.TransferSyntaxUID.is_little_endian
+
+
+def test_enhanced_multiframe_becomes_one_volume(tmp_path: Path) -> None:
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    frames = np.stack([ct.pixel_array + k for k in range(3)])
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT
+    for name in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "RescaleSlope", "RescaleIntercept"):
+        del ds[name]
+    ds.NumberOfFrames = 3
+    ds.PixelData = frames.tobytes()
+    shared = pydicom.Dataset()
+    orientation = pydicom.Dataset()
+    orientation.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # sagittal
+    measures = pydicom.Dataset()
+    measures.PixelSpacing = [0.8, 0.7]
+    measures.SliceThickness = 2.0
+    transform = pydicom.Dataset()
+    transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = 1, -1024, "HU"
+    shared.PlaneOrientationSequence = pydicom.Sequence([orientation])
+    shared.PixelMeasuresSequence = pydicom.Sequence([measures])
+    shared.PixelValueTransformationSequence = pydicom.Sequence([transform])
+    ds.SharedFunctionalGroupsSequence = pydicom.Sequence([shared])
+    per_frame = []
+    for k in (2, 0, 1):  # frames stored out of spatial order
+        item, position = pydicom.Dataset(), pydicom.Dataset()
+        position.ImagePositionPatient = [10.0 + 2.0 * k, 0.0, 0.0]
+        item.PlanePositionSequence = pydicom.Sequence([position])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = pydicom.Sequence(per_frame)
+    source = tmp_path / "source" / "ct"
+    source.mkdir(parents=True)
+    ds.save_as(source / "enhanced.dcm", enforce_file_format=True)
+    out = tmp_path / "dataset"
+    run([tmp_path / "source"], out, IngestConfig(workers=1))
+    image = nib.load(next((out / "images").rglob("*.nii.gz")))
+    data = np.asarray(image.dataobj)
+    assert data.shape == (128, 128, 3)
+    # The slice normal (row x column cosines) is -x (patient right): slices run from x=14 down to
+    # x=10, i.e. stored frames 0 (x=14), 2 (x=12), 1 (x=10).
+    for z, stored in enumerate((0, 2, 1)):
+        np.testing.assert_array_equal(data[:, :, z], (frames[stored].astype(np.int32) - 1024).T)
+    np.testing.assert_allclose(image.affine[:3, 2], [2.0, 0.0, 0.0], atol=1e-6)  # LPS step -x = RAS +x
+    np.testing.assert_allclose(image.affine[:3, 3], [-14.0, 0.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(np.abs(image.header.get_zooms()), [0.7, 0.8, 2.0], atol=1e-5)
+
+
+def test_nothing_usable_exits_2_with_one_line(tmp_path: Path, mlflow_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "source" / "docs"
+    source.mkdir(parents=True)
+    (source / f"{PATIENT_ID}.txt").write_text("not an image")
+    report = source / "report.dcm"
+    report.write_bytes(Path(get_testdata_file("reportsi.dcm")).read_bytes())
+    code, console = _cli(["ingest", "--source", str(tmp_path / "source"), "--out", str(tmp_path / "dataset")], capsys)
+    assert code == 2
+    assert console.strip().count("\n") == 0 and console.startswith("error: no usable image series")
+    assert PATIENT_ID not in console
+    with open(tmp_path / "dataset" / "quarantine.csv", newline="") as handle:
+        reasons = sorted(row["reason"] for row in csv.DictReader(handle))
+    assert reasons == ["no pixel data: non-image object or stripped image (Basic Text SR Storage)", "not a DICOM or NIfTI file"]
+
+
+def test_labels_csv_and_missing_label(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    write_series(source / "p1", "CT_small.dcm", 2, series="s1", who="1")
+    write_series(source / "p2", "CT_small.dcm", 2, series="s2", who="2")
+    write_phi_nifti(source / "vol.nii.gz")
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"key,label\n{PATIENT_ID}1,lesion\nvol.nii.gz,normal\n")
+    out = tmp_path / "dataset"
+    summary = run([source], out, IngestConfig(workers=1), labels=labels)
+    assert summary.series_written == 2
+    assert summary.quarantined == {"no label (key not in the labels CSV)": 2}
+    assert sorted(read_dataset(out).manifest["label"]) == ["lesion", "normal"]
+
+
+def test_labels_csv_errors_name_the_row_not_the_key(tmp_path: Path) -> None:
+    from pipeline.errors import InputError
+    from pipeline.ingest.discover import read_labels
+
+    bad = tmp_path / "labels.csv"
+    bad.write_text(f"key,label\n{PATIENT_ID},normal\n{PATIENT_ID},lesion\n")
+    with pytest.raises(InputError) as info:
+        read_labels(bad)
+    assert "row 3" in str(info.value) and PATIENT_ID not in str(info.value)
+    bad.write_text("id,class\nx,y\n")
+    with pytest.raises(InputError, match="key,label"):
+        read_labels(bad)
+
+
+def test_split_is_by_subject_stratified_and_reproducible(tmp_path: Path) -> None:
+    from pipeline.ingest.config import SplitConfig
+    from pipeline.ingest.split import assign_splits
+
+    subjects = {f"sub-{i:02d}": ["lesion" if i % 2 else "normal"] * (1 + i % 3) for i in range(40)}
+    fractions = SplitConfig(train=0.6, val=0.2, test=0.2, seed=3)
+    first = assign_splits(subjects, fractions, seed=1)
+    assert first == assign_splits(dict(reversed(list(subjects.items()))), fractions, seed=1)
+    assert first != assign_splits(subjects, fractions, seed=2)
+    for label in ("lesion", "normal"):
+        counts = {split: sum(1 for s, v in first.items() if v == split and subjects[s][0] == label) for split in ("train", "val", "test")}
+        assert counts == {"train": 12, "val": 4, "test": 4}
+
+
+def test_date_shift_keeps_intervals_and_options_retain(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    files = write_series(source / "normal" / "p1", "CT_small.dcm", 2, series="opt")
+    ds = pydicom.dcmread(files[0])
+    ds.SeriesDate = "20190315"  # three days after the study date
+    ds.PatientSex, ds.PatientAge, ds.DeviceSerialNumber = "F", "071Y", "SN-4471"
+    ds.save_as(files[0], enforce_file_format=True)
+    out = tmp_path / "dataset"
+    config = IngestConfig.model_validate(
+        {"workers": 1, "deid": {"patient_characteristics": True, "device_identity": True, "clean_descriptors": True,
+                                 "safe_private": [{"creator": "MKCREATOR", "group": 0x0011, "element": 0x02}]}}
+    )
+    run([source], out, config)
+    written = [pydicom.dcmread(path) for path in sorted((out / "dicom").rglob("*.dcm"))]
+    shifted = next(item for item in written if item.SeriesDate != item.StudyDate)
+    from datetime import date
+
+    def day(text: str) -> date:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+
+    assert (day(shifted.SeriesDate) - day(shifted.StudyDate)).days == 3
+    assert shifted.PatientSex == "F" and shifted.PatientAge == "071Y" and shifted.DeviceSerialNumber == "SN-4471"
+    # Clean Descriptors keeps the description without the patient's name
+    assert "scan of" in shifted.StudyDescription and NAME_FAMILY.lower() not in shifted.StudyDescription.lower()
+    # Retain Safe Private keeps exactly the allow-listed element (and its creator)
+    private = {int(elem.tag): elem.value for elem in shifted.iterall() if elem.tag.is_private}
+    assert len(private) == 2
+    creator_tag = next(tag for tag, value in private.items() if value == "MKCREATOR")
+    block = creator_tag & 0xFF
+    assert private[(0x0011 << 16) | (block << 8) | 0x02] == "MKPRIVID901"
+    codes = {item.CodeValue for item in shifted.DeidentificationMethodCodeSequence}
+    assert codes == {"113100", "113105", "113107", "113108", "113109", "113111"}
+
+
+def test_burned_in_is_quarantined_unless_regions_are_blanked(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    files = write_series(source / "normal" / "p1", "CT_small.dcm", 2, series="burn", plant=False)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.BurnedInAnnotation = "YES"
+        ds.Manufacturer, ds.ManufacturerModelName = "Acme", "Scanner 9"
+        ds.save_as(path, enforce_file_format=True)
+    from pipeline.errors import InputError
+
+    with pytest.raises(InputError, match="no usable image series"):
+        run([source], tmp_path / "q", IngestConfig(workers=1), private=tmp_path / "key")
+    with open(tmp_path / "q" / "quarantine.csv", newline="") as handle:
+        assert {row["reason"] for row in csv.DictReader(handle)} == {"possible burned-in PHI"}
+    config = IngestConfig.model_validate(
+        {"workers": 1, "burned_in": {"blank": [{"manufacturer": "ACME", "model": "scanner 9", "regions": [[0, 0, 20, 10]]}]}}
+    )
+    summary = run([source], tmp_path / "b", config, private=tmp_path / "key")
+    assert summary.series_written == 1
+    data = np.asarray(nib.load(next((tmp_path / "b" / "images").rglob("*.nii.gz"))).dataobj)
+    for z in range(data.shape[2]):  # each slice's region holds one value: its darkest
+        assert np.all(data[:20, :10, z] == data[:, :, z].min())
+    ds = pydicom.dcmread(next((tmp_path / "b" / "dicom").rglob("*.dcm")))
+    assert ds.BurnedInAnnotation == "NO"
+    assert "113101" in {item.CodeValue for item in ds.DeidentificationMethodCodeSequence}
+    assert np.all(ds.pixel_array[:10, :20] == ds.pixel_array[:10, :20].min())
+
+
+def test_rerun_skips_finished_series(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    write_series(source / "normal" / "p1", "CT_small.dcm", 2, series="r1", who="1")
+    write_series(source / "lesion" / "p2", "MR_small.dcm", 2, series="r2", who="2")
+    out = tmp_path / "dataset"
+    first = run([source], out, IngestConfig(workers=1))
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    second = run([source], out, IngestConfig(workers=1))
+    assert first.series_resumed == 0 and second.series_resumed == 2
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
+def test_audit_finds_a_planted_leak_and_names_file_and_tag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = _cohort(tmp_path)
+    out = tmp_path / "dataset"
+    run([source], out, IngestConfig(workers=1))
+    assert audit(out, [source]).ok
+    target = next((out / "dicom").rglob("*.dcm"))
+    ds = pydicom.dcmread(target)
+    ds.ImageComments = f"note {PATIENT_ID}"
+    ds.save_as(target, enforce_file_format=True)
+    (out / "notes.json").write_text(json.dumps({"who": BIRTH_DATE}))
+    code, console = _cli(["audit", str(out), "--against", str(source)], capsys)
+    assert code == 1
+    rel = target.relative_to(out).as_posix()
+    assert f"{rel}: (0020,4000) ImageComments" in console
+    assert "notes.json: content: date" in console
+    assert not [marker for marker in MARKERS if marker.lower() in console.lower()]
