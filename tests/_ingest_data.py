@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -39,11 +40,12 @@ NIFTI_AUX = "MKAUX"
 NIFTI_DB = "MKDBNAME"
 NIFTI_INTENT = "MKINTENT"
 NIFTI_EXTENSION = "MKEXTENSION"
+BAD_DATE = "MKBADDATE"  # an invalid DA value: readers warn about it, quoting it
 
 MARKERS = [
     NAME_FAMILY, NAME_GIVEN, PATIENT_ID, OTHER_ID, ACCESSION, BIRTH_DATE, STUDY_DATE, STREET, INSTITUTION,
     REFERRER, REQUEST_TEXT, SPS_ID, COMMENT, PRIVATE_ID, PRIVATE_TEXT, NESTED_PRIVATE, PRIVATE_CREATOR,
-    FILE_MARK, NIFTI_NAME, NIFTI_DESCRIP, NIFTI_AUX, NIFTI_DB, NIFTI_INTENT, NIFTI_EXTENSION,
+    FILE_MARK, NIFTI_NAME, NIFTI_DESCRIP, NIFTI_AUX, NIFTI_DB, NIFTI_INTENT, NIFTI_EXTENSION, BAD_DATE,
 ]
 
 
@@ -61,6 +63,9 @@ def plant_phi(ds: Dataset, who: str = "") -> None:
     ds.ReferringPhysicianName = f"{REFERRER}^Dr"
     ds.AccessionNumber = ACCESSION
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = STUDY_DATE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.add_new(0x00080022, "DA", BAD_DATE)  # AcquisitionDate
     ds.StudyDescription = f"scan of {NAME_FAMILY} {NAME_GIVEN}"
     ds.ImageComments = f"{COMMENT} for {NAME_GIVEN}"
     ds.PatientComments = f"lives at {STREET}"

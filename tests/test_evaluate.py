@@ -20,7 +20,15 @@ from pipeline.evaluate import run
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.controlled import make_real_dataset, make_synthetic_dataset
 
-FAST = {"classifier_steps": 120, "bootstrap": 300, "kid_subsets": 20, "ms_ssim_pairs": 40, "match_repeats": 3}
+FAST = {
+    "classifier_steps": 100,
+    "classifier_batch_size": 32,
+    "bootstrap": 200,
+    "kid_subsets": 10,
+    "ms_ssim_pairs": 30,
+    "match_repeats": 2,
+    "num_threads": 1,
+}
 
 
 @pytest.fixture(scope="module")

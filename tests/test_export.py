@@ -228,6 +228,27 @@ def test_synthetic_files_are_marked_and_traceable(inputs: dict, exported: dict) 
         assert row["sha256"] == source.loc[row["sample_id"], "sha256"]  # copied byte for byte
 
 
+def test_unmarked_files_are_re_marked_and_stray_splits_moved_to_train(inputs: dict, tmp_path: Path) -> None:
+    import shutil
+
+    synthetic = tmp_path / "synthetic"
+    shutil.copytree(inputs["synthetic"], synthetic)
+    manifest = read_dataset(synthetic).manifest
+    data, affine = read_nifti(synthetic / manifest.loc[0, "path"])
+    write_nifti(synthetic / manifest.loc[0, "path"], data, affine, descrip="GAN sample")  # no marker
+    manifest.loc[0, "sha256"] = sha256_file(synthetic / manifest.loc[0, "path"])
+    manifest.loc[1, "split"] = "test"
+    write_manifest(synthetic, manifest)
+    summary = run(inputs["real"], synthetic, _write_report(tmp_path / "r", _report(flagged=())), tmp_path / "out",
+                  ExportConfig(), model_dir=inputs["model"])
+    exported = read_dataset(tmp_path / "out").manifest.set_index("sample_id")
+    row = exported.loc[manifest.loc[0, "sample_id"]]
+    assert nib.load(tmp_path / "out" / row["path"]).header["descrip"].item().decode() == f"synthetic (medsynth {GENERATOR_RUN})"
+    assert exported.loc[manifest.loc[1, "sample_id"], "split"] == "train"
+    assert any("re-marked" in note for note in summary.warnings)
+    assert any("moved to the train split" in note for note in summary.warnings)
+
+
 def test_flagged_samples_are_excluded_and_listed_with_distance_and_reason(inputs: dict, exported: dict) -> None:
     out = exported["out"]
     manifest = read_dataset(out).manifest

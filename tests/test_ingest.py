@@ -52,10 +52,11 @@ def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     return int(exit_info.value.code or 0), captured.out + captured.err
 
 
-def test_ingest_leaks_no_marker_anywhere(tmp_path: Path, mlflow_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ingest_leaks_no_marker_anywhere(tmp_path: Path, mlflow_store: Path, capfd: pytest.CaptureFixture[str]) -> None:
     source = _cohort(tmp_path)
     out = tmp_path / "dataset"
-    code, console = _cli(["ingest", "--source", str(source), "--out", str(out), "--workers", "2"], capsys)
+    # capfd: the workers' stderr too (a reader's warning could quote a header value)
+    code, console = _cli(["ingest", "--source", str(source), "--out", str(out), "--workers", "2"], capfd)
     assert code == 0, console
     assert "Ingested 3 of 3 series" in console
 
@@ -98,9 +99,10 @@ def test_ingest_leaks_no_marker_anywhere(tmp_path: Path, mlflow_store: Path, cap
     assert run_entity.data.tags["ingest.options"] == "modified_dates"
     assert run_entity.inputs.dataset_inputs, "the output dataset is logged"
     # `medsynth audit --against` agrees
-    code, console = _cli(["audit", str(out), "--against", str(source)], capsys)
+    code, console = _cli(["audit", str(out), "--against", str(source)], capfd)
     assert code == 0, console
     assert "no finding" in console
+    assert not [marker for marker in markers if marker.lower() in console.lower()]
 
 
 def test_pixels_and_affine_match_the_source(tmp_path: Path) -> None:
@@ -395,3 +397,24 @@ def test_audit_finds_a_planted_leak_and_names_file_and_tag(tmp_path: Path, capsy
     assert f"{rel}: (0020,4000) ImageComments" in console
     assert "notes.json: content: date" in console
     assert not [marker for marker in MARKERS if marker.lower() in console.lower()]
+
+
+def test_self_audit_stops_ingest_when_an_identifier_survives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If anonymization ever let an identifier through, ingest's own audit fails the run (exit 1)."""
+    import pipeline.ingest.task as task_module
+    from pipeline.errors import CheckFailed
+
+    real_anonymize = task_module.anonymize
+
+    def leaky(ds: pydicom.Dataset, ctx: object) -> None:  # a deliberately broken anonymizer
+        real_anonymize(ds, ctx)
+        ds.ImageComments = f"seen by {PATIENT_ID}"
+
+    monkeypatch.setattr(task_module, "anonymize", leaky)
+    source = tmp_path / "source"
+    write_series(source / "normal" / "p1", "CT_small.dcm", 2, series="leak")
+    with pytest.raises(CheckFailed) as info:
+        run([source], tmp_path / "dataset", IngestConfig(workers=1))
+    message = str(info.value)
+    assert "(0020,4000) ImageComments: identifier or text" in message
+    assert PATIENT_ID not in message

@@ -130,6 +130,11 @@ class EvaluateConfig(Section):
         ge=10,
         description="Cap per image set (real slices, synthetic images); larger sets are subsampled with the seed.",
     )
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for torch during evaluation (null: torch's default); restored afterwards.",
+    )
     flagged_pairs_shown: int = Field(8, ge=1, description="Closest synthetic-training pairs shown in report.html.")
     grid_per_class: int = Field(8, ge=1, description="Images per class in the real/synthetic grids of report.html.")
     gates: GateThresholds = Field(default_factory=GateThresholds)

@@ -8,9 +8,11 @@ can call it without files.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -365,7 +367,13 @@ def _privacy(
         samples = roc_auc(truth, np.stack([-scores, scores], axis=1), np.array([0, 1]), weights)
         low, high = interval(samples)
         attacks[name] = {"auc": value, "auc_ci_low": low, "auc_ci_high": high}
-    strongest = max(attacks, key=lambda name: attacks[name]["auc"])
+    # Gated: the pixel-space distance attack (GAN-Leaks' full black-box setting) and, with a model,
+    # the discriminator (LOGAN). Feature-space attacks are reported as cross-checks only: their AUC
+    # under no leakage spreads about twice as wide (sd ~0.08 vs ~0.04 at 100 members, measured on
+    # the controlled cohort), and taking the maximum of many noisy attacks inflates the figure.
+    for name, attack in attacks.items():
+        attack["gated"] = name in ("blackbox_pixel", "whitebox_discriminator")
+    strongest = max((name for name in attacks if attacks[name]["gated"]), key=lambda name: attacks[name]["auc"])
     _put(result, "mia_auc", attacks[strongest]["auc"], None)
     result["mia_auc_ci_low"] = attacks[strongest]["auc_ci_low"]
     result["mia_auc_ci_high"] = attacks[strongest]["auc_ci_high"]
@@ -778,6 +786,22 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, float | None]:
     return {key: _number(value) for key, value in metrics.items()}
 
 
+@contextlib.contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """Run with ``count`` torch threads (None: unchanged), restoring the previous setting."""
+    import torch
+
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def summary_lines(report: dict[str, Any], out: Path) -> list[str]:
     """A few lines for the CLI: gates first, then the headline figures."""
 
@@ -843,7 +867,8 @@ def run(
     real_set, synthetic_set, preprocessing = load_image_sets(
         real_dataset, synthetic_dataset, model_dir=model_dir, seed=config.seed, max_images=config.max_images
     )
-    evaluation = evaluate_sets(real_set, synthetic_set, config, model_dir=model_dir, model=model, progress=progress)
+    with _torch_threads(config.num_threads):
+        evaluation = evaluate_sets(real_set, synthetic_set, config, model_dir=model_dir, model=model, progress=progress)
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

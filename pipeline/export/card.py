@@ -230,14 +230,12 @@ def _distinct(series: pd.Series) -> list[str]:
 
 def _descrip_example(augmented: Dataset) -> str:
     """The NIfTI ``descrip`` of the first exported synthetic image (how the files mark themselves)."""
-    import nibabel as nib
+    from pipeline.export.images import descrip_of
 
     rows = augmented.subset(origin="synthetic")
     if rows.empty:
         return "no synthetic image exported"
-    raw = nib.load(augmented.image_path(rows.iloc[0])).header["descrip"]
-    value = raw.item() if hasattr(raw, "item") else raw
-    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    return descrip_of(augmented.image_path(rows.iloc[0]))
 
 
 def build_facts(

@@ -19,9 +19,7 @@ half-written export and an interrupted export leaves ``OUT`` as it was.
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -29,18 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
-import numpy as np
 import pandas as pd
 
 from pipeline.dataset import REQUIRED_COLUMNS, SPLITS, Dataset, read_dataset, write_manifest
-from pipeline.errors import CheckFailed, InputError
+from pipeline.errors import InputError
 from pipeline.export import card as card_module
-from pipeline.export.dicom import SyntheticImageInfo, synthetic_uid, write_synthetic_series
 from pipeline.export.facts import git_commit, ingest_facts, model_facts, tool_versions
-from pipeline.export.report import Flagged, base_sample_id, flagged_samples, gate_status, load_report, report_path
+from pipeline.export.images import export_real, export_synthetic
+from pipeline.export.privacy import privacy_filter, refusal
+from pipeline.export.report import gate_status, load_report, report_path
 from pipeline.export_config import ExportConfig
-from pipeline.files import atomic_path, atomic_write_json, atomic_write_text, read_nifti, sha256_file, write_nifti
+from pipeline.files import atomic_path, atomic_write_json, atomic_write_text, sha256_file
 from pipeline.tracking import NullTracker, Tracker
 
 __all__ = [
@@ -83,8 +80,6 @@ _PROVENANCE_COLUMNS: tuple[str, ...] = (
     "model_digest",
     "dicom_path",
 )
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
-_MARKER = "synthetic"
 
 
 @dataclass
@@ -219,184 +214,6 @@ def _check_out(out: Path, inputs: Mapping[str, Path]) -> None:
         )
 
 
-def _privacy_findings(report: Mapping[str, Any]) -> tuple[list[str], list[str]]:
-    """(failed checks as 'name value (max t)', reasons checks could not run) of the privacy gate."""
-    checks = (report["gates"].get("checks") or {}).get("privacy")
-    failed: list[str] = []
-    reasons: list[str] = []
-    if isinstance(checks, list) and checks:
-        for check in checks:
-            if not isinstance(check, dict):
-                continue
-            name = str(check.get("name", "")).replace("_", " ")
-            value, threshold = check.get("value"), check.get("threshold")
-            if check.get("passed") is False and isinstance(value, (int, float)):
-                bound = "max" if check.get("comparison") == "<=" else "min"
-                limit = f" ({bound} {threshold:.4g})" if isinstance(threshold, (int, float)) else ""
-                failed.append(f"{name} {value:.4g}{limit}")
-            elif check.get("passed") is None and check.get("reason"):
-                reasons.append(str(check["reason"]))
-        return failed, sorted(set(reasons))
-    privacy = report["privacy"]
-    thresholds = report["gates"].get("thresholds", {}) or {}
-    for key, limit_key in (("memorization_rate", "max_memorization_rate"), ("mia_auc", "max_mia_auc"), ("epsilon", "max_epsilon")):
-        value, limit = privacy.get(key), thresholds.get(limit_key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            bound = f" (max {limit:.4g})" if isinstance(limit, (int, float)) and not isinstance(limit, bool) else ""
-            failed.append(f"{key.replace('_', ' ')} {value:.4g}{bound}")
-        elif privacy.get(f"{key}_reason"):
-            reasons.append(str(privacy[f"{key}_reason"]))
-    return failed, sorted(set(reasons))
-
-
-def _refusal(report: Mapping[str, Any], path: Path, status: str) -> CheckFailed:
-    failed, reasons = _privacy_findings(report)
-    if status == "fail":
-        measured = f": {', '.join(failed)}" if failed else ""
-        what = f"the privacy gate of {path} failed{measured}. The synthetic images may reproduce training patients."
-        fix = "retrain (more data, fewer steps, differential privacy) and re-run evaluate"
-    else:
-        why = "; ".join(reasons) or "see the report"
-        what = f"the privacy gate of {path} did not run ({why}), so nothing shows the synthetic images are safe to share."
-        fix = "give evaluate enough held-out real images (val + test) and re-run it"
-    return CheckFailed(
-        f"export refused: {what} Fix: {fix}; or, to export anyway (e.g. for internal inspection), pass "
-        "--allow-failed-gates (config: export.allow_failed_gates: true): the data card then says so in its first lines."
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Writing images
-# --------------------------------------------------------------------------------------------
-
-
-def _safe(name: str) -> str:
-    """A file-name-safe form of a sample id or label (ids and labels are never PHI)."""
-    return _SAFE_NAME.sub("_", name).strip("._") or "x"
-
-
-def _spacing_text(affine: np.ndarray) -> str:
-    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-    return "x".join(f"{value:g}" for value in np.round(zooms, 4))
-
-
-def _shape_text(shape: tuple[int, ...]) -> str:
-    return "x".join(str(int(value)) for value in shape)
-
-
-def _copy(source: Path, target: Path) -> None:
-    with atomic_path(target) as tmp:
-        shutil.copyfile(source, tmp)
-
-
-def _nifti_suffix(path: Path) -> str:
-    return ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-
-
-def _export_real(real: Dataset, stage_dir: Path, preprocessor: Any | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Write the real images; return (manifest rows, excluded rows)."""
-    rows: list[dict[str, Any]] = []
-    excluded: list[dict[str, Any]] = []
-    extras = [column for column in real.manifest.columns if column not in REQUIRED_COLUMNS]
-    for _, source in real.manifest.sort_values("sample_id", kind="stable").iterrows():
-        base = {column: str(source[column]) for column in extras}
-        base.update(
-            subject_id=str(source["subject_id"]), label=str(source["label"]), split=str(source["split"]), origin="real",
-            source_sample_id=str(source["sample_id"]), generator_run_id="", seed="", model_digest="", dicom_path="",
-        )
-        folder = Path(str(source["split"])) / _safe(str(source["label"]))
-        if preprocessor is None:
-            path = real.image_path(source)
-            rel = folder / f"{_safe(str(source['sample_id']))}{_nifti_suffix(path)}"
-            _copy(path, stage_dir / rel)
-            rows.append({**base, "sample_id": str(source["sample_id"]), "path": rel.as_posix(), "sha256": str(source["sha256"]),
-                         "slice_index": "", "preprocessing": "none"})
-            continue
-        data, affine = read_nifti(real.image_path(source))
-        images = preprocessor.to_intensity(preprocessor.volume_to_images(data, affine, origin="real"))
-        grid = preprocessor.grid_affine()
-        if len(images) == 0:
-            excluded.append({"sample_id": str(source["sample_id"]), "origin": "real", "label": str(source["label"]),
-                             "split": str(source["split"]),
-                             "reason": "real volume without a non-empty axial slice on the model grid (model preprocessing)"})
-            continue
-        two_d = preprocessor.spatial_dims == 2
-        for index, image in enumerate(images):
-            volume = np.asarray(image, dtype=np.float32)
-            volume = volume[:, :, None] if two_d else volume
-            sample_id = f"{source['sample_id']}#z{index}" if two_d else str(source["sample_id"])
-            name = f"{_safe(str(source['sample_id']))}_z{index:03d}" if two_d else _safe(str(source["sample_id"]))
-            rel = folder / f"{name}.nii.gz"
-            write_nifti(stage_dir / rel, volume, grid, descrip="real (medsynth export, model grid)")
-            rows.append({**base, "sample_id": sample_id, "path": rel.as_posix(), "sha256": sha256_file(stage_dir / rel),
-                         "slice_index": str(index) if two_d else "", "preprocessing": "model-grid",
-                         "spacing": _spacing_text(grid), "shape": _shape_text(volume.shape), "dtype": "float32"})
-    return rows, excluded
-
-
-def _descrip(path: Path) -> str:
-    try:
-        raw = nib.load(path).header["descrip"]
-    except Exception:  # nibabel raises several unrelated types for corrupt files; read_nifti reports them
-        return ""
-    value = raw.item() if hasattr(raw, "item") else raw
-    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _export_synthetic(
-    synthetic: Dataset,
-    kept: pd.DataFrame,
-    stage_dir: Path,
-    config: ExportConfig,
-    modality: str,
-    window: tuple[float, float] | None,
-) -> tuple[list[dict[str, Any]], int, int]:
-    """Write the kept synthetic images (and their DICOM series); return (rows, re-marked files, moved to train)."""
-    rows: list[dict[str, Any]] = []
-    remarked = 0
-    moved = int((kept["split"] != "train").sum())
-    extras = [column for column in synthetic.manifest.columns if column not in REQUIRED_COLUMNS]
-    study_uid = synthetic_uid(
-        config.uid_root, "study", synthetic.digest, *sorted(set(synthetic.manifest["generator_run_id"]))
-    )
-    for series_number, (_, source) in enumerate(kept.sort_values("sample_id", kind="stable").iterrows(), start=1):
-        path = synthetic.image_path(source)
-        sample_id = str(source["sample_id"])
-        run_id = str(source["generator_run_id"])
-        rel = Path("train") / _safe(str(source["label"])) / f"{_safe(sample_id)}{_nifti_suffix(path)}"
-        target = stage_dir / rel
-        # Every synthetic file must say so in its header; generate already writes the marker.
-        if _MARKER in _descrip(path).lower():
-            _copy(path, target)
-        else:
-            data, affine = read_nifti(path)
-            rel = rel.with_name(f"{_safe(sample_id)}.nii.gz")
-            target = stage_dir / rel
-            write_nifti(target, data, affine, descrip=f"synthetic (medsynth {run_id})")
-            remarked += 1
-        row = {column: str(source[column]) for column in extras}
-        row.update(
-            sample_id=sample_id, subject_id=str(source["subject_id"]), label=str(source["label"]), split="train",
-            path=rel.as_posix(), origin="synthetic", sha256=sha256_file(target), source_sample_id="", slice_index="",
-            preprocessing="generated", dicom_path="",
-        )
-        header = nib.load(target)
-        row["spacing"] = row.get("spacing") or _spacing_text(header.affine)
-        row["shape"] = row.get("shape") or _shape_text(header.shape)
-        if config.dicom:
-            data, affine = read_nifti(target)
-            series = Path("dicom") / _safe(sample_id)
-            info = SyntheticImageInfo(
-                sample_id=sample_id, label=str(source["label"]), generator_run_id=run_id,
-                seed=str(source.get("seed", "")), model_digest=str(source.get("model_digest", "")), sha256=row["sha256"],
-                modality=modality, series_number=series_number, study_uid=study_uid, window=window,
-            )
-            write_synthetic_series(data, affine, stage_dir / series, info, config.uid_root)
-            row["dicom_path"] = series.as_posix()
-        rows.append(row)
-    return rows, remarked, moved
-
-
 def _manifest(rows: list[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows).fillna("")
     ordered = list(REQUIRED_COLUMNS) + [column for column in _PROVENANCE_COLUMNS if column in frame.columns]
@@ -432,145 +249,6 @@ def _modality(model: Mapping[str, Any] | None, real: Dataset, synthetic: Dataset
             if values:
                 return max(set(values), key=values.count)
     return "OT"
-
-
-def _excluded_synthetic(
-    synthetic: Dataset,
-    flagged: list[Flagged],
-    distances: Mapping[str, tuple[float, str]] | None,
-    limits: list[tuple[float, str]],
-    where: Path,
-) -> list[dict[str, Any]]:
-    """Rows of excluded.csv for the synthetic images the privacy filter removes.
-
-    Args:
-        synthetic: the synthetic dataset.
-        flagged: the report's flagged images (always excluded).
-        distances: nearest-training-image distance and id per synthetic sample (None: not computed).
-        limits: ``(threshold, why)`` pairs: an image closer than a threshold is excluded too.
-        where: the report file (for messages).
-    """
-    manifest = synthetic.manifest.set_index("sample_id", drop=False)
-    known = set(manifest.index)
-    rows: dict[str, dict[str, Any]] = {}
-    for item in flagged:
-        if item.sample_id not in known:
-            raise InputError(
-                f"{where}: key 'privacy.flagged' names sample {item.sample_id!r}, which is not in "
-                f"{synthetic.root / 'manifest.csv'}: the report was computed on another synthetic dataset. "
-                "Fix: re-run `medsynth evaluate` on these datasets."
-            )
-        distance = "" if item.distance is None else f"{item.distance:.6g}"
-        threshold = "" if item.threshold is None else f"{item.threshold:.6g}"
-        detail = (
-            f"distance {distance} to the nearest training image is below the report's memorization threshold {threshold}"
-            if distance and threshold
-            else "flagged by the report"
-        )
-        rows[item.sample_id] = {
-            "sample_id": item.sample_id, "reason": f"memorized: {detail} (privacy.flagged)",
-            "distance": distance, "threshold": threshold, "nearest_train_sample_id": item.nearest_train_sample_id,
-        }
-    for sample_id, (distance, nearest) in sorted((distances or {}).items()):
-        if sample_id not in known or sample_id in rows:
-            continue
-        for threshold, why in limits:
-            if distance < threshold:
-                rows[sample_id] = {
-                    "sample_id": sample_id,
-                    "reason": f"too close: distance {distance:.6g} to the nearest training image is below {why} {threshold:.6g}",
-                    "distance": f"{distance:.6g}", "threshold": f"{threshold:.6g}", "nearest_train_sample_id": nearest,
-                }
-                break
-    out = []
-    for sample_id in sorted(rows):
-        source = manifest.loc[sample_id]
-        out.append({**rows[sample_id], "origin": "synthetic", "label": str(source["label"]), "split": str(source["split"]),
-                    "generator_run_id": str(source["generator_run_id"])})
-    return out
-
-
-def _report_distances(report: Mapping[str, Any]) -> dict[str, tuple[float, str]] | None:
-    """Per-sample nearest-training distances recorded in the report (``privacy.per_sample``), if any."""
-    entries = report["privacy"].get("per_sample")
-    if not isinstance(entries, list) or not entries:
-        return None
-    distances: dict[str, tuple[float, str]] = {}
-    for entry in entries:
-        if not isinstance(entry, dict) or entry.get("distance") is None:
-            continue
-        sample_id = base_sample_id(str(entry.get("sample_id", "")))
-        distance = float(entry["distance"])
-        if sample_id not in distances or distance < distances[sample_id][0]:
-            distances[sample_id] = (distance, str(entry.get("nearest_train_sample_id") or ""))
-    return distances
-
-
-def _measured_distances(
-    real: Dataset, synthetic: Dataset, model_dir: Path | None, report: Mapping[str, Any], where: Path
-) -> dict[str, tuple[float, str]]:
-    """Nearest-training-image distance of every synthetic image, measured as the report measures it.
-
-    Uses the evaluate stage's own image loading and distance (RMS difference of preprocessed images
-    in pixel space, the report's ``privacy.memorization_space``), so the numbers compare with the
-    report's memorization threshold.
-    """
-    from pipeline.evaluate.images import load_image_sets
-    from pipeline.evaluate.neighbours import as_vectors
-    from pipeline.evaluate.privacy import closest_records
-
-    space = report["privacy"].get("memorization_space", "pixel")
-    if space != "pixel":
-        raise InputError(
-            f"{where}: 'privacy.memorization_space' is {space!r}; export can re-measure distances only in the pixel "
-            "space. Fix: remove export.min_distance, or re-run `medsynth evaluate` with this version."
-        )
-    seed = int((report.get("config") or {}).get("seed", 0))
-    real_set, synthetic_set, _ = load_image_sets(real, synthetic, model_dir=model_dir, seed=seed, max_images=None)
-    train = real_set.split("train")
-    train_vectors = as_vectors(train.images)
-    close = closest_records(as_vectors(synthetic_set.images), train_vectors, math.sqrt(train_vectors.shape[1]))
-    distances: dict[str, tuple[float, str]] = {}
-    for index, sample_id in enumerate(synthetic_set.sample_ids):
-        key = base_sample_id(str(sample_id))
-        distance = float(close.distance[index])
-        if key not in distances or distance < distances[key][0]:
-            distances[key] = (distance, str(train.sample_ids[close.index[index]]))
-    return distances
-
-
-def _privacy_filter(
-    real: Dataset,
-    synthetic: Dataset,
-    model_dir: Path | None,
-    report: Mapping[str, Any],
-    config: ExportConfig,
-    where: Path,
-) -> tuple[list[Flagged], list[dict[str, Any]], str]:
-    """The report's flags plus, where needed, distances measured here; returns (flagged, excluded rows, how).
-
-    Distances are measured when ``export.min_distance`` is set (and the report records no
-    per-sample distances), and when the report audited fewer synthetic images than the dataset
-    holds (evaluate caps large sets): then every image is held to the report's memorization threshold.
-    """
-    flagged = flagged_samples(report)
-    privacy = report["privacy"]
-    audited = privacy.get("n_synthetic")
-    unaudited = isinstance(audited, int) and not isinstance(audited, bool) and audited < len(synthetic.manifest)
-    limits: list[tuple[float, str]] = []
-    threshold = privacy.get("memorization_threshold")
-    if unaudited and isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
-        limits.append((float(threshold), "the report's memorization threshold"))
-    if config.min_distance is not None:
-        limits.append((float(config.min_distance), "export.min_distance"))
-    if not limits:
-        return flagged, _excluded_synthetic(synthetic, flagged, None, [], where), "report flags"
-    distances = _report_distances(report)
-    how = "report flags + per-sample distances recorded in the report"
-    if distances is None:
-        distances = _measured_distances(real, synthetic, model_dir, report, where)
-        how = "report flags + nearest-training distances measured by export (the report's pixel space)"
-    return flagged, _excluded_synthetic(synthetic, flagged, distances, limits, where), how
 
 
 # --------------------------------------------------------------------------------------------
@@ -710,9 +388,9 @@ def run(
     tracker.set_tags({"medsynth.privacy_gate": privacy_gate, "medsynth.allow_failed_gates": str(allowed).lower()})
     if overridden and not allowed:
         tracker.set_tags({"medsynth.refused": "privacy gate " + privacy_gate})
-        raise _refusal(inputs.report, inputs.report_file, privacy_gate)
+        raise refusal(inputs.report, inputs.report_file, privacy_gate)
 
-    flagged, excluded_synthetic, filter_how = _privacy_filter(
+    flagged, excluded_synthetic, filter_how = privacy_filter(
         inputs.real, inputs.synthetic, inputs.model_dir, inputs.report, config, inputs.report_file
     )
     excluded_ids = {row["sample_id"] for row in excluded_synthetic}
@@ -732,8 +410,11 @@ def run(
 
     stage_dir = _staging_dir(out)
     try:
-        real_rows, excluded_real = _export_real(inputs.real, stage_dir, preprocessor)
-        synthetic_rows, remarked, moved = _export_synthetic(inputs.synthetic, kept, stage_dir, config, modality, window)
+        used: set[str] = set()
+        real_rows, excluded_real = export_real(inputs.real, stage_dir, preprocessor, used)
+        synthetic_rows, remarked, moved = export_synthetic(
+            inputs.synthetic, kept, stage_dir, config, modality, window, used
+        )
         manifest = _manifest(real_rows + synthetic_rows)
         write_manifest(stage_dir, manifest)
         excluded = pd.DataFrame(excluded_synthetic + excluded_real, columns=list(EXCLUDED_COLUMNS)).fillna("")

@@ -35,18 +35,20 @@ from pipeline.errors import InputError
 from pipeline.ingest.config import DeidOptions, IngestConfig
 from pipeline.ingest.deid import STOP_VALUES, DeidContext, anonymize, identifier_candidates, is_identifier, tag_text
 from pipeline.ingest.discover import NIFTI_SUFFIXES, scan_file, walk_sources
-from pipeline.ingest.pool import pool_map
+from pipeline.ingest.pool import pool_map, quiet_readers
 from pipeline.ingest.profile import Profile
 
 __all__ = [
     "Finding",
     "AuditReport",
     "Identifiers",
+    "Matcher",
     "audit",
     "harvest_sources",
     "path_identifiers",
     "scan_output_file",
     "structure_findings",
+    "header_tokens",
     "INGEST_RECORD",
 ]
 
@@ -162,7 +164,7 @@ def _bounded_find(text: bytes, needle: bytes) -> bool:
     return False
 
 
-class _Matcher:
+class Matcher:
     """Token-indexed search for many identifiers in one pass over a text."""
 
     def __init__(self, identifiers: Identifiers) -> None:
@@ -174,6 +176,12 @@ class _Matcher:
                 self.single[value] = kind
             elif tokens:
                 self.multi.append((value, tokens, kind))
+
+    def may_match(self, tokens: set[bytes]) -> bool:
+        """Could a text with these tokens hold an identifier? (exact for single-token identifiers)"""
+        if tokens & self.single.keys():
+            return True
+        return any(all(part in tokens for part in parts) for _, parts, _ in self.multi)
 
     def kinds_in(self, text: bytes, binary: bool = False) -> list[str]:
         """Kinds of the identifiers found in ``text`` (any case)."""
@@ -294,6 +302,11 @@ def _nifti_header_bytes(path: Path) -> bytes | None:
 # ------------------------------------------------------------------------------------------
 
 
+def header_tokens(data: bytes) -> set[bytes]:
+    """The search tokens of a DICOM file's header (everything before the pixel data)."""
+    return set(data[: _dicom_header_end(data)].translate(_TOKEN_TABLE).split())
+
+
 def _dicom_header_end(data: bytes) -> int:
     """Offset of the top-level PixelData element (or the file's end)."""
     start = data.find(_PIXEL_TAG, 132)
@@ -308,7 +321,7 @@ def _dicom_header_end(data: bytes) -> int:
     return len(data)
 
 
-def scan_output_file(path: Path, rel: str, matcher: _Matcher | None, profile: Profile | None) -> list[Finding]:
+def scan_output_file(path: Path, rel: str, matcher: Matcher | None, profile: Profile | None) -> list[Finding]:
     """Findings in one output file (name, content; structure unless ``profile`` is None)."""
     findings: list[Finding] = []
     if matcher is not None:
@@ -347,7 +360,7 @@ def _is_binary(data: bytes) -> bool:
         return sum(byte < 9 or 13 < byte < 32 for byte in sample) > len(sample) // 100
 
 
-def _scan_nifti(path: Path, rel: str, matcher: _Matcher | None) -> list[Finding]:
+def _scan_nifti(path: Path, rel: str, matcher: Matcher | None) -> list[Finding]:
     header = _nifti_header_bytes(path)
     if header is None:
         return [Finding(rel, "NIfTI header", "unreadable NIfTI header")]
@@ -365,7 +378,7 @@ def _scan_nifti(path: Path, rel: str, matcher: _Matcher | None) -> list[Finding]
     return findings
 
 
-def _scan_dicom(data: bytes, rel: str, matcher: _Matcher | None, profile: Profile | None) -> list[Finding]:
+def _scan_dicom(data: bytes, rel: str, matcher: Matcher | None, profile: Profile | None) -> list[Finding]:
     end = _dicom_header_end(data)
     findings: list[Finding] = []
     if matcher is not None and matcher.kinds_in(data[:end], binary=False):
@@ -395,29 +408,28 @@ def _structure(ds: pydicom.Dataset, rel: str, profile: Profile, path: str) -> li
     """Elements that the profile removes but that are present (private ones included)."""
     findings: list[Finding] = []
     allowed_private = "safe_private" in profile.options
-    for tag in ds.keys():
-        tag = int(tag)
+    for tag, raw in list(ds._dict.items()):  # pydicom 3: no tag conversion, no value decoding
         group = tag >> 16
         if group == 0x0002:
             continue
-        where = path + tag_text(tag)
         if group & 1:
             if not allowed_private:
-                findings.append(Finding(rel, where, "private element present"))
+                findings.append(Finding(rel, path + tag_text(tag), "private element present"))
             continue
         rule = profile.rule(tag)
-        raw = ds.get_item(tag)
-        if rule is not None and rule[0] == "X" and tag not in (0x00100010, 0x00100020):
-            findings.append(Finding(rel, f"{where} {_keyword(tag)}", "attribute the profile removes is present"))
-            continue
-        if rule is not None and rule[0] == "Z" and raw.value not in (None, b"", "") and tag not in (0x00100010, 0x00100020):
-            if not (raw.VR == "SQ" or (isinstance(raw.value, (bytes, bytearray)) and not raw.value.strip(b" \x00"))):
-                findings.append(Finding(rel, f"{where} {_keyword(tag)}", "attribute the profile empties has a value"))
-                continue
         vr = raw.VR or (pydicom.datadict.dictionary_VR(tag) if pydicom.datadict.dictionary_has_tag(tag) else "UN")
+        if rule is not None and tag not in (0x00100010, 0x00100020):
+            if rule[0] == "X":
+                findings.append(Finding(rel, f"{path}{tag_text(tag)} {_keyword(tag)}", "attribute the profile removes is present"))
+                continue
+            value = raw.value
+            if rule[0] == "Z" and vr != "SQ" and value not in (None, b"", ""):
+                if not (isinstance(value, (bytes, bytearray)) and not value.strip(b" \x00")):
+                    findings.append(Finding(rel, f"{path}{tag_text(tag)} {_keyword(tag)}", "attribute the profile empties has a value"))
+                    continue
         if vr == "SQ":
             for item in ds[tag].value or ():
-                findings += _structure(item, rel, profile, where + "[].")
+                findings += _structure(item, rel, profile, path + tag_text(tag) + "[].")
     return findings
 
 
@@ -425,7 +437,7 @@ def _keyword(tag: int) -> str:
     return pydicom.datadict.keyword_for_tag(tag) or ""
 
 
-def _locate_in_dicom(data: bytes, rel: str, matcher: _Matcher) -> list[Finding]:
+def _locate_in_dicom(data: bytes, rel: str, matcher: Matcher) -> list[Finding]:
     """Name the element(s) holding identifiers (only called when the raw scan found something)."""
     try:
         with warnings.catch_warnings():
@@ -515,7 +527,8 @@ def audit(
         for source in sources:
             if not Path(source).is_dir():
                 raise InputError(f"--against: folder {source} not found. Fix: pass the source folder the dataset was made from.")
-        gathered, kept = harvest_sources(sources, options)
+        with quiet_readers():
+            gathered, kept = harvest_sources(sources, options)
         identifiers = gathered.finalize(kept, _labels(directory))
     skip = set(exclude)
     files = [
@@ -547,11 +560,12 @@ def _scan_chunk(files: list[tuple[str, str]], values: dict[bytes, str], options:
     """Scan a chunk of files (the unit of work of a pool worker)."""
     from pipeline.ingest.task import profile_for
 
-    matcher = _Matcher(Identifiers(values=values)) if values else None
+    matcher = Matcher(Identifiers(values=values)) if values else None
     profile = profile_for(IngestConfig(deid=options)) if options is not None else None
     findings: list[Finding] = []
-    for path, rel in files:
-        findings += scan_output_file(Path(path), rel, matcher, profile)
+    with quiet_readers():
+        for path, rel in files:
+            findings += scan_output_file(Path(path), rel, matcher, profile)
     return findings
 
 

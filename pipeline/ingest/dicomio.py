@@ -34,6 +34,8 @@ __all__ = ["scan_header", "encode_file", "fast_pixels", "IMPLEMENTATION_VERSION"
 IMPLEMENTATION_VERSION = "MEDSYNTH"
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 _LONG_VR_STR = frozenset(vr.decode() for vr in _LONG_VRS)
+# String VRs whose ASCII values are encoded here exactly as pydicom would (no charset involved).
+_SIMPLE_STRING_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UT"})
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _ITEM = 0xFFFEE000
@@ -278,14 +280,51 @@ def _encode_dataset(ds: Dataset, implicit: bool) -> bytes:
             if undefined:
                 parts.append(_SEQ_DELIMITER)
             continue
+        if isinstance(elem, RawDataElement):
+            elem = ds[tag]
+        encoded = _simple_value(elem)
+        if encoded is not None:
+            vr = elem.VR
+            if implicit:
+                parts.append(pack_tag(group, element) + pack_long(len(encoded)) + encoded)
+            elif vr in _LONG_VR_STR:
+                parts.append(pack_tag(group, element) + vr.encode() + b"\x00\x00" + pack_long(len(encoded)) + encoded)
+            else:
+                parts.append(pack_tag(group, element) + vr.encode() + pack_short(len(encoded)) + encoded)
+            continue
         buffer = DicomBytesIO()
         buffer.is_little_endian = True
         buffer.is_implicit_VR = implicit
-        if isinstance(elem, RawDataElement):
-            elem = ds[tag]
         write_data_element(buffer, elem, encodings)
         parts.append(buffer.getvalue())
     return b"".join(parts)
+
+
+def _simple_value(elem: object) -> bytes | None:
+    """The encoded value of an empty element or an ASCII string element (what anonymization
+    writes: emptied values, dummies, new UIDs, shifted dates); None: let pydicom encode it."""
+    vr = getattr(elem, "VR", None)
+    value = getattr(elem, "value", None)
+    if vr == "SQ" or getattr(elem, "is_buffered", False):
+        return None
+    if value is None or value == "" or value == b"":
+        return b""
+    if vr not in _SIMPLE_STRING_VRS:
+        return None
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        if not all(isinstance(item, str) for item in value):
+            return None
+        text = "\\".join(value)
+    else:
+        return None
+    if not text.isascii():
+        return None
+    data = text.encode("ascii")
+    if len(data) % 2:
+        data += b"\x00" if vr == "UI" else b" "
+    return data
 
 
 # ------------------------------------------------------------------------------------------

@@ -162,7 +162,10 @@ def scan_file(file: SourceFile) -> ScannedFile:
 
 def scan_files(files: list[SourceFile]) -> list[ScannedFile]:
     """:func:`scan_file` over a chunk (the unit of work sent to a pool worker)."""
-    return [scan_file(file) for file in files]
+    from pipeline.ingest.pool import quiet_readers
+
+    with quiet_readers():
+        return [scan_file(file) for file in files]
 
 
 def nifti_subject_key(file: SourceFile, label_from_folder: bool) -> str:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import multiprocessing
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from typing import Any, TypeVar
 
-__all__ = ["pool_map"]
+__all__ = ["pool_map", "quiet_readers"]
 
 T = TypeVar("T")
 
@@ -34,3 +37,23 @@ def pool_map(
                 continue
             tick(result)
             yield futures[future], result
+
+
+@contextlib.contextmanager
+def quiet_readers() -> Iterator[None]:
+    """Silence pydicom/nibabel warnings and log records for the block.
+
+    Their messages can quote header values ("invalid value for VR DA: '19700101'"), which must
+    never reach the console; ingest reports problems through quarantine reasons instead.
+    """
+    loggers = [logging.getLogger(name) for name in ("pydicom", "nibabel")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)

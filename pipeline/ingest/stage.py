@@ -33,7 +33,16 @@ import pandas as pd
 from pipeline.dataset import read_dataset, write_manifest
 from pipeline.errors import CheckFailed, InputError
 from pipeline.files import atomic_write_json, atomic_write_text
-from pipeline.ingest.audit import INGEST_RECORD, AuditReport, Finding, Identifiers, audit, path_identifiers
+from pipeline.ingest.audit import (
+    INGEST_RECORD,
+    AuditReport,
+    Finding,
+    Identifiers,
+    Matcher,
+    audit,
+    path_identifiers,
+    scan_output_file,
+)
 from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.discover import (
     LabelBook,
@@ -409,6 +418,12 @@ def _remove_orphans(out: Path, keep: set[str]) -> None:
 def _self_audit(
     out: Path, files: list[SourceFile], results: list[SeriesResult], book: LabelBook, config: IngestConfig, workers: int
 ) -> AuditReport:
+    """The leak audit of ingest's own output, with the identifiers its workers removed.
+
+    DICOM outputs were tokenized and structure-checked by the workers as they wrote them; only
+    series whose tokens could hold an identifier are read again (to name file and tag). Every
+    other file (NIfTI, manifest, CSV, JSON) is scanned here.
+    """
     identifiers = Identifiers()
     kept: set[bytes] = set()
     for file in files:
@@ -420,18 +435,29 @@ def _self_audit(
     if book.by_key is not None:
         labels |= set(book.by_key.values())
     final = identifiers.finalize(kept, labels)
+    matcher = Matcher(final)
+    findings: set[Finding] = set()
+    checked: set[str] = set()
+    for result in results:
+        dicom = [rel for rel in result.outputs if rel.endswith(".dcm")]
+        checked.update(dicom)
+        findings |= {Finding(rel, where, kind) for rel, where, kind in result.structure}
+        for rel in dicom:
+            findings |= {Finding(rel, "file name", kind) for kind in matcher.kinds_in(rel.encode())}
+        if dicom and matcher.may_match(result.tokens):
+            for rel in dicom:
+                findings |= set(scan_output_file(out / rel, rel, matcher, None))
     report = audit(
         out,
         identifiers=final,
         options=config.deid,
         source_count=len({file.source for file in files}),
-        check_dicom_structure=False,  # checked by the workers on every file they wrote
+        check_dicom_structure=False,
+        exclude=checked,
         workers=workers,
     )
-    report.findings = sorted(
-        set(report.findings) | {Finding(rel, where, kind) for result in results for rel, where, kind in result.structure},
-        key=lambda finding: (finding.path, finding.where, finding.kind),
-    )
+    report.files += len(checked)
+    report.findings = sorted(set(report.findings) | findings, key=lambda item: (item.path, item.where, item.kind))
     return report
 
 

@@ -33,9 +33,11 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from pipeline.files import atomic_path, atomic_write_json, sha256_file, write_nifti
 from pipeline.ingest.config import IngestConfig
+from pipeline.ingest.audit import header_tokens
 from pipeline.ingest.deid import DeidContext, anonymize, identifier_candidates, tag_text
 from pipeline.ingest.dicomio import encode_file
 from pipeline.ingest.discover import SourceFile
+from pipeline.ingest.pool import quiet_readers
 from pipeline.ingest.keys import date_offset_days, keyed_hex, sample_pseudonym, subject_pseudonym
 from pipeline.ingest.profile import CID7050, TABLE_EDITION, Profile, build_profile
 from pipeline.ingest.volume import SeriesProblem, build_volume, frames_of
@@ -96,6 +98,7 @@ class SeriesResult:
     identifiers: dict[bytes, str] = field(default_factory=dict)  # value -> kind
     kept_text: set[bytes] = field(default_factory=set)
     structure: list[tuple[str, str, str]] = field(default_factory=list)  # (output, place, kind) problems
+    tokens: set[bytes] = field(default_factory=set)  # search tokens of the DICOM outputs' headers
     resumed: bool = False
 
 
@@ -126,6 +129,11 @@ def settings_digest(config: IngestConfig, key: bytes) -> str:
 
 def process_series(task: SeriesTask, key: bytes, config: IngestConfig) -> SeriesResult:
     """Run one task (see the module docstring). Never raises for bad input: it quarantines."""
+    with quiet_readers():
+        return _process_series(task, key, config)
+
+
+def _process_series(task: SeriesTask, key: bytes, config: IngestConfig) -> SeriesResult:
     subject_id = subject_pseudonym(key, task.subject_key)
     sample_id = sample_pseudonym(key, task.series_key)
     result = SeriesResult(sample_id=sample_id, subject_id=subject_id, label=task.label, kind=task.kind)
@@ -185,6 +193,7 @@ def _resume(state_path: Path, input_hash: str, task: SeriesTask, result: SeriesR
     result.identifiers = {bytes.fromhex(item): kind for item, kind in state.get("identifiers", [])}
     result.kept_text = {bytes.fromhex(item) for item in state.get("kept_text", [])}
     result.structure = [tuple(item) for item in state.get("structure", [])]  # type: ignore[misc]
+    result.tokens = {bytes.fromhex(item) for item in state.get("tokens", [])}
     result.resumed = True
     return result
 
@@ -205,6 +214,7 @@ def _save_state(state_path: Path, input_hash: str, task: SeriesTask, result: Ser
             "identifiers": sorted([item.hex(), kind] for item, kind in result.identifiers.items()),
             "kept_text": sorted(item.hex() for item in result.kept_text),
             "structure": [list(item) for item in result.structure],
+            "tokens": sorted(item.hex() for item in result.tokens),
         },
     )
 
@@ -411,7 +421,7 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
             result.structure.extend(
                 (rel, where, kind) for where, kind in structure_problems(ds, profile)
             )
-            result.outputs[rel] = _write_dicom(ds, out / rel)
+            result.outputs[rel] = _write_dicom(ds, out / rel, result.tokens)
             written.add(Path(rel).name)
             datasets[index] = None  # type: ignore[assignment]  # free memory as we go
         ctx.audit[("", 0x00100020, "D", "pseudonym")] += len(order)
@@ -468,8 +478,12 @@ def structure_problems(ds: Dataset, profile: Profile) -> list[tuple[str, str]]:
     return [(finding.where, finding.kind) for finding in structure_findings(ds, "", profile)]
 
 
-def _write_dicom(ds: Dataset, target: Path) -> str:
-    """Write ``ds`` as a valid DICOM file (new file meta); returns the file's sha256."""
+def _write_dicom(ds: Dataset, target: Path, tokens: set[bytes]) -> str:
+    """Write ``ds`` as a valid DICOM file (new file meta); returns the file's sha256.
+
+    The search tokens of the written header go into ``tokens``: the leak audit checks them
+    against every identifier of the run without reading the file again.
+    """
     old_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
     source_ts = old_meta.get("TransferSyntaxUID")
     transfer_syntax = UID(str(source_ts)) if source_ts else ExplicitVRLittleEndian
@@ -485,6 +499,7 @@ def _write_dicom(ds: Dataset, target: Path) -> str:
     if big_endian:
         _to_little_endian(ds)
     data = encode_file(ds, transfer_syntax)
+    tokens |= header_tokens(data)
     # Atomic: a temp file beside the target, then rename (cheaper than mkstemp per slice).
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as handle:
