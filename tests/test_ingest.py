@@ -389,7 +389,16 @@ def test_audit_finds_a_planted_leak_and_names_file_and_tag(tmp_path: Path, capsy
     target = next((out / "dicom").rglob("*.dcm"))
     ds = pydicom.dcmread(target)
     ds.ImageComments = f"note {PATIENT_ID}"
+    ds.private_block(0x0009, "SOMEVENDOR", create=True).add_new(0x01, "LO", "x")
+    ds.PatientBirthDate = "19990101"
     ds.save_as(target, enforce_file_format=True)
+    structure = audit(out)  # no sources: structure only
+    assert {(finding.where, finding.kind) for finding in structure.findings} == {
+        ("(0009,0010)", "private element present"),
+        ("(0009,1001)", "private element present"),
+        ("(0010,0030) PatientBirthDate", "attribute the profile empties has a value"),
+        ("(0020,4000) ImageComments", "attribute the profile removes is present"),
+    }
     (out / "notes.json").write_text(json.dumps({"who": BIRTH_DATE}))
     code, console = _cli(["audit", str(out), "--against", str(source)], capsys)
     assert code == 1

@@ -93,11 +93,19 @@ class EvaluateConfig(Section):
     )
     cross_check: bool = Field(True, description="Also report fidelity in a random-init CNN space (Naeem et al. 2020).")
     classifier_steps: int = Field(
-        200,
+        300,
         ge=1,
         description="Optimizer steps of the trained encoder / utility classifiers (same recipe for every arm).",
     )
-    classifier_batch_size: int = Field(64, ge=2)
+    classifier_batch_size: int = Field(32, ge=2)
+    utility_seeds: int = Field(
+        2,
+        ge=1,
+        description=(
+            "Training seeds per utility arm; intervals bootstrap over test subjects and seeds, so a single "
+            "unlucky training run does not read as a gain or loss."
+        ),
+    )
     classifier_lr: float = Field(2e-3, gt=0.0)
     k_nearest: int = Field(5, ge=1, description="k of the k-NN manifolds for precision/recall/density/coverage.")
     kid_subsets: int = Field(50, ge=1, description="Number of random subsets averaged for KID.")

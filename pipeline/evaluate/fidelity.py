@@ -91,8 +91,10 @@ def kid(
         raise ValueError("KID needs at least 2 vectors per set")
     rng = np.random.default_rng(seed)
     dim = real.shape[1]
-    real_t = torch.from_numpy(np.asarray(real, dtype=np.float64))
-    fake_t = torch.from_numpy(np.asarray(fake, dtype=np.float64))
+    # float32 kernels: twice as fast as float64, and the subset means carry far less error than
+    # the subset-to-subset spread that KID's standard deviation reports.
+    real_t = torch.from_numpy(np.asarray(real, dtype=np.float32))
+    fake_t = torch.from_numpy(np.asarray(fake, dtype=np.float32))
     pick_r = torch.from_numpy(np.stack([rng.choice(real.shape[0], size, replace=False) for _ in range(subsets)]))
     pick_f = torch.from_numpy(np.stack([rng.choice(fake.shape[0], size, replace=False) for _ in range(subsets)]))
     x, y = real_t[pick_r], fake_t[pick_f]  # (S, m, D)
@@ -103,7 +105,7 @@ def kid(
     diag_xx = torch.diagonal(k_xx, dim1=1, dim2=2).sum(1)
     diag_yy = torch.diagonal(k_yy, dim1=1, dim2=2).sum(1)
     mmd = (k_xx.sum((1, 2)) - diag_xx) / off + (k_yy.sum((1, 2)) - diag_yy) / off - 2.0 * k_xy.sum((1, 2)) / size**2
-    values = mmd.numpy()
+    values = mmd.double().numpy()
     return float(values.mean()), float(values.std()), size
 
 

@@ -27,7 +27,8 @@ def _pyplot():
 def _data_uri(figure: Any) -> str:
     plt = _pyplot()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=80)
     plt.close(figure)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 

@@ -19,6 +19,7 @@ range (scaled value > -0.5), which drops air-only slices.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ PERCENTILES: tuple[float, float] = (0.5, 99.5)
 NONEMPTY_FRACTION = 0.01
 _NONEMPTY_LEVEL = -0.5
 _SAMPLE_VOXELS_PER_FILE = 20000
+_READ_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,11 @@ def spacing_of(affine: np.ndarray) -> np.ndarray:
 
 def to_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Reorient a 3D array to the closest RAS orientation; return (data, spacing in RAS order)."""
-    ornt = nib.orientations.io_orientation(affine)
     spacing = spacing_of(affine)
+    linear = np.asarray(affine)[:3, :3]
+    if np.count_nonzero(linear - np.diag(np.diag(linear))) == 0 and (np.diag(linear) > 0).all():
+        return data, spacing  # already RAS-aligned: the common case, skip nibabel's SVD
+    ornt = nib.orientations.io_orientation(affine)
     ras_spacing = np.empty(3)
     for axis, (target, _flip) in enumerate(ornt):
         ras_spacing[int(target)] = spacing[axis]
@@ -187,6 +192,12 @@ def _geometry(path: Path, grid: Grid) -> np.ndarray:
     return resample(data, spacing, np.array(grid.spacing), axes=(0, 1, 2))
 
 
+def _read_all(paths: list[Path], grid: Grid) -> list[np.ndarray]:
+    """:func:`_geometry` over many files; a few threads overlap gzip inflation and file reads."""
+    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+        return list(pool.map(lambda path: _geometry(path, grid), paths))
+
+
 def _scale(data: np.ndarray, low: float, high: float) -> np.ndarray:
     scaled = (data - low) * (2.0 / max(high - low, 1e-6)) - 1.0
     return np.clip(scaled, -1.0, 1.0).astype(np.float32)
@@ -223,7 +234,7 @@ def _default_sets(real: Dataset, synthetic: Dataset, seed: int) -> tuple[ImageSe
     grid = default_grid(synthetic)
     real_rows = real.subset(origin="real")
     synthetic_rows = synthetic.subset(origin="synthetic")
-    real_volumes = [_geometry(real.image_path(row), grid) for _, row in real_rows.iterrows()]
+    real_volumes = _read_all([real.image_path(row) for _, row in real_rows.iterrows()], grid)
     train_volumes = [v for v, split in zip(real_volumes, real_rows["split"]) if split == "train"]
     if not train_volumes:
         raise InputError(
@@ -232,7 +243,9 @@ def _default_sets(real: Dataset, synthetic: Dataset, seed: int) -> tuple[ImageSe
         )
     low, high = _intensity_range(train_volumes, seed)
     real_set = _collect(real_rows, [_scale(v, low, high) for v in real_volumes], grid, is_real=True)
-    synthetic_volumes = [_scale(_geometry(synthetic.image_path(row), grid), low, high) for _, row in synthetic_rows.iterrows()]
+    synthetic_volumes = [
+        _scale(volume, low, high) for volume in _read_all([synthetic.image_path(row) for _, row in synthetic_rows.iterrows()], grid)
+    ]
     synthetic_set = _collect(synthetic_rows, synthetic_volumes, grid, is_real=False)
     record = {
         "kind": "default",

@@ -47,7 +47,6 @@ from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.discover import (
     LabelBook,
     ScannedFile,
-    SeriesGroup,
     SourceFile,
     group_series,
     read_labels,

@@ -31,7 +31,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from pipeline.files import atomic_path, atomic_write_json, sha256_file, write_nifti
+from pipeline.files import atomic_write_json, sha256_file, write_nifti
 from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.audit import header_tokens
 from pipeline.ingest.deid import DeidContext, anonymize, identifier_candidates, tag_text
