@@ -231,9 +231,11 @@ def run_all(
                 _dataset_digest(paths.ingested), _dataset_digest(paths.synthetic),
                 _file_digest(paths.model / "checkpoint.pt"), config_digest(config.evaluate),
             )
+        # Export preprocesses real images with the model and cites its checkpoint: both are inputs.
         return _combine(
             _dataset_digest(paths.ingested), _dataset_digest(paths.synthetic),
-            _file_digest(paths.report / "report.json"), config_digest(config.export),
+            _file_digest(paths.report / "report.json"), _file_digest(paths.model / "model.json"),
+            _file_digest(paths.model / "checkpoint.pt"), config_digest(config.export),
         )
 
     def execute(stage: str, tracker: tracking.Tracker, resume: bool) -> list[str]:

@@ -21,8 +21,9 @@ from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.controlled import make_real_dataset, make_synthetic_dataset
 
 FAST = {
-    "classifier_steps": 100,
+    "classifier_steps": 150,
     "classifier_batch_size": 32,
+    "utility_seeds": 2,
     "bootstrap": 200,
     "kid_subsets": 10,
     "ms_ssim_pairs": 30,

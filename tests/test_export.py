@@ -321,6 +321,40 @@ def test_images_the_report_did_not_audit_are_held_to_its_threshold(inputs: dict,
     assert all("memorization threshold" in reason for reason in excluded["reason"])
 
 
+def test_3d_model_exports_one_volume_per_real_image_on_the_model_grid(inputs: dict, tmp_path: Path) -> None:
+    real = read_dataset(inputs["real"])
+    config = ModelConfig(spatial_dims=3, image_size=[16, 16, 8], spacing=[2.0, 2.0, 1.0], max_steps=10)
+    spec = build_spec(config, real, real.subset(split="train"))
+    model = tmp_path / "model3d"
+    model.mkdir()
+    (model / "model.json").write_text(json.dumps({**inputs["info"], "spatial_dims": 3, "image_size": [16, 16, 8],
+                                                  "spacing": spec["spacing"], "preprocess": spec}))
+    pre = Preprocessor(spec)
+    rows = []
+    synthetic = tmp_path / "synthetic3d"
+    for k, label in enumerate(LABELS):
+        rel = f"images/syn3d-{k}.nii.gz"
+        volume = np.asarray(pre.to_intensity(np.zeros((16, 16, 8), np.float32)), dtype=np.float32)
+        write_nifti(synthetic / rel, volume, pre.grid_affine(), descrip=f"synthetic (medsynth {GENERATOR_RUN})")
+        rows.append(dict(sample_id=f"syn3d-{k}", subject_id=f"syn3d-{k}", label=label, split="train", path=rel,
+                         origin="synthetic", sha256=sha256_file(synthetic / rel), generator_run_id=GENERATOR_RUN,
+                         seed="1", model_digest="abc"))
+    write_manifest(synthetic, pd.DataFrame(rows))
+    run(inputs["real"], synthetic, _write_report(tmp_path / "r", _report(flagged=())), tmp_path / "out",
+        ExportConfig(dicom=True), model_dir=model)
+    manifest = read_dataset(tmp_path / "out").manifest
+    exported_real = manifest[manifest["origin"] == "real"]
+    assert sorted(exported_real["sample_id"]) == sorted(real.manifest["sample_id"])  # no per-slice ids in 3D
+    for _, row in exported_real.iterrows():
+        image, affine = read_nifti(tmp_path / "out" / row["path"])
+        assert image.shape == (16, 16, 8)
+        np.testing.assert_allclose(affine, pre.grid_affine())
+    series = sorted((tmp_path / "out" / "dicom" / "syn3d-0").glob("*.dcm"))
+    assert len(series) == 8  # one file per axial slice of the synthetic volume
+    positions = [float(pydicom.dcmread(path).ImagePositionPatient[2]) for path in series]
+    assert np.allclose(np.diff(positions), 1.0)
+
+
 def test_without_model_real_images_are_copied_unchanged(inputs: dict, tmp_path: Path) -> None:
     summary = run(inputs["real"], inputs["synthetic"], inputs["report"], tmp_path / "out", ExportConfig())
     manifest = read_dataset(tmp_path / "out").manifest

@@ -72,7 +72,7 @@ def _draw_subject(rng: np.random.Generator) -> _Subject:
         tissue=_TISSUE_HU + rng.uniform(-20, 20),
         lx=cx + radius * rx * np.cos(angle),
         ly=cy + radius * ry * np.sin(angle),
-        lr=rng.uniform(0.07, 0.12),
+        lr=rng.uniform(0.10, 0.16),
     )
 
 

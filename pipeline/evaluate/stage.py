@@ -350,10 +350,15 @@ def _privacy(
         ),
     }
     for name, space_features in attack_features.items():
-        attack_scale = math.sqrt(space_features["train"].shape[1])
+        # Re-scaled with the synthetic set's statistics (all an attacker holds): a scaling fitted on
+        # the members themselves would set members and non-members apart by construction.
+        synthetic_a, train_a, holdout_a = standardize(
+            space_features["synthetic"], space_features["train"], space_features["holdout"]
+        )
+        attack_scale = math.sqrt(train_a.shape[1])
         members[f"blackbox_feature_{name}"] = (
-            distance_attack_scores(space_features["train"], space_features["synthetic"], scale=attack_scale),
-            distance_attack_scores(space_features["holdout"], space_features["synthetic"], scale=attack_scale),
+            distance_attack_scores(train_a, synthetic_a, scale=attack_scale),
+            distance_attack_scores(holdout_a, synthetic_a, scale=attack_scale),
         )
     if model_dir is not None and model is not None:
         members["whitebox_discriminator"] = _discriminator_scores(model_dir, model, train, holdout)
