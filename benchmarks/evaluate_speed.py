@@ -59,7 +59,8 @@ def main() -> None:
             f"({os.cpu_count()} cores)"
         )
     print(
-        "gates: " + ", ".join(f"{gate} {report['gates'][gate]}" for gate in ("fidelity", "diversity", "privacy", "utility"))
+        "gates: "
+        + ", ".join(f"{gate} {report['gates'][gate]}" for gate in ("fidelity", "diversity", "privacy", "utility"))
     )
 
 

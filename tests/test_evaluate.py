@@ -35,7 +35,7 @@ FAST = {
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("evaluate")
-    make_real_dataset(root / "real", per_class=50, size=32, seed=0)
+    make_real_dataset(root / "real", per_class=60, size=32, seed=0, fractions=(0.5, 0.25, 0.25))
     return root
 
 
@@ -139,14 +139,26 @@ def test_report_keeps_the_contract_and_names_its_sources(evaluated, cohort: Path
     contract = {
         "fidelity": {"fid", "kid", "precision", "recall", "density", "coverage", "feature_space"},
         "diversity": {"ms_ssim", "per_class"},
-        "privacy": {"memorization_rate", "dcr_synthetic_to_train", "dcr_holdout_to_train", "mia_auc", "epsilon", "delta", "gate"},
+        "privacy": {
+            "memorization_rate",
+            "dcr_synthetic_to_train",
+            "dcr_holdout_to_train",
+            "mia_auc",
+            "epsilon",
+            "delta",
+            "gate",
+        },
         "utility": {"synthetic_label_accuracy", "real_only", "real_plus_synthetic", "augmentation_gain"},
         "gates": {"fidelity", "diversity", "privacy", "utility", "thresholds"},
     }
     for section, keys in contract.items():
         assert keys <= set(report[section]), section
     assert report["privacy"]["gate"] == report["gates"]["privacy"]
-    assert report["privacy"]["epsilon"] is None and "without" in report["privacy"]["epsilon_reason"] or "no model" in report["privacy"]["epsilon_reason"]
+    assert (
+        report["privacy"]["epsilon"] is None
+        and "without" in report["privacy"]["epsilon_reason"]
+        or "no model" in report["privacy"]["epsilon_reason"]
+    )
     assert report["fidelity"]["feature_space"] == "trained-cnn"
     assert set(report["feature_spaces"]) == {"trained-cnn", "random-cnn"}
     from pipeline.dataset import read_dataset
@@ -154,6 +166,7 @@ def test_report_keeps_the_contract_and_names_its_sources(evaluated, cohort: Path
     assert report["inputs"]["real"]["digest"] == read_dataset(cohort / "real").digest
     assert report["inputs"]["synthetic"]["digest"] == read_dataset(cohort / "synthetic-independent").digest
     assert report["inputs"]["real"]["images_per_split_and_class"]["train"] == {"lesion": 30, "normal": 30}
+    assert report["privacy"]["n_holdout"] == 60
     assert report["preprocessing"]["kind"] == "default" and report["preprocessing"]["image_size"] == [32, 32]
     assert report["mlflow"]["run_id"] is None  # not tracked in this test; see test_evaluate_cli
     for arm in ("real_only", "real_plus_synthetic"):
@@ -170,7 +183,17 @@ def _assert_plain_numbers(node: Any, where: str = "") -> None:
     """Every figure is a JSON number, string, bool, list or null, and a null figure has a reason."""
     if isinstance(node, dict):
         for key, value in node.items():
-            if value is None and key not in ("run_id", "experiment_id", "model_run_id", "model", "feature_weights", "max_epsilon", "value", "reason", "threshold"):
+            if value is None and key not in (
+                "run_id",
+                "experiment_id",
+                "model_run_id",
+                "model",
+                "feature_weights",
+                "max_epsilon",
+                "value",
+                "reason",
+                "threshold",
+            ):
                 assert f"{key}_reason" in node, f"{where}.{key} is null without a reason"
             _assert_plain_numbers(value, f"{where}.{key}")
     elif isinstance(node, list):

@@ -6,12 +6,26 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluate.diversity import ms_ssim_pairs, ms_ssim_settings, same_class_pairs
+from pipeline.evaluate.diversity import (
+    ms_ssim_pairs,
+    ms_ssim_settings,
+    same_class_pairs,
+)
 from pipeline.evaluate.fidelity import fid, kid, prdc, standardize
 from pipeline.evaluate.gates import Check, gate_status
 from pipeline.evaluate.neighbours import kth_neighbour_radius, nearest
-from pipeline.evaluate.privacy import auc, closest_records, distance_attack_scores, memorization
-from pipeline.evaluate.utility import balanced_accuracy, bootstrap_weights, interval, roc_auc
+from pipeline.evaluate.privacy import (
+    auc,
+    closest_records,
+    distance_attack_scores,
+    memorization,
+)
+from pipeline.evaluate.utility import (
+    balanced_accuracy,
+    bootstrap_weights,
+    interval,
+    roc_auc,
+)
 
 
 @pytest.fixture()
@@ -164,7 +178,13 @@ def test_bootstrap_draws_whole_subjects(rng: np.random.Generator) -> None:
     for name in ("s2", "s3", "s4"):
         members = weights[:, groups == name]
         assert (members == members[:, :1]).all()  # every image of a subject gets the subject's draw count
-    assert (weights[:, groups == "s1"].sum(1) + weights[:, groups == "s2"][:, 0] + weights[:, groups == "s3"][:, 0] + weights[:, groups == "s4"][:, 0] == 4).all()
+    assert (
+        weights[:, groups == "s1"].sum(1)
+        + weights[:, groups == "s2"][:, 0]
+        + weights[:, groups == "s3"][:, 0]
+        + weights[:, groups == "s4"][:, 0]
+        == 4
+    ).all()
     low, high = interval(rng.normal(0.0, 1.0, 10_000))
     assert low == pytest.approx(-1.96, abs=0.1) and high == pytest.approx(1.96, abs=0.1)
 

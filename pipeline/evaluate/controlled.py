@@ -235,4 +235,3 @@ def make_synthetic_dataset(
         )
     write_manifest(out, pd.DataFrame(rows))
     return read_dataset(out)
-

@@ -92,7 +92,9 @@ def user_space(path: Path, example: np.ndarray) -> FeatureSpace:
                 f"({type(exc).__name__}). Fix: give an extractor that takes (N, 1, *spatial) in [-1, 1]."
             ) from exc
     if probe.shape[0] != min(2, example.shape[0]):
-        raise InputError(f"{where}: {path.name} must return one feature vector per image (got shape {tuple(probe.shape)}).")
+        raise InputError(
+            f"{where}: {path.name} must return one feature vector per image (got shape {tuple(probe.shape)})."
+        )
     dim = int(np.prod(probe.shape[1:]))
     return FeatureSpace(
         name=f"user:{path.name}",

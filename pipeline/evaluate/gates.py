@@ -34,7 +34,14 @@ class Check:
         return asdict(self)
 
 
-def _check(name: str, value: float | None, comparison: Literal[">=", "<="], threshold: float, meaning: str, reason: str | None = None) -> Check:
+def _check(
+    name: str,
+    value: float | None,
+    comparison: Literal[">=", "<="],
+    threshold: float,
+    meaning: str,
+    reason: str | None = None,
+) -> Check:
     if value is None:
         return Check(name, None, comparison, threshold, None, meaning, reason or "not measurable")
     passed = value >= threshold if comparison == ">=" else value <= threshold

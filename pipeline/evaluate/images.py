@@ -173,7 +173,9 @@ def default_grid(synthetic: Dataset) -> Grid:
         )
     data, spacing = to_ras(data, affine)
     if data.shape[2] == 1:
-        return Grid(spatial_dims=2, shape=tuple(int(s) for s in data.shape[:2]), spacing=tuple(float(s) for s in spacing[:2]))
+        return Grid(
+            spatial_dims=2, shape=tuple(int(s) for s in data.shape[:2]), spacing=tuple(float(s) for s in spacing[:2])
+        )
     return Grid(spatial_dims=3, shape=tuple(int(s) for s in data.shape), spacing=tuple(float(s) for s in spacing))
 
 
@@ -215,9 +217,7 @@ def _intensity_range(volumes: list[np.ndarray], seed: int) -> tuple[float, float
     return float(low), float(high)
 
 
-def _to_images(
-    volume: np.ndarray, grid: Grid, keep_empty: bool
-) -> tuple[list[np.ndarray], list[int | None]]:
+def _to_images(volume: np.ndarray, grid: Grid, keep_empty: bool) -> tuple[list[np.ndarray], list[int | None]]:
     """Scaled volume -> images on the grid: (slices with their z) in 2D, the volume in 3D."""
     if grid.spatial_dims == 3:
         return [crop_or_pad(volume, grid.shape, -1.0)[None]], [None]
@@ -244,7 +244,8 @@ def _default_sets(real: Dataset, synthetic: Dataset, seed: int) -> tuple[ImageSe
     low, high = _intensity_range(train_volumes, seed)
     real_set = _collect(real_rows, [_scale(v, low, high) for v in real_volumes], grid, is_real=True)
     synthetic_volumes = [
-        _scale(volume, low, high) for volume in _read_all([synthetic.image_path(row) for _, row in synthetic_rows.iterrows()], grid)
+        _scale(volume, low, high)
+        for volume in _read_all([synthetic.image_path(row) for _, row in synthetic_rows.iterrows()], grid)
     ]
     synthetic_set = _collect(synthetic_rows, synthetic_volumes, grid, is_real=False)
     record = {

@@ -67,4 +67,3 @@ def kth_neighbour_radius(points: np.ndarray, k: int) -> np.ndarray:
     """Distance of every point to its k-th nearest other point (the k-NN ball radius)."""
     distances, _ = nearest(points, points, k=k, exclude_self=True)
     return distances[:, -1]
-

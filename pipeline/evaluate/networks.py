@@ -32,7 +32,9 @@ def stage_count(spatial: tuple[int, ...]) -> int:
     return int(min(5, max(1, math.floor(math.log2(smallest)) - 1)))
 
 
-def _conv_norm_relu(spatial_dims: int, channels_in: int, channels_out: int, kernel: int, stride: int) -> list[nn.Module]:
+def _conv_norm_relu(
+    spatial_dims: int, channels_in: int, channels_out: int, kernel: int, stride: int
+) -> list[nn.Module]:
     conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
     norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
     padding = kernel // 2 if kernel == 3 else 0

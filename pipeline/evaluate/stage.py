@@ -24,14 +24,34 @@ from pipeline.dataset import Dataset, read_dataset
 from pipeline.errors import InputError
 from pipeline.evaluate import gates as gate_rules
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.evaluate.diversity import ms_ssim_pairs, ms_ssim_settings, same_class_pairs
-from pipeline.evaluate.features import FeatureSpace, random_space, trained_space, user_space
+from pipeline.evaluate.diversity import (
+    ms_ssim_pairs,
+    ms_ssim_settings,
+    same_class_pairs,
+)
+from pipeline.evaluate.features import (
+    FeatureSpace,
+    random_space,
+    trained_space,
+    user_space,
+)
 from pipeline.evaluate.fidelity import fid, kid, prdc, standardize
 from pipeline.evaluate.images import ImageSet, load_image_sets
 from pipeline.evaluate.neighbours import as_vectors, kth_neighbour_radius
 from pipeline.evaluate.networks import ConvNet, embed, predict_proba, train_classifier
-from pipeline.evaluate.privacy import auc, closest_records, distance_attack_scores, memorization
-from pipeline.evaluate.utility import accuracy, balanced_accuracy, bootstrap_weights, interval, roc_auc
+from pipeline.evaluate.privacy import (
+    auc,
+    closest_records,
+    distance_attack_scores,
+    memorization,
+)
+from pipeline.evaluate.utility import (
+    accuracy,
+    balanced_accuracy,
+    bootstrap_weights,
+    interval,
+    roc_auc,
+)
 from pipeline.files import atomic_write_json, atomic_write_text
 from pipeline.tracking import NullTracker, Tracker
 
@@ -113,7 +133,10 @@ def _fidelity_in_space(
     result: dict[str, Any] = {}
     radii = kth_neighbour_radius(train, k) if train.shape[0] > k else None
     _fill_distribution(result, train, synthetic, config, radii)
-    reference: dict[str, Any] = {"n": int(holdout.shape[0]) if holdout is not None else 0}
+    reference: dict[str, Any] = {
+        "n_real": int(train.shape[0]),
+        "n_compared": int(holdout.shape[0]) if holdout is not None else 0,
+    }
     if holdout is not None:
         _fill_distribution(reference, train, holdout, config, radii)
     else:
@@ -141,7 +164,9 @@ def _fidelity_in_space(
     result["per_class"] = per_class
     bars = {
         "synthetic": {key: result.get(key) for key in ("precision", "recall", "density", "coverage")},
-        "held-out real (reference)": {key: reference.get(key) for key in ("precision", "recall", "density", "coverage")},
+        "held-out real (reference)": {
+            key: reference.get(key) for key in ("precision", "recall", "density", "coverage")
+        },
     }
     return result, bars
 
@@ -153,11 +178,13 @@ def _fill_distribution(
     config: EvaluateConfig,
     radii: np.ndarray | None,
 ) -> None:
-    target["n_real"], target["n_synthetic"] = int(real.shape[0]), int(fake.shape[0])
+    target["n_real"], target["n_compared"] = int(real.shape[0]), int(fake.shape[0])
     few = f"needs at least 2 images per side (real {real.shape[0]}, compared {fake.shape[0]})"
     if real.shape[0] >= 2 and fake.shape[0] >= 2:
         _put(target, "fid", fid(real, fake), None)
-        mean, std, size = kid(real, fake, subsets=config.kid_subsets, subset_size=config.kid_subset_size, seed=config.seed)
+        mean, std, size = kid(
+            real, fake, subsets=config.kid_subsets, subset_size=config.kid_subset_size, seed=config.seed
+        )
         _put(target, "kid", mean, None)
         target["kid_std"] = _number(std)
         target["kid_subset_size"] = size
@@ -209,7 +236,9 @@ def _matched(
 # --------------------------------------------------------------------------------------------- diversity
 
 
-def _diversity(train: ImageSet, synthetic: ImageSet, config: EvaluateConfig) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+def _diversity(
+    train: ImageSet, synthetic: ImageSet, config: EvaluateConfig
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     settings = ms_ssim_settings(tuple(train.images.shape[2:]))
     rng = np.random.default_rng(config.seed + 21)
     synthetic_pairs = same_class_pairs(synthetic.labels, np.arange(len(synthetic)), config.ms_ssim_pairs, rng)
@@ -221,7 +250,12 @@ def _diversity(train: ImageSet, synthetic: ImageSet, config: EvaluateConfig) -> 
         entry: dict[str, Any] = {}
         values_syn = ms_ssim_pairs(synthetic.images, synthetic_pairs.get(label, np.zeros((0, 2), int)), settings)
         values_real = ms_ssim_pairs(train.images, real_pairs.get(label, np.zeros((0, 2), int)), settings)
-        _put(entry, "ms_ssim", values_syn.mean() if values_syn.size else None, "fewer than 2 synthetic images of this class")
+        _put(
+            entry,
+            "ms_ssim",
+            values_syn.mean() if values_syn.size else None,
+            "fewer than 2 synthetic images of this class",
+        )
         _put(
             entry,
             "ms_ssim_real",
@@ -297,7 +331,9 @@ def _privacy(
         return result
     holdout_v = as_vectors(holdout.images)
     holdout_close = closest_records(holdout_v, train_v, scale)
-    rate, threshold, flags = memorization(synthetic_close.distance, holdout_close.distance, config.memorization_percentile)
+    rate, threshold, flags = memorization(
+        synthetic_close.distance, holdout_close.distance, config.memorization_percentile
+    )
     _put(result, "memorization_rate", rate, None)
     _put(result, "memorization_threshold", threshold, None)
     _put(result, "dcr_holdout_to_train", float(np.median(holdout_close.distance)), None)
@@ -324,7 +360,9 @@ def _privacy(
         "distance": float(holdout_close.distance[base]),
     }
     holdout_close_f = closest_records(features["holdout"], features["train"], feature_scale)
-    rate_f, threshold_f, _ = memorization(synthetic_close_f.distance, holdout_close_f.distance, config.memorization_percentile)
+    rate_f, threshold_f, _ = memorization(
+        synthetic_close_f.distance, holdout_close_f.distance, config.memorization_percentile
+    )
     _put(feature_block, "memorization_rate", rate_f, None)
     _put(feature_block, "memorization_threshold", threshold_f, None)
     _put(feature_block, "dcr_holdout_to_train", float(np.median(holdout_close_f.distance)), None)
@@ -481,7 +519,12 @@ def _arm(
 def _mean_accuracy(classifiers: list[ConvNet], images: ImageSet, classes: list[str]) -> float:
     names = np.asarray(classes, dtype=object)
     return float(
-        np.mean([accuracy(images.labels, names[predict_proba(model, images.images).argmax(axis=1)]) for model in classifiers])
+        np.mean(
+            [
+                accuracy(images.labels, names[predict_proba(model, images.images).argmax(axis=1)])
+                for model in classifiers
+            ]
+        )
     )
 
 
@@ -519,8 +562,18 @@ def _utility(
     ]
     usable = synthetic.select(known)
     no_labels = "no synthetic image carries a label of the real training split"
-    _put(result, "synthetic_label_accuracy", _mean_accuracy(real_models, usable, classes) if len(usable) else None, no_labels)
-    _put(result, "real_holdout_accuracy", _mean_accuracy(real_models, holdout, classes) if len(holdout) else None, "no held-out real images")
+    _put(
+        result,
+        "synthetic_label_accuracy",
+        _mean_accuracy(real_models, usable, classes) if len(usable) else None,
+        no_labels,
+    )
+    _put(
+        result,
+        "real_holdout_accuracy",
+        _mean_accuracy(real_models, holdout, classes) if len(holdout) else None,
+        "no held-out real images",
+    )
     chance = 1.0 / len(classes)
     informative = _beats_chance(real_models, holdout, classes, chance, config)
     result["chance_accuracy"] = chance
@@ -552,7 +605,8 @@ def _utility(
     mixed_images = np.concatenate([train.images, usable.images])
     mixed_ids = np.array([index[label] for label in np.concatenate([train.labels, usable.labels])])
     augmented_models = [
-        _train(mixed_images, mixed_ids, len(classes), config, config.seed + seed) for seed in range(config.utility_seeds)
+        _train(mixed_images, mixed_ids, len(classes), config, config.seed + seed)
+        for seed in range(config.utility_seeds)
     ]
     truth = np.array([index.get(label, -1) for label in test.labels])
     keep = truth >= 0
@@ -586,7 +640,9 @@ def _utility(
     _put(result, "augmentation_gain_ci_high", high, gain_reason)
     if plus["auc"] is not None and real_only["auc"] is not None:
         result["augmentation_gain_auc"] = plus["auc"] - real_only["auc"]
-        result["augmentation_gain_auc_ci_low"], result["augmentation_gain_auc_ci_high"] = interval(plus_auc_b - real_auc_b)
+        result["augmentation_gain_auc_ci_low"], result["augmentation_gain_auc_ci_high"] = interval(
+            plus_auc_b - real_auc_b
+        )
     if low is None or high is None:
         verdict = "not run"
     elif low > 0:
@@ -616,7 +672,9 @@ def _beats_chance(
     class_ids = np.arange(len(classes))
     per_seed = np.stack(
         [
-            balanced_accuracy(truth[keep], class_ids[predict_proba(model, holdout.images[keep]).argmax(axis=1)], weights)
+            balanced_accuracy(
+                truth[keep], class_ids[predict_proba(model, holdout.images[keep]).argmax(axis=1)], weights
+            )
             for model in models
         ]
     )
@@ -634,7 +692,11 @@ def _grid_evidence(train: ImageSet, synthetic: ImageSet, config: EvaluateConfig)
         entry = {}
         for name, images in (("real", train), ("synthetic", synthetic)):
             members = np.flatnonzero(images.labels == label)
-            pick = rng.choice(members, size=min(config.grid_per_class, members.size), replace=False) if members.size else members
+            pick = (
+                rng.choice(members, size=min(config.grid_per_class, members.size), replace=False)
+                if members.size
+                else members
+            )
             entry[name] = images.images[np.sort(pick), 0]
         grids[str(label)] = entry
     return grids
@@ -688,7 +750,9 @@ def evaluate_sets(
     classifier, classifier_reason = None, None
     if len(classes) >= 2:
         index = {label: i for i, label in enumerate(classes)}
-        classifier = _train(train.images, np.array([index[label] for label in train.labels]), len(classes), config, config.seed)
+        classifier = _train(
+            train.images, np.array([index[label] for label in train.labels]), len(classes), config, config.seed
+        )
     else:
         classifier_reason = f"the real training split has {len(classes)} class(es); a classifier needs at least 2"
     steps.next("features")
@@ -698,7 +762,9 @@ def evaluate_sets(
     if classifier is not None:
         spaces.append(trained_space(classifier, config.feature_dim, config.classifier_steps))
     if config.cross_check or not spaces:
-        spaces.append(random_space(train.images.ndim - 2, tuple(train.images.shape[2:]), config.feature_dim, config.seed + 1))
+        spaces.append(
+            random_space(train.images.ndim - 2, tuple(train.images.shape[2:]), config.feature_dim, config.seed + 1)
+        )
     sets = {"train": train, "holdout": holdout, "synthetic": synthetic}
     features = _embed_all(spaces, sets)
     steps.next("fidelity")
@@ -721,7 +787,7 @@ def evaluate_sets(
         evidence.prdc[space.name] = bars
     fidelity = fidelity_by_space[headline.name]
     fidelity["cross_checks"] = {name: section for name, section in fidelity_by_space.items() if name != headline.name}
-    fidelity["n_real_train"], fidelity["n_holdout"], fidelity["n_synthetic"] = len(train), len(holdout), len(synthetic)
+    fidelity["n_holdout"], fidelity["n_synthetic"] = len(holdout), len(synthetic)
     steps.next("diversity")
     diversity, evidence.ms_ssim = _diversity(train, synthetic, config)
     diversity["feature_space"] = headline.name
@@ -835,7 +901,9 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, float | None]:
     metrics: dict[str, Any] = {
         key: fidelity.get(key) for key in ("fid", "kid", "precision", "recall", "density", "coverage")
     }
-    metrics.update({f"{key}_ratio": fidelity["ratios"].get(key) for key in ("precision", "density", "recall", "coverage")})
+    metrics.update(
+        {f"{key}_ratio": fidelity["ratios"].get(key) for key in ("precision", "density", "recall", "coverage")}
+    )
     metrics.update(
         {
             "reference_fid": fidelity["reference"].get("fid"),
@@ -887,7 +955,8 @@ def summary_lines(report: dict[str, Any], out: Path) -> list[str]:
     )
     thresholds = gates["thresholds"]
     verdicts = ", ".join(
-        f"{gate} {gates[gate] if gates[gate] != 'fail' else 'FAIL'}" for gate in ("fidelity", "diversity", "privacy", "utility")
+        f"{gate} {gates[gate] if gates[gate] != 'fail' else 'FAIL'}"
+        for gate in ("fidelity", "diversity", "privacy", "utility")
     )
     return [
         f"Evaluated {report['inputs']['synthetic']['images']} synthetic vs {report['inputs']['real']['images']} real images "
@@ -945,7 +1014,7 @@ def run(
         evaluation = evaluate_sets(real_set, synthetic_set, config, model_dir=model_dir, model=model, progress=progress)
     report: dict[str, Any] = {
         "schema": SCHEMA,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         **evaluation.sections,
         "inputs": {
             "real": _counts(real_dataset, "real", real_set),

@@ -80,6 +80,12 @@ class ModelConfig(Section):
     ema_decay: float = Field(
         0.999, ge=0.0, lt=1.0, description="Generator EMA decay (warm-up: min(decay, (1+t)/(10+t)))."
     )
+    cls_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="Weight of the auxiliary classifier loss (AC-GAN on real images; G is pushed to make "
+        "fakes classifiable as their label); 0 switches it off.",
+    )
     r1_gamma: float = Field(0.0, ge=0.0, description="R1 penalty weight on real images; 0 switches it off.")
     r1_every: int = Field(16, ge=1, description="Lazy R1: apply the penalty every N steps (scaled by N).")
     augment: list[str] = Field(

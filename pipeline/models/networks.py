@@ -9,7 +9,8 @@ factory picks the 2D or 3D convolution. Design (see docs/models.md):
   synchronise under DDP, and the EMA copy needs no running stats.
 - Discriminator: spectral-normalised convolutions with LeakyReLU, 4x4 stride-2 downsampling,
   global sum pooling, and a projection head (Miyato & Koyama 2018):
-  ``D(x, y) = w . h(x) + embed(y) . h(x)``. No normalisation layers, so one D call on a
+  ``D(x, y) = w . h(x) + embed(y) . h(x)``; plus an optional auxiliary classifier head on h(x)
+  (AC-GAN, Odena et al. 2017; trained on real images only) for a stronger class signal. No normalisation layers, so one D call on a
   concatenated real+fake batch is DDP-safe.
 """
 
@@ -126,14 +127,22 @@ class Discriminator(nn.Module):
         )
         self.linear = spectral_norm(nn.Linear(channels[-1], 1))
         self.embed = spectral_norm(nn.Embedding(num_classes, channels[-1]))
+        # Auxiliary classifier head (AC-GAN style, used when model.cls_weight > 0): trained on real
+        # images only, it gives G a direct class-consistency signal; cheap, so always present.
+        self.classifier = spectral_norm(nn.Linear(channels[-1], num_classes))
         self._pool_dims = tuple(range(2, 2 + spatial_dims))
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, with_class_logits: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         h = nn.functional.leaky_relu(self.stem(images), 0.2)
         for down in self.downs:
             h = nn.functional.leaky_relu(down(h), 0.2)
         h = h.sum(dim=self._pool_dims)  # global sum pooling, as in SN-GAN's projection D
-        return self.linear(h).squeeze(1) + (self.embed(labels) * h).sum(dim=1)
+        scores = self.linear(h).squeeze(1) + (self.embed(labels) * h).sum(dim=1)
+        if with_class_logits:
+            return scores, self.classifier(h)
+        return scores
 
 
 def ema_copy(model: nn.Module) -> nn.Module:

@@ -562,12 +562,17 @@ def _train_step(
         real_in.requires_grad_(True)
     with autocast:
         both = torch.cat([real_in, augment(fake.detach())]).contiguous(memory_format=memory_format)
-        logits = d_train(both, torch.cat([labels, labels])).float()
+        logits, class_logits = d_train(both, torch.cat([labels, labels]), with_class_logits=True)
+    logits = logits.float()
     d_real, d_fake = logits[:batch], logits[batch:]
     if config.loss == "hinge":
         loss_d = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
     else:
         loss_d = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+    # Auxiliary classifier: learns the labels of real images only (the weight may be 0; the head
+    # still takes part so DDP sees every parameter used).
+    cls_real = F.cross_entropy(class_logits[:batch].float(), labels)
+    loss_d = loss_d + config.cls_weight * cls_real
     r1 = torch.zeros((), device=device)
     if apply_r1:
         (gradient,) = torch.autograd.grad(d_real.sum(), real_in, create_graph=True)
@@ -581,8 +586,14 @@ def _train_step(
     discriminator.requires_grad_(False)
     try:
         with autocast:
-            scores = discriminator(augment(fake).contiguous(memory_format=memory_format), labels).float()
+            scores, class_logits_g = discriminator(
+                augment(fake).contiguous(memory_format=memory_format), labels, with_class_logits=True
+            )
+        scores = scores.float()
         loss_g = -scores.mean() if config.loss == "hinge" else F.softplus(-scores).mean()
+        cls_fake = F.cross_entropy(class_logits_g.float(), labels)
+        if config.cls_weight > 0:
+            loss_g = loss_g + config.cls_weight * cls_fake
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
@@ -597,6 +608,8 @@ def _train_step(
         "d_real": d_real.detach().mean(),
         "d_fake": d_fake.detach().mean(),
         "r1": r1.detach(),
+        "cls_real": cls_real.detach(),
+        "cls_fake": cls_fake.detach(),
     }
 
 
