@@ -174,8 +174,10 @@ def check_input_paths(config: MedsynthConfig, where: str = "config") -> None:
     """
     for index, source in enumerate(config.sources):
         if not Path(source).is_dir():
+            # The key names the entry; the path itself is not echoed (source paths can name patients).
             raise InputError(
-                f"{where}: key 'sources[{index}]': folder {source} not found. Fix: correct the path or remove the entry."
+                f"{where}: key 'sources[{index}]': folder not found or not a folder. "
+                "Fix: correct the path or remove the entry."
             )
     if config.labels is not None and not Path(config.labels).is_file():
         raise InputError(f"{where}: key 'labels': file {config.labels} not found. Fix: correct the path or remove the key.")

@@ -39,6 +39,7 @@ __all__ = [
     "source_digest",
     "headline_lines",
     "default_demo_config",
+    "tracked_params",
 ]
 
 STAGES: tuple[str, ...] = ("ingest", "train", "generate", "evaluate", "export")
@@ -276,7 +277,7 @@ def run_all(
             )
         return list(summary.lines())
 
-    params = flatten(config.model_dump(mode="json"))
+    params = tracked_params(config)
     with tracking.stage_run(
         "run", config.experiment_name, params=params,
         tags={"medsynth.config_digest": config_digest(config), "medsynth.run_root": str(paths.root)},
@@ -327,6 +328,20 @@ def run_all(
             paths=paths, parent_run_id=parent.run_id, tracking_uri=tracking.tracking_uri(), outcomes=outcomes,
             report=report, exported=(paths.export / "manifest.csv").is_file(),
         )
+
+
+# Source folders and the labels file are often named after patients (".../Smith_John_MRN123/"):
+# their paths never reach MLflow. The ingest run's input digest covers their content instead.
+_PATH_KEYS = ("sources", "labels")
+
+
+def tracked_params(config: MedsynthConfig) -> dict[str, Any]:
+    """The resolved config as MLflow params, without the source and labels paths (counts instead)."""
+    dump = config.model_dump(mode="json")
+    params = flatten({key: value for key, value in dump.items() if key not in _PATH_KEYS})
+    params["sources.count"] = len(config.sources)
+    params["labels.given"] = config.labels is not None
+    return params
 
 
 _STAGE_SECTION = {"ingest": "ingest", "train": "model", "generate": "generate", "evaluate": "evaluate", "export": "export"}

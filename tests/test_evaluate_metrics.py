@@ -196,3 +196,21 @@ def test_gate_status_rules() -> None:
     assert gate_status([passed, missing]) == "pass"
     assert gate_status([passed, failed]) == "fail"
     assert gate_status([missing]) == "not_run"
+
+
+def test_classifiers_trained_side_by_side_match_sequential_training(rng: np.random.Generator) -> None:
+    from pipeline.evaluate.networks import TrainingJob, predict_proba, train_classifiers
+
+    images = rng.uniform(-1, 1, size=(40, 1, 16, 16)).astype(np.float32)
+    labels = np.arange(40) % 2
+    images[labels == 1, :, 6:10, 6:10] = 1.0
+    jobs = [TrainingJob(images, labels, seed) for seed in (0, 1, 0)]
+    settings = {"feature_dim": 16, "steps": 15, "batch_size": 8, "lr": 2e-3}
+    threads_before = torch.get_num_threads()
+    parallel = train_classifiers(jobs, 2, workers=2, **settings)
+    sequential = train_classifiers(jobs, 2, workers=1, **settings)
+    assert torch.get_num_threads() == threads_before
+    outputs = [predict_proba(model, images) for model in parallel + sequential]
+    np.testing.assert_allclose(outputs[0], outputs[3], atol=1e-6)  # same seed: same model, threads or not
+    np.testing.assert_allclose(outputs[0], outputs[2], atol=1e-6)
+    assert not np.allclose(outputs[0], outputs[1])  # another seed: another model

@@ -134,3 +134,32 @@ def test_fast_writer_matches_pydicom_byte_for_byte() -> None:
         np.testing.assert_array_equal(fast_pixels(ds)[0], ds.pixel_array)
         media, values = scan_header(open(path, "rb").read(1 << 16))
         assert values["SeriesInstanceUID"] == ds.SeriesInstanceUID and values["PatientID"] == ds.PatientID
+
+
+def test_malformed_numbers_dates_and_times_are_emptied_not_copied() -> None:
+    """A kept DS/IS/TM value holding free text (a name) must not reach the output."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    def planted() -> pydicom.Dataset:
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        for tag, vr, value in (
+            (0x00200011, "IS", b"12ZORBLAXQUENTIN"),  # SeriesNumber: not in the table, kept
+            (0x00200032, "DS", b"ZORBLAXQUENTIN\\1\\2"),  # ImagePositionPatient
+            (0x00080030, "TM", b"ZORBLAX QUENTIN "),  # StudyTime: kept under Modified Dates
+            (0x00200013, "IS", b"7 "),  # InstanceNumber: a valid value stays
+        ):
+            ds._dict[Tag(tag)] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+        return ds
+
+    for options in ({}, {"modified_dates": False}, {"patient_characteristics": True, "device_identity": True}):
+        ds = planted()
+        rows = ds.Rows
+        ctx = DeidContext(profile=build_profile(**options), key=b"k" * 32, subject_id="sub-x", date_offset=80_000)
+        anonymize(ds, ctx)
+        for elem in ds.iterall():
+            assert b"zorblax" not in str(elem.value).lower().encode(), (options, elem.keyword)
+        assert ds.InstanceNumber == 7 and ds.Rows == rows
+        assert "SeriesNumber" in ds and ds.SeriesNumber is None  # emptied, not removed
+        assert any(rule == "malformed_value" and tag == 0x00200011 for (_, tag, _, rule) in ctx.audit)
+        assert any(b"zorblax" in value for value in ctx.identifiers)  # the leak audit searches for it

@@ -55,8 +55,7 @@ def trained_space(classifier: ConvNet, feature_dim: int, steps: int) -> FeatureS
 
 def random_space(spatial_dims: int, spatial: tuple[int, ...], feature_dim: int, seed: int) -> FeatureSpace:
     """The same CNN at a seeded He-normal random initialisation (cross-check space)."""
-    torch.manual_seed(seed)
-    network = ConvNet(spatial_dims, spatial, feature_dim).eval()
+    network = ConvNet(spatial_dims, spatial, feature_dim, seed=seed).eval()
     return FeatureSpace(
         name="random-cnn",
         description=f"{feature_dim}-d pooled last stage of the same CNN at a random initialisation (seed {seed})",

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from pipeline.dataset import Dataset, read_dataset
@@ -38,7 +39,13 @@ from pipeline.evaluate.features import (
 from pipeline.evaluate.fidelity import fid, kid, prdc, standardize
 from pipeline.evaluate.images import ImageSet, load_image_sets
 from pipeline.evaluate.neighbours import as_vectors, kth_neighbour_radius
-from pipeline.evaluate.networks import ConvNet, embed, predict_proba, train_classifier
+from pipeline.evaluate.networks import (
+    ConvNet,
+    TrainingJob,
+    embed,
+    predict_proba,
+    train_classifiers,
+)
 from pipeline.evaluate.privacy import (
     auc,
     closest_records,
@@ -430,7 +437,6 @@ def _discriminator_scores(
     model_dir: Path, model: dict[str, Any], train: ImageSet, holdout: ImageSet
 ) -> tuple[np.ndarray, np.ndarray]:
     """LOGAN (Hayes et al. 2019): the discriminator scores its training members higher."""
-    import torch
 
     from pipeline.models import load_discriminator
 
@@ -468,18 +474,51 @@ def _dp(model: dict[str, Any] | None, result: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------- utility
 
 
-def _train(images: np.ndarray, label_ids: np.ndarray, n_classes: int, config: EvaluateConfig, seed: int) -> ConvNet:
-    """The one classifier recipe used for the encoder and every utility arm."""
-    return train_classifier(
-        images,
-        label_ids,
-        n_classes,
+@dataclass
+class _Trained:
+    """Every classifier of one evaluation: real-only seeds (seed 0 is the encoder) and real+synthetic seeds."""
+
+    real: list[ConvNet]
+    augmented: list[ConvNet]
+    real_reason: str | None
+    augmented_reason: str | None
+
+
+def _train_all(
+    classes: list[str], train: ImageSet, test: ImageSet, synthetic: ImageSet, config: EvaluateConfig
+) -> _Trained:
+    """Train the encoder and the utility arms in one go, side by side on the available cores."""
+    if len(classes) < 2:
+        reason = f"the real training split has {len(classes)} class(es); a classifier needs at least 2"
+        return _Trained([], [], reason, reason)
+    index = {label: i for i, label in enumerate(classes)}
+    real_ids = np.array([index[label] for label in train.labels])
+    seeds = [config.seed + offset for offset in range(config.utility_seeds)]
+    jobs = [TrainingJob(train.images, real_ids, seed) for seed in seeds]
+    usable = synthetic.select(np.isin(synthetic.labels, classes))
+    test_classes = set(test.labels.tolist()) & set(classes)
+    augmented_reason = None
+    if not len(usable):
+        augmented_reason = "no synthetic image carries a label of the real training split"
+    elif len(test) < config.min_test or len(test_classes) < 2:
+        augmented_reason = (
+            f"the real test split has {len(test)} images of {len(test_classes)} known classes "
+            f"(needs {config.min_test} images of at least 2)"
+        )
+    else:
+        mixed_images = np.concatenate([train.images, usable.images])
+        mixed_ids = np.array([index[label] for label in np.concatenate([train.labels, usable.labels])])
+        jobs += [TrainingJob(mixed_images, mixed_ids, seed) for seed in seeds]
+    models = train_classifiers(
+        jobs,
+        len(classes),
+        workers=config.num_threads or torch.get_num_threads(),
         feature_dim=config.feature_dim,
         steps=config.classifier_steps,
         batch_size=config.classifier_batch_size,
         lr=config.classifier_lr,
-        seed=seed,
     )
+    return _Trained(models[: len(seeds)], models[len(seeds) :], None, augmented_reason)
 
 
 def _pick_seeds(per_seed: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -529,8 +568,7 @@ def _mean_accuracy(classifiers: list[ConvNet], images: ImageSet, classes: list[s
 
 
 def _utility(
-    classifier: ConvNet | None,
-    classifier_reason: str | None,
+    trained: _Trained,
     classes: list[str],
     train: ImageSet,
     holdout: ImageSet,
@@ -549,17 +587,13 @@ def _utility(
         f"{config.classifier_batch_size} class-balanced images with flips and shifts; "
         f"{config.utility_seeds} training seed(s) per arm, figures averaged over seeds"
     )
-    if classifier is None:
+    if not trained.real:
         for key in ("synthetic_label_accuracy", "augmentation_gain"):
-            _put(result, key, None, classifier_reason)
+            _put(result, key, None, trained.real_reason)
         result["real_only"], result["real_plus_synthetic"] = {}, {}
         result["augmentation_verdict"] = "not run"
         return result
-    real_label_ids = np.array([index[label] for label in train.labels])
-    real_models = [classifier] + [
-        _train(train.images, real_label_ids, len(classes), config, config.seed + seed)
-        for seed in range(1, config.utility_seeds)
-    ]
+    real_models = trained.real
     usable = synthetic.select(known)
     no_labels = "no synthetic image carries a label of the real training split"
     _put(
@@ -589,25 +623,13 @@ def _utility(
             "(95% interval), so its reading of synthetic labels says nothing"
         ),
     )
-    test_classes = set(test.labels.tolist()) & set(classes)
-    if len(test) < config.min_test or len(test_classes) < 2 or not len(usable):
-        reason = (
-            f"the real test split has {len(test)} images of {len(test_classes)} known classes "
-            f"(needs {config.min_test} images of at least 2)"
-            if len(usable)
-            else no_labels
-        )
+    if not trained.augmented:
         result["real_only"], result["real_plus_synthetic"] = {}, {}
         for key in ("augmentation_gain", "augmentation_gain_ci_low", "augmentation_gain_ci_high"):
-            _put(result, key, None, reason)
+            _put(result, key, None, trained.augmented_reason)
         result["augmentation_verdict"] = "not run"
         return result
-    mixed_images = np.concatenate([train.images, usable.images])
-    mixed_ids = np.array([index[label] for label in np.concatenate([train.labels, usable.labels])])
-    augmented_models = [
-        _train(mixed_images, mixed_ids, len(classes), config, config.seed + seed)
-        for seed in range(config.utility_seeds)
-    ]
+    augmented_models = trained.augmented
     truth = np.array([index.get(label, -1) for label in test.labels])
     keep = truth >= 0
     truth, test_images, groups = truth[keep], test.images[keep], test.subject_ids[keep]
@@ -747,14 +769,8 @@ def evaluate_sets(
         )
     )
     classes = sorted(set(train.labels.tolist()))
-    classifier, classifier_reason = None, None
-    if len(classes) >= 2:
-        index = {label: i for i, label in enumerate(classes)}
-        classifier = _train(
-            train.images, np.array([index[label] for label in train.labels]), len(classes), config, config.seed
-        )
-    else:
-        classifier_reason = f"the real training split has {len(classes)} class(es); a classifier needs at least 2"
+    trained = _train_all(classes, train, test, synthetic, config)
+    classifier = trained.real[0] if trained.real else None
     steps.next("features")
     spaces: list[FeatureSpace] = []
     if config.feature_weights is not None:
@@ -811,7 +827,7 @@ def evaluate_sets(
     )
     _dp(model, privacy)
     steps.next("utility")
-    utility = _utility(classifier, classifier_reason, classes, train, holdout, test, synthetic, config)
+    utility = _utility(trained, classes, train, holdout, test, synthetic, config)
     steps.next("gates")
     gates = _gates(fidelity, diversity, privacy, utility, config, holdout_reason)
     privacy["gate"] = gates["privacy"]
@@ -931,8 +947,6 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, float | None]:
 @contextlib.contextmanager
 def _torch_threads(count: int | None) -> Iterator[None]:
     """Run with ``count`` torch threads (None: unchanged), restoring the previous setting."""
-    import torch
-
     if count is None:
         yield
         return

@@ -60,6 +60,17 @@ _KEPT_TEXT_VRS = frozenset({"AE", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST"
 _NUMERIC_LIKE = re.compile(rb"^[0-9.\-+/: ]+$")
 _NAME_PARTS = re.compile(rb"[\^= ,]+")
 _PRINTABLE = re.compile(rb"^[\x20-\x7e]+$")
+# The character repertoire of the VRs whose values are numbers, dates or times (PS3.5 6.2, plus the
+# '-' of ranges and the ACR-NEMA '.'/':' separators). A kept value outside it is free text where a
+# number belongs - it can hold anything, a name included - so it is emptied instead of copied.
+_FORMATTED_VALUE = {
+    "DA": re.compile(rb"^[0-9.\- \\]*$"),
+    "TM": re.compile(rb"^[0-9.:\- \\]*$"),
+    "DT": re.compile(rb"^[0-9.+\- \\]*$"),
+    "DS": re.compile(rb"^[0-9.+\-eE \\]*$"),
+    "IS": re.compile(rb"^[0-9+\- \\]*$"),
+    "AS": re.compile(rb"^[0-9DWMY \\]*$"),
+}
 
 
 def tag_text(tag: int) -> str:
@@ -223,7 +234,8 @@ def _walk(ds: Dataset, ctx: DeidContext, path: str) -> None:
                 elements[tag] = DataElement(tag, vr, None)
                 action = "Z"
         elif action == "K":
-            _keep(ds, tag, raw, vr, path, ctx)
+            if _keep(ds, tag, raw, vr, path, ctx) == "Z":
+                continue  # audited as malformed_value
         elif action == "C":
             if source == "modified_dates":
                 action = _shift(ds, tag, raw, vr, ctx)
@@ -233,7 +245,24 @@ def _walk(ds: Dataset, ctx: DeidContext, path: str) -> None:
         ctx.audit[(path, tag, action, source)] += 1
 
 
-def _keep(ds: Dataset, tag: int, raw: DataElement | RawDataElement, vr: str, path: str, ctx: DeidContext) -> None:
+def _malformed(raw: DataElement | RawDataElement, vr: str) -> bool:
+    """Does a number/date/time value hold characters its VR does not allow (e.g. a name)?"""
+    pattern = _FORMATTED_VALUE.get(vr)
+    return pattern is not None and not pattern.match(_value_bytes(raw).strip(b" \x00"))
+
+
+def _blank_malformed(ds: Dataset, tag: int, raw: DataElement | RawDataElement, vr: str, ctx: DeidContext) -> None:
+    # The value is searched for in the output like any removed identifier ("LO": as text).
+    _note(ctx, _value_bytes(raw), "LO", "malformed value")
+    ds._dict[tag] = DataElement(tag, vr, None)
+
+
+def _keep(ds: Dataset, tag: int, raw: DataElement | RawDataElement, vr: str, path: str, ctx: DeidContext) -> str:
+    """Keep an element (recursing into sequences); returns the action taken ("Z" for a malformed value)."""
+    if _malformed(raw, vr):
+        _blank_malformed(ds, tag, raw, vr, ctx)
+        ctx.audit[(path, tag, "Z", "malformed_value")] += 1
+        return "Z"
     if vr == "SQ":
         for item in ds[tag].value or ():
             _walk(item, ctx, path + tag_text(tag) + "[].")
@@ -241,6 +270,7 @@ def _keep(ds: Dataset, tag: int, raw: DataElement | RawDataElement, vr: str, pat
         value = _value_bytes(raw).strip(b" \x00")
         if value:
             ctx.kept_text.add(value.lower())
+    return "K"
 
 
 def _sequence_action(
@@ -292,6 +322,9 @@ def _map_uids(raw: DataElement | RawDataElement, ctx: DeidContext) -> str | list
 def _shift(ds: Dataset, tag: int, raw: DataElement | RawDataElement, vr: str, ctx: DeidContext) -> str:
     """Shift a date (DA/DT) by the patient's offset; times (TM) are kept. Returns the action taken."""
     text = _value_bytes(raw).decode("ascii", "replace").strip(" \x00")
+    if vr == "TM" and _malformed(raw, vr):
+        _blank_malformed(ds, tag, raw, vr, ctx)
+        return "Z"
     if vr == "TM" or not text:
         return "K"
     if ctx.date_offset is None or vr not in ("DA", "DT"):

@@ -86,6 +86,12 @@ class ModelConfig(Section):
         description="Weight of the auxiliary classifier loss (AC-GAN on real images; G is pushed to make "
         "fakes classifiable as their label); 0 switches it off.",
     )
+    diversity_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="Weight of the mode-seeking term (Mao et al. 2019): same label, different z must give "
+        "different images; counters mode collapse. 0 switches it off.",
+    )
     r1_gamma: float = Field(0.0, ge=0.0, description="R1 penalty weight on real images; 0 switches it off.")
     r1_every: int = Field(16, ge=1, description="Lazy R1: apply the penalty every N steps (scaled by N).")
     augment: list[str] = Field(

@@ -546,6 +546,11 @@ def _train_step(
     labels = targets[index].to(device, non_blocking=True)
     batch = len(index)
     z = torch.randn(batch, config.latent_dim, generator=rng, device=device)
+    # Fakes get the real batch's labels; with the diversity term, the second half repeats the
+    # first half's labels so that fakes i and i + half form same-class pairs.
+    half = batch // 2 if config.diversity_weight > 0 else 0
+    fake_labels = labels.clone()
+    fake_labels[half : 2 * half] = labels[:half]
     policy = config.augment
 
     def augment(x: torch.Tensor) -> torch.Tensor:
@@ -555,14 +560,14 @@ def _train_step(
 
     # Discriminator: one call on real + fake (DDP-safe, and one pass instead of two).
     with autocast:
-        fake = g_train(z, labels)
+        fake = g_train(z, fake_labels)
     apply_r1 = config.r1_gamma > 0 and step % config.r1_every == 0
     real_in = augment(real).detach()
     if apply_r1:
         real_in.requires_grad_(True)
     with autocast:
         both = torch.cat([real_in, augment(fake.detach())]).contiguous(memory_format=memory_format)
-        logits, class_logits = d_train(both, torch.cat([labels, labels]), with_class_logits=True)
+        logits, class_logits = d_train(both, torch.cat([labels, fake_labels]), with_class_logits=True)
     logits = logits.float()
     d_real, d_fake = logits[:batch], logits[batch:]
     if config.loss == "hinge":
@@ -587,13 +592,20 @@ def _train_step(
     try:
         with autocast:
             scores, class_logits_g = discriminator(
-                augment(fake).contiguous(memory_format=memory_format), labels, with_class_logits=True
+                augment(fake).contiguous(memory_format=memory_format), fake_labels, with_class_logits=True
             )
         scores = scores.float()
         loss_g = -scores.mean() if config.loss == "hinge" else F.softplus(-scores).mean()
-        cls_fake = F.cross_entropy(class_logits_g.float(), labels)
+        cls_fake = F.cross_entropy(class_logits_g.float(), fake_labels)
         if config.cls_weight > 0:
             loss_g = loss_g + config.cls_weight * cls_fake
+        diversity = torch.zeros((), device=device)
+        if half:
+            # Mode seeking (Mao et al. 2019): same class, different z -> different images.
+            image_gap = (fake[:half] - fake[half : 2 * half]).float().abs().mean()
+            noise_gap = (z[:half] - z[half : 2 * half]).abs().mean()
+            diversity = image_gap / noise_gap
+            loss_g = loss_g + config.diversity_weight / (diversity + 1e-5)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
@@ -610,6 +622,7 @@ def _train_step(
         "r1": r1.detach(),
         "cls_real": cls_real.detach(),
         "cls_fake": cls_fake.detach(),
+        "diversity": diversity.detach(),
     }
 
 
