@@ -183,6 +183,14 @@ def _dataset_digest(root: Path) -> str:
     return read_dataset(root, check_files=False).digest if (root / "manifest.csv").is_file() else "missing"
 
 
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+    except ValueError:
+        return False
+    return True
+
+
 def _reset(folder: Path) -> None:
     """Remove a derived output folder before its stage re-runs, so no stale file survives."""
     if folder.exists():
@@ -215,6 +223,13 @@ def run_all(
     if not config.sources:
         raise InputError(f"{where}: key 'sources' is empty. Fix: list the folders of DICOM/NIfTI scans to ingest.")
     paths = RunPaths(config.resolved_run_root)
+    for index, source in enumerate(config.sources):
+        # Checked before anything is written: the run's files would land in the source folder.
+        if _inside(paths.root, Path(source)):
+            raise InputError(
+                f"{where}: key 'run_root' lies inside key 'sources[{index}]'. "
+                "Fix: put the run root outside the source folders (e.g. runs/<name>)."
+            )
     paths.root.mkdir(parents=True, exist_ok=True)
     record = {} if force else _read_record(paths.record)
     outcomes: list[StageOutcome] = []

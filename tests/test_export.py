@@ -543,6 +543,13 @@ def test_custom_template_and_undefined_fields(inputs: dict, tmp_path: Path) -> N
     with pytest.raises(InputError, match="no_such_field"):
         run(inputs["real"], inputs["synthetic"], inputs["report"], tmp_path / "out2", config, model_dir=inputs["model"])
     assert not (tmp_path / "out2").exists()
+    for broken, message in ((b"# Fran\xe7ais {{ pretty_name }}\n", "not a readable UTF-8"),  # Latin-1, not UTF-8
+                            (b"{{ counts.synthetic / 0 }}\n", "failed while rendering"),
+                            (b"{{ pretty_name(1) }}\n", "failed while rendering")):
+        template.write_bytes(broken)
+        with pytest.raises(InputError, match=message):
+            run(inputs["real"], inputs["synthetic"], inputs["report"], tmp_path / "out3", config, model_dir=inputs["model"])
+        assert not (tmp_path / "out3").exists()
 
 
 # ------------------------------------------------------------------------------------------
@@ -580,6 +587,29 @@ def test_bad_inputs_are_refused_with_a_clear_message(inputs: dict, tmp_path: Pat
     assert (occupied / "thesis.docx").is_file()
     with pytest.raises(InputError, match="overlaps"):
         run(inputs["real"], inputs["synthetic"], inputs["report"], inputs["real"] / "export", ExportConfig())
+
+
+def test_malformed_model_preprocess_and_report_distances_are_input_errors(inputs: dict, tmp_path: Path) -> None:
+    """An edited model.json or report.json is bad input (exit 2), not an unexpected crash, and nothing is written."""
+    import shutil
+
+    for key in ("spatial_dims", "window"):
+        model = tmp_path / f"model-{key}"
+        shutil.copytree(inputs["model"], model)
+        info = json.loads((model / "model.json").read_text())
+        del info["preprocess"][key]
+        (model / "model.json").write_text(json.dumps(info))
+        with pytest.raises(InputError, match=rf"model.json: key 'preprocess' .*missing key '{key}'"):
+            run(inputs["real"], inputs["synthetic"], inputs["report"], tmp_path / f"out-{key}", ExportConfig(), model_dir=model)
+        assert not (tmp_path / f"out-{key}").exists()
+    report = _report(flagged=())
+    ids = read_dataset(inputs["synthetic"]).manifest["sample_id"].tolist()
+    for bad in ("far", float("nan")):
+        report["privacy"]["per_sample"] = [{"sample_id": sample_id, "distance": 0.9} for sample_id in ids]
+        report["privacy"]["per_sample"][3]["distance"] = bad
+        with pytest.raises(InputError, match=r"'privacy.per_sample\[3\].distance' is not a number"):
+            run(inputs["real"], inputs["synthetic"], _write_report(tmp_path / "r", report), tmp_path / "out-d",
+                ExportConfig(min_distance=0.5), model_dir=inputs["model"])
 
 
 def test_re_export_replaces_the_previous_one(inputs: dict, tmp_path: Path) -> None:

@@ -107,18 +107,21 @@ def test_preprocess_slices_volumes_and_inverts_synthetic_exactly(phantom_data: P
     pre3 = Preprocessor(build_spec(tiny_config(spatial_dims=3, image_size=[32, 32, 8], spacing=[10.0, 10.0, 4.0]), dataset, rows))
     volume = pre3.volume_to_images(hu, affine)
     assert volume.shape == (1, 32, 32, 8)
-    assert np.all(volume[0, :, :, 6:] == -1.0)  # 6 slices padded to 8 with air
+    assert np.all(volume[0, :, :, [0, 7]] == -1.0)  # 6 slices padded symmetrically to 8 with air
+    assert volume[0, :, :, 4].max() > 0.5
 
 
-def test_config_rejects_inconsistent_keys() -> None:
+def test_config_rejects_inconsistent_keys(tmp_path: Path) -> None:
     from pipeline.config import load_config
 
     with pytest.raises(InputError, match="image_size needs 3 values"):
         load_config(None, {"model.spatial_dims": 3})
     with pytest.raises(InputError, match="divisible by"):
         load_config(None, {"model.image_size": [60, 64]})
+    no_budget = tmp_path / "no_budget.yaml"
+    no_budget.write_text("model: {max_steps: null}\n")
     with pytest.raises(InputError, match="budget"):
-        load_config(None, {"model.max_steps": None})
+        load_config(no_budget)
     with pytest.raises(InputError, match="unknown augmentation"):
         load_config(None, {"model.augment": ["rotate"]})
 

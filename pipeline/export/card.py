@@ -71,7 +71,12 @@ def template_text(template: str | os.PathLike[str] | None = None) -> str:
     path = Path(template)
     if not path.is_file():
         raise InputError(f"{path}: data card template not found. Fix: correct export.card.template or remove it.")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(
+            f"{path}: data card template is not a readable UTF-8 text file ({type(exc).__name__}). Fix: save it as UTF-8."
+        ) from None
 
 
 def format_number(value: Any) -> str:
@@ -457,4 +462,10 @@ def render_card(facts: Mapping[str, Any], template: str | os.PathLike[str] | Non
         raise InputError(
             f"{where}: the template uses a field the export does not provide ({exc.message}). "
             "Fix: use the fields listed in data_cards/README.md."
+        ) from None
+    except (jinja2.TemplateError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError) as exc:
+        # A custom template is user input: an expression that fails while rendering is bad input.
+        raise InputError(
+            f"{where}: the template failed while rendering ({type(exc).__name__}). Fix: correct the template "
+            "expression (see data_cards/README.md for the fields and their types)."
         ) from None

@@ -131,17 +131,28 @@ def excluded_synthetic(
     return out
 
 
-def report_distances(report: Mapping[str, Any]) -> dict[str, tuple[float, str]] | None:
-    """Per-sample nearest-training distances recorded in the report (``privacy.per_sample``), if any."""
+def report_distances(report: Mapping[str, Any], where: Path | str = "report.json") -> dict[str, tuple[float, str]] | None:
+    """Per-sample nearest-training distances recorded in the report (``privacy.per_sample``), if any.
+
+    Raises:
+        InputError: a recorded distance is not a number.
+    """
     entries = report["privacy"].get("per_sample")
     if not isinstance(entries, list) or not entries:
         return None
     distances: dict[str, tuple[float, str]] = {}
-    for entry in entries:
+    for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or entry.get("distance") is None:
             continue
         sample_id = base_sample_id(str(entry.get("sample_id", "")))
-        distance = float(entry["distance"])
+        try:
+            distance = float(entry["distance"])
+            if math.isnan(distance):  # NaN compares False with every threshold: the image would pass unchecked
+                raise ValueError("NaN")
+        except (TypeError, ValueError):
+            raise InputError(
+                f"{where}: key 'privacy.per_sample[{index}].distance' is not a number. Fix: re-run `medsynth evaluate`."
+            ) from None
         if sample_id not in distances or distance < distances[sample_id][0]:
             distances[sample_id] = (distance, str(entry.get("nearest_train_sample_id") or ""))
     return distances
@@ -206,7 +217,7 @@ def privacy_filter(
         limits.append((float(config.min_distance), "export.min_distance"))
     if not limits:
         return flagged, excluded_synthetic(synthetic, flagged, None, [], where), "report flags"
-    distances = report_distances(report)
+    distances = report_distances(report, where)
     how = "report flags + per-sample distances recorded in the report"
     if distances is None:
         distances = measured_distances(real, synthetic, model_dir, report, where)

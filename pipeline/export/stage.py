@@ -322,7 +322,26 @@ def _load_inputs(
     if model_dir is not None:
         folders["--model"] = model_dir
     _check_out(out, folders)
-    return _Inputs(real_ds, synthetic_ds, report_doc, where, model_dir, model_facts(model_dir), untracked)
+    model = model_facts(model_dir)
+    if model is not None:
+        _check_preprocess(model, Path(model_dir) / "model.json")  # type: ignore[arg-type]
+    return _Inputs(real_ds, synthetic_ds, report_doc, where, model_dir, model, untracked)
+
+
+def _check_preprocess(model: Mapping[str, Any], where: Path) -> None:
+    """Refuse a model whose preprocessing spec cannot be applied (before anything is written)."""
+    from pipeline.models.preprocess import Preprocessor
+
+    try:
+        Preprocessor(model["preprocess"])
+        low, high = model["preprocess"]["window"]
+        float(low), float(high)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        detail = f"missing key '{exc.args[0]}'" if isinstance(exc, KeyError) and exc.args else type(exc).__name__
+        raise InputError(
+            f"{where}: key 'preprocess' is incomplete or malformed ({detail}). "
+            "Fix: pass a MODEL_DIR written by `medsynth train` (re-run train if the file was edited)."
+        ) from None
 
 
 def _notes(inputs: _Inputs, remarked: int, moved: int, preprocessed: bool) -> list[str]:

@@ -524,9 +524,11 @@ def audit(
     profile = profile_for(IngestConfig(deid=options))
     sources = list(against or [])
     if sources and identifiers is None:
-        for source in sources:
-            if not Path(source).is_dir():
-                raise InputError(f"--against: folder {source} not found. Fix: pass the source folder the dataset was made from.")
+        for index, source in enumerate(sources, start=1):
+            if not Path(source).is_dir():  # the path is not echoed: source paths can name patients
+                raise InputError(
+                    f"--against #{index}: folder not found or not a folder. Fix: pass the source folder the dataset was made from."
+                )
         with quiet_readers():
             gathered, kept = harvest_sources(sources, options)
         identifiers = gathered.finalize(kept, _labels(directory))

@@ -258,7 +258,11 @@ def read_labels(path: Path | None) -> LabelBook:
     reader = csv.DictReader(text.splitlines())
     columns = [name.strip() for name in reader.fieldnames or []]
     if "key" not in columns or "label" not in columns:
-        raise InputError(f"{path}: needs the columns key,label (found: {', '.join(columns) or 'none'}). Fix: rename the header row.")
+        # The first row is not echoed: in a CSV without a header it is a PatientID and its label.
+        raise InputError(
+            f"{path}: the first row must be the header key,label (found {len(columns)} column(s) without both names). "
+            "Fix: add or rename the header row."
+        )
     labels: dict[str, str] = {}
     for line, row in enumerate(reader, start=2):
         row = {str(name).strip(): (value or "").strip() for name, value in row.items() if name is not None}

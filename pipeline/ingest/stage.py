@@ -22,6 +22,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -159,6 +160,34 @@ def _check_locations(sources: list[Path], out: Path, private: Path) -> None:
             raise InputError(f"--source #{index} and --out overlap. Fix: write the dataset outside the source folders.")
         if _inside(private, source):
             raise InputError(f"--private is inside --source #{index}. Fix: put the private folder outside the sources.")
+    for flag, folder in (("--out", out), ("--private", private)):
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"{flag} {folder}: exists and is not a folder. Fix: pass a new folder (or an earlier one).")
+    foreign = _foreign_outputs(out)
+    if foreign:
+        raise InputError(
+            f"--out {out}: {foreign} file(s) under images/ or dicom/ were not written by medsynth ingest, and a re-run "
+            "deletes what it did not write there. Fix: pass --out a new or empty folder, or a dataset written by ingest."
+        )
+
+
+# What ingest writes under images/ and dicom/ (pseudonymous names), and its temp files.
+_OWN_OUTPUT = re.compile(
+    r"^(images/sub-[0-9a-f]{16}/img-[0-9a-f]{16}\.nii\.gz|dicom/sub-[0-9a-f]{16}/img-[0-9a-f]{16}/[0-9]{4,}\.dcm"
+    r"|(images|dicom)/(.+/)?\.[^/]+\.tmp(\.nii\.gz)?)$"
+)
+
+
+def _foreign_outputs(out: Path) -> int:
+    """How many files under ``out/images`` and ``out/dicom`` ingest did not write (it removes those it does not own)."""
+    count = 0
+    for folder in ("images", "dicom"):
+        root = out / folder
+        if root.is_dir():
+            count += sum(
+                1 for path in root.rglob("*") if not path.is_dir() and not _OWN_OUTPUT.match(path.relative_to(out).as_posix())
+            )
+    return count
 
 
 def _default_workers() -> int:
