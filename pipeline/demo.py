@@ -510,6 +510,12 @@ def make_cohort(out: str | Path, subjects: int = 40, seed: int = 0) -> CohortSum
     if subjects < 4:
         raise InputError(f"--subjects {subjects}: the cohort needs at least 4 subjects (2 per class). Fix: pass --subjects 4 or more.")
     out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission, read-only disk: bad input, not a crash
+        raise InputError(
+            f"{out}: cannot create the cohort folder ({type(exc).__name__}). Fix: pass a new folder in a writable place."
+        ) from None
     rng = np.random.default_rng(seed)
     labels = [LABELS[i % len(LABELS)] for i in range(subjects)]
     rng.shuffle(labels)

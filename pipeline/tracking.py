@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.dataset import Dataset
+from pipeline.errors import InputError
 
 __all__ = [
     "Tracker",
@@ -194,6 +195,21 @@ def _experiment_id(name: str) -> str:
     return client.create_experiment(name)
 
 
+def _reach_store(experiment: str) -> str:
+    """The experiment's id; an unreachable or unsupported tracking store is bad input (exit 2), not a crash."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _experiment_id(experiment)
+    except MlflowException as exc:
+        # Only the scheme is named: a server URI can carry credentials.
+        scheme = tracking_uri().split(":", 1)[0] if ":" in tracking_uri() else "file"
+        raise InputError(
+            f"MLFLOW_TRACKING_URI ({scheme}:...): the MLflow tracking store cannot be used ({type(exc).__name__}). "
+            "Fix: set MLFLOW_TRACKING_URI to a reachable server or a sqlite:///PATH/mlflow.db file, or unset it."
+        ) from None
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,
@@ -210,7 +226,7 @@ def stage_run(
 
     logging_quiet()
     parent = mlflow.active_run()
-    experiment_id = parent.info.experiment_id if parent is not None else _experiment_id(experiment)
+    experiment_id = parent.info.experiment_id if parent is not None else _reach_store(experiment)
     with mlflow.start_run(
         experiment_id=experiment_id,
         run_name=run_name or stage,

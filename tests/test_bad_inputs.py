@@ -118,3 +118,55 @@ def test_ingest_refuses_an_out_folder_holding_files_it_did_not_write(
     assert code == 2 and "1 file(s) under images/ or dicom/ were not written by medsynth ingest" in console
     assert (mine / "images" / "figures" / "fig1.png").read_bytes() == b"\x89PNG"
     assert sorted(path.name for path in mine.iterdir()) == ["images"]  # nothing written either
+
+
+def test_audit_of_a_folder_with_an_unreadable_manifest_still_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "scans"
+    source.mkdir()
+    (source / "Zorblax_Quentin_MRN55501234.txt").write_text("scan notes")
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "manifest.csv").write_bytes("sample_id,label\na,n\xe9rmal\n".encode("latin-1"))  # not UTF-8
+    (folder / "notes.txt").write_text("patient MRN55501234\n")
+    code, console = _exit(["audit", str(folder), "--against", str(source)], capsys)
+    assert code == 1 and "notes.txt" in console  # the leak is found; no crash on the manifest
+    assert "unexpected" not in console and "55501234" not in console
+
+
+def test_output_under_a_file_is_bad_input_for_demo_data_and_ingest(
+    tmp_path: Path, mlflow_store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    (tmp_path / "scans" / "normal").mkdir(parents=True)
+    (tmp_path / "scans" / "normal" / "a.dcm").write_bytes(b"x")
+    for args in (
+        ["demo-data", str(blocker)],
+        ["demo-data", str(blocker / "cohort")],
+        ["ingest", "--source", str(tmp_path / "scans"), "--out", str(blocker / "dataset")],
+        ["ingest", "--source", str(tmp_path / "scans"), "--out", str(tmp_path / "d"), "--private", str(blocker / "p")],
+    ):
+        code, console = _exit(args, capsys)
+        assert code == 2 and "unexpected" not in console and len(console.strip().splitlines()) == 1, (args, console)
+    assert blocker.read_text() == "mine"
+
+
+def test_unusable_tracking_store_is_bad_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import mlflow
+
+    (tmp_path / "scans" / "normal").mkdir(parents=True)
+    (tmp_path / "scans" / "normal" / "a.dcm").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchstore://user:secret@host/db")
+    mlflow.set_tracking_uri(None)
+    try:
+        code, console = _exit(["ingest", "--source", str(tmp_path / "scans"), "--out", str(tmp_path / "out")], capsys)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert code == 2 and "MLFLOW_TRACKING_URI (nosuchstore:...)" in console
+    assert "secret" not in console and len(console.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # refused before the stage ran

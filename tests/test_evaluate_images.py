@@ -10,7 +10,7 @@ import pandas as pd
 from pipeline.dataset import read_dataset, write_manifest
 from pipeline.evaluate import run
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.evaluate.images import PERCENTILES, load_image_sets
+from pipeline.evaluate.images import PERCENTILES, intensity_mapping, load_image_sets
 from pipeline.files import sha256_file, write_nifti
 
 
@@ -43,7 +43,9 @@ def test_real_volumes_are_reoriented_resampled_and_sliced_onto_the_synthetic_gri
     rows = [_row(f"r{i}", "a" if i % 2 else "b", "train" if i < 2 else "test", "real") for i in range(3)]
     _write(tmp_path / "real", rows, [(volume, lps)] * 3)
     # Synthetic: 32 x 32 x 1 at 1 mm, RAS.
-    synthetic_image = np.full((32, 32, 1), 40.0, dtype=np.float32)
+    synthetic_image = np.full((32, 32, 1), -1000.0, dtype=np.float32)
+    synthetic_image[4:28, 4:28] = 40.0
+    synthetic_image[28:, 28:] = 500.0
     synthetic_rows = [_row(f"s{i}", "a", "train", "synthetic") for i in range(2)]
     _write(tmp_path / "synthetic", synthetic_rows, [(synthetic_image, np.diag([1.0, 1.0, 2.0, 1.0]))] * 2)
 
@@ -54,12 +56,23 @@ def test_real_volumes_are_reoriented_resampled_and_sliced_onto_the_synthetic_gri
     assert synthetic.images.shape == (2, 1, 32, 32)
     assert record["kind"] == "default" and record["spatial_dims"] == 2 and record["image_size"] == [32, 32]
     assert record["spacing_mm"] == [1.0, 1.0] and record["intensity_percentiles"] == list(PERCENTILES)
+    assert record["intensity_mode"] == "common"
     plane = real.images[0, 0]
     # The marker sat at the array start along flipped axes: in RAS it is at the far corner.
     assert plane[29:, 29:].mean() > 0.9 and plane[:4, :4].mean() < -0.9
     assert real.images.min() >= -1.0 and real.images.max() <= 1.0
     # One mapping for both sides: the same HU value lands on the same scaled value.
     assert synthetic.images[0, 0, 16, 16] == real.images[0, 0, 16, 16]
+
+
+def test_intensity_mapping_clips_real_to_a_windowed_synthetic_range_and_separates_other_units() -> None:
+    # Synthetic CT stored clipped to the model's window: the real side is clipped the same way.
+    assert intensity_mapping((-1010.0, 300.0), (-160.0, 240.0)) == ((-160.0, 240.0), (-160.0, 240.0), "common")
+    # A brightness shift keeps one mapping, so the shift stays visible.
+    real, synthetic, mode = intensity_mapping((-1000.0, 200.0), (-700.0, 500.0))
+    assert mode == "common" and real == synthetic == (-700.0, 200.0)
+    # Scanner units vs normalised units: each side on its own range.
+    assert intensity_mapping((0.0, 3000.0), (0.0, 1.0)) == ((0.0, 3000.0), (0.0, 1.0), "per-side")
 
 
 def test_three_dimensional_volumes_are_evaluated_as_volumes(tmp_path: Path) -> None:

@@ -214,3 +214,37 @@ def test_classifiers_trained_side_by_side_match_sequential_training(rng: np.rand
     np.testing.assert_allclose(outputs[0], outputs[3], atol=1e-6)  # same seed: same model, threads or not
     np.testing.assert_allclose(outputs[0], outputs[2], atol=1e-6)
     assert not np.allclose(outputs[0], outputs[1])  # another seed: another model
+
+
+def test_prdc_sizes_real_balls_by_other_subjects_for_slices(rng: np.random.Generator) -> None:
+    # 40 subjects x 8 near-identical "slices": without subjects, each slice's 5 nearest neighbours
+    # are its own volume's slices, the balls shrink to nothing and independent data reads 0.
+    centres = rng.normal(size=(40, 8))
+    real = np.repeat(centres, 8, axis=0) + rng.normal(0.0, 0.01, size=(320, 8))
+    groups = np.repeat(np.arange(40), 8)
+    fresh = np.repeat(rng.normal(size=(40, 8)), 8, axis=0) + rng.normal(0.0, 0.01, size=(320, 8))
+    fresh_groups = np.repeat(np.arange(40, 80), 8)
+    naive = prdc(real, fresh, k=5)
+    assert naive["precision"] < 0.05 and naive["coverage"] < 0.05
+    aware = prdc(real, fresh, k=5, real_groups=groups, fake_groups=fresh_groups)
+    assert aware["precision"] > 0.8 and aware["recall"] > 0.8 and aware["coverage"] > 0.8
+    # The radius is the distance to the 5th nearest other subject (its closest slice).
+    radius = kth_neighbour_radius(real, 5, groups)
+    brute = np.linalg.norm(real[:, None] - real[None], axis=2)
+    per_subject = brute.reshape(320, 40, 8).min(axis=2)
+    per_subject[np.arange(320), groups] = np.inf
+    np.testing.assert_allclose(radius, np.sort(per_subject, axis=1)[:, 4], rtol=1e-6)
+    assert np.isnan(kth_neighbour_radius(real[:16], 5, groups[:16])).all()  # one other subject only: no ball
+
+
+def test_density_counts_subjects_not_slices(rng: np.random.Generator) -> None:
+    centres = rng.normal(size=(60, 8))
+    groups = np.repeat(np.arange(60), 6)
+    real = np.repeat(centres, 6, axis=0) + rng.normal(0.0, 0.01, size=(360, 8))
+    fresh = rng.normal(size=(300, 8))
+    per_subject = prdc(real, fresh, k=5, real_groups=groups)
+    single = prdc(centres, fresh, k=5)  # the same real distribution, one image per subject
+    assert per_subject["density"] == pytest.approx(single["density"], rel=0.2)
+    assert per_subject["precision"] == pytest.approx(single["precision"], abs=0.1)
+    # Unique groups are the plain per-image definition.
+    assert prdc(centres, fresh, k=5, real_groups=np.arange(60)) == single

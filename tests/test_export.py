@@ -587,6 +587,10 @@ def test_bad_inputs_are_refused_with_a_clear_message(inputs: dict, tmp_path: Pat
     assert (occupied / "thesis.docx").is_file()
     with pytest.raises(InputError, match="overlaps"):
         run(inputs["real"], inputs["synthetic"], inputs["report"], inputs["real"] / "export", ExportConfig())
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    with pytest.raises(InputError, match="cannot be created: .*notes.txt is a file"):
+        run(inputs["real"], inputs["synthetic"], inputs["report"], blocker / "export", ExportConfig())
 
 
 def test_malformed_model_preprocess_and_report_distances_are_input_errors(inputs: dict, tmp_path: Path) -> None:
@@ -602,6 +606,17 @@ def test_malformed_model_preprocess_and_report_distances_are_input_errors(inputs
         with pytest.raises(InputError, match=rf"model.json: key 'preprocess' .*missing key '{key}'"):
             run(inputs["real"], inputs["synthetic"], inputs["report"], tmp_path / f"out-{key}", ExportConfig(), model_dir=model)
         assert not (tmp_path / f"out-{key}").exists()
+    for edit, message in (({"labels": "lesion,normal"}, "key 'labels' is missing or not a list"),
+                          ({"config": "default"}, "key 'config' must be an object"),
+                          ({"spatial_dims": None}, "key 'spatial_dims' is missing")):
+        model = tmp_path / "model-edited"
+        shutil.rmtree(model, ignore_errors=True)
+        shutil.copytree(inputs["model"], model)
+        info = json.loads((model / "model.json").read_text())
+        info.update(edit)
+        (model / "model.json").write_text(json.dumps(info))
+        with pytest.raises(InputError, match=message):
+            run(inputs["real"], inputs["synthetic"], inputs["report"], tmp_path / "out-e", ExportConfig(), model_dir=model)
     report = _report(flagged=())
     ids = read_dataset(inputs["synthetic"]).manifest["sample_id"].tolist()
     for bad in ("far", float("nan")):

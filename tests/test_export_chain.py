@@ -70,7 +70,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     generate.run(root / "model", root / "synthetic", GenerateConfig(per_class=6, seed=3))
     pairs = _add_copies(root / "synthetic", root / "real", root / "model")
     report = evaluate.run(root / "real", root / "synthetic", root / "report", EvaluateConfig(
-        classifier_steps=20, bootstrap=20, kid_subsets=5, ms_ssim_pairs=10, min_holdout=4, min_test=2,
+        classifier_steps=20, bootstrap=20, kid_subsets=5, ms_ssim_pairs=10, min_holdout=2, min_test=2,
         match_repeats=1, feature_dim=16,
     ), model_dir=root / "model")
     return {"root": root, "report": report, "pairs": pairs, "phi": cohort.planted_phi}

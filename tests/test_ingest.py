@@ -427,3 +427,21 @@ def test_self_audit_stops_ingest_when_an_identifier_survives(tmp_path: Path, mon
     message = str(info.value)
     assert "(0020,4000) ImageComments: identifier or text" in message
     assert PATIENT_ID not in message
+
+
+def test_quarantine_reasons_never_quote_an_unknown_uid(tmp_path: Path) -> None:
+    """A non-standard SOP class UID is a header value: quarantine.csv names it only by its standard name."""
+    source = tmp_path / "source"
+    write_series(source / "normal" / "p1", "CT_small.dcm", 2, series="ok-1", plant=False)
+    for index, (sop_class, modality) in enumerate((("1.2.999.77001234.1", "OT"), ("1.2.999.77001234.2", "SR"))):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        del ds.PixelData
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        ds.SeriesInstanceUID = uid("odd", index)
+        ds.Modality = modality
+        ds.save_as(source / "normal" / f"odd{index}.dcm", enforce_file_format=True)
+    out = tmp_path / "dataset"
+    run([source], out, IngestConfig(workers=1))
+    text = (out / "quarantine.csv").read_text()
+    assert "no pixel data" in text and "private or unknown SOP class" in text
+    assert "77001234" not in text

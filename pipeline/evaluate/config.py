@@ -129,7 +129,10 @@ class EvaluateConfig(Section):
     min_holdout: int = Field(
         10,
         ge=2,
-        description="Fewest held-out real images (val + test) needed for the privacy baseline and the references.",
+        description=(
+            "Fewest held-out real subjects (val + test) needed for the privacy baseline and the references; "
+            "subjects, not slices, because slices of one volume are not independent."
+        ),
     )
     min_test: int = Field(6, ge=2, description="Fewest real test images needed for the utility comparison.")
     bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples (by subject) for 95% intervals.")

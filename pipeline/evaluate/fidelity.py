@@ -109,7 +109,14 @@ def kid(
     return float(values.mean()), float(values.std()), size
 
 
-def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5, real_radii: np.ndarray | None = None) -> dict[str, float]:
+def prdc(
+    real: np.ndarray,
+    fake: np.ndarray,
+    k: int = 5,
+    real_radii: np.ndarray | None = None,
+    real_groups: np.ndarray | None = None,
+    fake_groups: np.ndarray | None = None,
+) -> dict[str, float]:
     """Improved precision/recall and density/coverage with k-NN manifolds.
 
     precision: share of fake points inside some real point's k-NN ball (realism).
@@ -118,31 +125,58 @@ def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5, real_radii: np.ndarray 
     distributions match; rewards fakes where real data is dense).
     coverage: share of real points whose own ball holds at least one fake point.
 
+    With subjects (``real_groups``), the real manifold is counted in subjects: a ball's radius is
+    the distance to the k-th nearest other subject, and density counts the subjects (not the
+    slices) whose balls hold a fake point. With one image per subject this is exactly the
+    per-image definition.
+
     Args:
         real: (N, D) features, N > k.
         fake: (M, D) features, M > k.
         k: neighbourhood size (Naeem et al. recommend 5).
         real_radii: precomputed k-NN radii of ``real`` (reused across comparisons).
+        real_groups, fake_groups: subject of each point (see
+            :func:`pipeline.evaluate.neighbours.kth_neighbour_radius`). Without them, 2D slices of
+            one volume are each other's nearest neighbours, the balls shrink to nothing, and every
+            figure reads 0.
 
     Raises:
         ValueError: a set has k or fewer points.
     """
     if real.shape[0] <= k or fake.shape[0] <= k:
         raise ValueError(f"precision/recall need more than k={k} points per set")
-    radii_r = torch.from_numpy(real_radii if real_radii is not None else kth_neighbour_radius(real, k))
-    radii_f = torch.from_numpy(kth_neighbour_radius(fake, k))
+    radii_r = torch.from_numpy(real_radii if real_radii is not None else kth_neighbour_radius(real, k, real_groups))
+    radii_f = torch.from_numpy(kth_neighbour_radius(fake, k, fake_groups))
+    codes, n_groups = _group_codes(real_groups, real.shape[0])
+    # Per (real subject, fake point): does any of the subject's balls hold the fake point?
+    per_subject = torch.zeros((n_groups, fake.shape[0]), dtype=torch.float32) if codes is not None else None
     inside_count = torch.zeros(fake.shape[0], dtype=torch.float64)
     recalled = torch.zeros(real.shape[0], dtype=torch.bool)
     covered = torch.zeros(real.shape[0], dtype=torch.bool)
     for start, block in distance_chunks(real, fake):  # rows: real points, columns: fake points
         rows = slice(start, start + block.shape[0])
         in_real_ball = block < radii_r[rows, None]
-        inside_count += in_real_ball.sum(0, dtype=torch.float64)
+        if per_subject is not None:
+            per_subject.index_add_(0, codes[rows], in_real_ball.float())
+        else:
+            inside_count += in_real_ball.sum(0, dtype=torch.float64)
         recalled[rows] = (block < radii_f[None, :]).any(1)
         covered[rows] = in_real_ball.any(1)
+    if per_subject is not None:
+        inside_count = (per_subject > 0).sum(0, dtype=torch.float64)
     return {
         "precision": float((inside_count > 0).double().mean()),
         "recall": float(recalled.double().mean()),
         "density": float(inside_count.mean() / k),
         "coverage": float(covered.double().mean()),
     }
+
+
+def _group_codes(groups: np.ndarray | None, count: int) -> tuple[torch.Tensor | None, int]:
+    """Integer subject codes, or (None, count) when every point is its own subject (no grouping needed)."""
+    if groups is None:
+        return None, count
+    names, codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    if names.size == count:
+        return None, count
+    return torch.from_numpy(codes.astype(np.int64)), int(names.size)

@@ -7,9 +7,12 @@ preprocessing makes the two sides comparable:
 1. orientation to RAS (nibabel's closest canonical orientation),
 2. resampling to the synthetic images' voxel size (in-plane only for 2D images),
 3. centre crop/pad to the synthetic images' shape,
-4. one robust intensity mapping for both sides: the 0.5th and 99.5th percentiles of the real
-   **training** voxels map to -1 and 1 (clipped). One mapping, not one per image, so a synthetic
-   set with the wrong brightness or contrast still shows as different.
+4. one robust intensity mapping for both sides: the overlap of the 0.5..99.5 percentile ranges
+   of the real **training** voxels and of the synthetic voxels maps to -1..1 (clipped). One
+   mapping, not one per image, so a synthetic set with the wrong brightness or contrast still
+   shows as different; the overlap, because synthetic CT files are often stored clipped to the
+   model's window. Ranges that barely overlap mean different units (normalised MR): each side is
+   then scaled by its own range (:func:`intensity_mapping`).
 
 In 2D mode real volumes expand to their non-empty axial slices (sample ids ``<sample_id>#z<k>``);
 a slice is non-empty when at least 1% of its pixels lie above the lower quarter of the intensity
@@ -38,6 +41,7 @@ __all__ = [
     "ImageSet",
     "Grid",
     "load_image_sets",
+    "intensity_mapping",
     "default_grid",
     "spacing_of",
     "to_ras",
@@ -205,6 +209,25 @@ def _scale(data: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip(scaled, -1.0, 1.0).astype(np.float32)
 
 
+def intensity_mapping(
+    real: tuple[float, float], synthetic: tuple[float, float]
+) -> tuple[tuple[float, float], tuple[float, float], str]:
+    """Choose the intensity ranges mapped to [-1, 1]: (real range, synthetic range, mode).
+
+    ``common``: both sides use the overlap of their percentile ranges, when it spans at least half
+    of the narrower range and a tenth of the wider one. This covers the usual case of one unit (HU) where the
+    synthetic files were stored clipped to the model's window: clipping the real side the same way
+    makes air, tissue and lesion land on the same values, and a generator with the wrong
+    brightness still reads as different. ``per-side``: ranges that barely overlap mean different
+    units (normalised MR vs scanner units); each side is then scaled by its own range.
+    """
+    low, high = max(real[0], synthetic[0]), min(real[1], synthetic[1])
+    widths = sorted((max(real[1] - real[0], 1e-6), max(synthetic[1] - synthetic[0], 1e-6)))
+    if high - low >= 0.5 * widths[0] and high - low >= 0.1 * widths[1]:
+        return (low, high), (low, high), "common"
+    return real, synthetic, "per-side"
+
+
 def _intensity_range(volumes: list[np.ndarray], seed: int) -> tuple[float, float]:
     rng = np.random.default_rng(seed)
     samples = []
@@ -241,20 +264,26 @@ def _default_sets(real: Dataset, synthetic: Dataset, seed: int) -> tuple[ImageSe
             f"{real.root / 'manifest.csv'}: no real images in split 'train'. "
             "Fix: evaluation compares synthetic data with the training split; pass the dataset the model was trained on."
         )
-    low, high = _intensity_range(train_volumes, seed)
-    real_set = _collect(real_rows, [_scale(v, low, high) for v in real_volumes], grid, is_real=True)
-    synthetic_volumes = [
-        _scale(volume, low, high)
-        for volume in _read_all([synthetic.image_path(row) for _, row in synthetic_rows.iterrows()], grid)
-    ]
-    synthetic_set = _collect(synthetic_rows, synthetic_volumes, grid, is_real=False)
+    synthetic_raw = _read_all([synthetic.image_path(row) for _, row in synthetic_rows.iterrows()], grid)
+    real_range, synthetic_range, mode = intensity_mapping(
+        _intensity_range(train_volumes, seed), _intensity_range(synthetic_raw, seed)
+    )
+    real_set = _collect(real_rows, [_scale(v, *real_range) for v in real_volumes], grid, is_real=True)
+    synthetic_set = _collect(synthetic_rows, [_scale(v, *synthetic_range) for v in synthetic_raw], grid, is_real=False)
     record = {
         "kind": "default",
         "description": (
             "RAS orientation; resampled to the synthetic images' voxel size"
             + (" in-plane" if grid.spatial_dims == 2 else "")
-            + "; centre crop/pad to their shape; one robust intensity mapping for both sides "
-            f"(real-train percentiles {PERCENTILES[0]} and {PERCENTILES[1]} -> -1 and 1, clipped)"
+            + "; centre crop/pad to their shape; "
+            + (
+                "one intensity mapping for both sides: the common part of the real-train and synthetic "
+                f"{PERCENTILES[0]}..{PERCENTILES[1]} percentile ranges -> -1..1, clipped"
+                if mode == "common"
+                else "each side scaled by its own "
+                f"{PERCENTILES[0]}..{PERCENTILES[1]} percentile range -> -1..1 (their ranges barely overlap: "
+                "different units, e.g. normalised MR)"
+            )
             + ("; real volumes expanded to non-empty axial slices" if grid.spatial_dims == 2 else "")
         ),
         "spatial_dims": grid.spatial_dims,
@@ -262,8 +291,9 @@ def _default_sets(real: Dataset, synthetic: Dataset, seed: int) -> tuple[ImageSe
         "spacing_mm": [round(s, 6) for s in grid.spacing],
         "orientation": "RAS",
         "intensity_percentiles": list(PERCENTILES),
-        "intensity_low": low,
-        "intensity_high": high,
+        "intensity_mode": mode,
+        "real_intensity_range": list(real_range),
+        "synthetic_intensity_range": list(synthetic_range),
         "nonempty_rule": f"at least {NONEMPTY_FRACTION:.0%} of pixels above scaled value {_NONEMPTY_LEVEL}",
     }
     return real_set, synthetic_set, record

@@ -34,6 +34,10 @@ def distance_chunks(queries: np.ndarray, reference: np.ndarray) -> Iterator[tupl
         yield start, torch.cdist(block, reference_t).clamp_min_(0.0)
 
 
+def _codes(groups: np.ndarray) -> np.ndarray:
+    return np.unique(np.asarray(groups).astype(str), return_inverse=True)[1].astype(np.int64)
+
+
 def nearest(
     queries: np.ndarray,
     reference: np.ndarray,
@@ -63,7 +67,30 @@ def nearest(
     return torch.cat(distances).numpy(), torch.cat(indices).numpy()
 
 
-def kth_neighbour_radius(points: np.ndarray, k: int) -> np.ndarray:
-    """Distance of every point to its k-th nearest other point (the k-NN ball radius)."""
-    distances, _ = nearest(points, points, k=k, exclude_self=True)
-    return distances[:, -1]
+def kth_neighbour_radius(points: np.ndarray, k: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """Distance of every point to its k-th nearest other point (the k-NN ball radius).
+
+    With ``groups`` (subjects), neighbours are counted in subjects: the radius is the distance to
+    the k-th nearest *other subject* (its closest image). Slices of one volume are near-copies of
+    each other; counted as neighbours they would shrink every ball to nothing, and counted as
+    images they would make k slices of one neighbour stand for k subjects. A point with fewer than
+    ``k`` other subjects gets ``nan``: its ball then holds nothing, rather than everything.
+    """
+    if groups is None:
+        distances, _ = nearest(points, points, k=k, exclude_self=True)
+        radii = distances[:, -1] if distances.shape[1] == k else np.full(points.shape[0], np.inf)
+        return np.where(np.isfinite(radii), radii, np.nan)
+    codes = torch.from_numpy(_codes(groups))
+    n_groups = int(codes.max()) + 1 if codes.numel() else 0
+    if n_groups - 1 < k:
+        return np.full(points.shape[0], np.nan)
+    radii = []
+    for start, block in distance_chunks(points, points):
+        # Closest image of every subject, per query row; the query's own subject is excluded.
+        per_group = torch.full((block.shape[0], n_groups), float("inf"), dtype=block.dtype)
+        per_group.scatter_reduce_(1, codes.expand(block.shape[0], -1), block, reduce="amin")
+        rows = torch.arange(block.shape[0])
+        per_group[rows, codes[start : start + block.shape[0]]] = float("inf")
+        radii.append(torch.topk(per_group, k, dim=1, largest=False).values[:, -1])
+    result = torch.cat(radii).numpy()
+    return np.where(np.isfinite(result), result, np.nan)

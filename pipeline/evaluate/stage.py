@@ -134,23 +134,29 @@ def _fidelity_in_space(
     synthetic_labels: np.ndarray,
     config: EvaluateConfig,
     holdout_reason: str | None,
+    train_groups: np.ndarray,
+    holdout_groups: np.ndarray | None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, float | None]]]:
-    """FID/KID/PRDC of synthetic vs real train, the real-vs-real reference, matched ratios, per class."""
+    """FID/KID/PRDC of synthetic vs real train, the real-vs-real reference, matched ratios, per class.
+
+    ``train_groups``/``holdout_groups`` are the subjects of the real images: k-NN balls of real
+    images are sized by other subjects' images (slices of one volume are not independent).
+    """
     k = config.k_nearest
     result: dict[str, Any] = {}
-    radii = kth_neighbour_radius(train, k) if train.shape[0] > k else None
-    _fill_distribution(result, train, synthetic, config, radii)
+    radii = kth_neighbour_radius(train, k, train_groups) if train.shape[0] > k else None
+    _fill_distribution(result, train, synthetic, config, radii, train_groups, None)
     reference: dict[str, Any] = {
         "n_real": int(train.shape[0]),
         "n_compared": int(holdout.shape[0]) if holdout is not None else 0,
     }
     if holdout is not None:
-        _fill_distribution(reference, train, holdout, config, radii)
+        _fill_distribution(reference, train, holdout, config, radii, train_groups, holdout_groups)
     else:
         for key in ("fid", "kid", "precision", "recall", "density", "coverage"):
             _put(reference, key, None, holdout_reason)
     result["reference"] = reference
-    matched = _matched(train, holdout, synthetic, config, radii, holdout_reason)
+    matched = _matched(train, holdout, synthetic, config, radii, holdout_reason, train_groups, holdout_groups)
     result["matched"] = matched
     ratios: dict[str, Any] = {}
     for key in ("precision", "density"):
@@ -166,7 +172,10 @@ def _fidelity_in_space(
     per_class: dict[str, Any] = {}
     for label in sorted(set(train_labels.tolist())):
         entry: dict[str, Any] = {}
-        _fill_distribution(entry, train[train_labels == label], synthetic[synthetic_labels == label], config, None)
+        members = train_labels == label
+        _fill_distribution(
+            entry, train[members], synthetic[synthetic_labels == label], config, None, train_groups[members], None
+        )
         per_class[str(label)] = entry
     result["per_class"] = per_class
     bars = {
@@ -184,6 +193,8 @@ def _fill_distribution(
     fake: np.ndarray,
     config: EvaluateConfig,
     radii: np.ndarray | None,
+    real_groups: np.ndarray | None,
+    fake_groups: np.ndarray | None,
 ) -> None:
     target["n_real"], target["n_compared"] = int(real.shape[0]), int(fake.shape[0])
     few = f"needs at least 2 images per side (real {real.shape[0]}, compared {fake.shape[0]})"
@@ -199,13 +210,22 @@ def _fill_distribution(
         _put(target, "fid", None, few)
         _put(target, "kid", None, few)
     k = config.k_nearest
-    if real.shape[0] > k and fake.shape[0] > k:
-        for key, value in prdc(real, fake, k, radii).items():
+    real_units, fake_units = _units(real, real_groups), _units(fake, fake_groups)
+    if real_units > k and fake_units > k:
+        for key, value in prdc(real, fake, k, radii, real_groups, fake_groups).items():
             _put(target, key, value, None)
     else:
-        reason = f"k-NN manifolds need more than k={k} images per side (real {real.shape[0]}, compared {fake.shape[0]})"
+        reason = (
+            f"k-NN manifolds need more than k={k} subjects per side (real {real_units}, compared {fake_units}); "
+            "lower evaluate.k_nearest or add subjects"
+        )
         for key in ("precision", "recall", "density", "coverage"):
             _put(target, key, None, reason)
+
+
+def _units(points: np.ndarray, groups: np.ndarray | None) -> int:
+    """Independent units of a set: subjects when grouped, else points."""
+    return int(np.unique(groups.astype(str)).size) if groups is not None else int(points.shape[0])
 
 
 def _matched(
@@ -215,13 +235,16 @@ def _matched(
     config: EvaluateConfig,
     radii: np.ndarray | None,
     holdout_reason: str | None,
+    train_groups: np.ndarray,
+    holdout_groups: np.ndarray | None,
 ) -> dict[str, Any]:
     """Recall and coverage grow with the compared set's size: compare at one size, averaged over draws."""
     k = config.k_nearest
     result: dict[str, Any] = {}
     n = min(synthetic.shape[0], holdout.shape[0]) if holdout is not None else 0
     result["n"] = int(n)
-    if holdout is None or n <= k or radii is None:
+    too_few = holdout is None or min(_units(train, train_groups), _units(holdout, holdout_groups)) <= k
+    if too_few or n <= k or radii is None:
         reason = holdout_reason or f"needs more than k={k} images in each compared set"
         for key in ("recall", "coverage", "reference_recall", "reference_coverage"):
             _put(result, key, None, reason)
@@ -229,8 +252,10 @@ def _matched(
     rng = np.random.default_rng(config.seed + 11)
     sums = {"recall": 0.0, "coverage": 0.0, "reference_recall": 0.0, "reference_coverage": 0.0}
     for _ in range(config.match_repeats):
-        fake = prdc(train, synthetic[rng.choice(synthetic.shape[0], n, replace=False)], k, radii)
-        ref = prdc(train, holdout[rng.choice(holdout.shape[0], n, replace=False)], k, radii)
+        fake = prdc(train, synthetic[rng.choice(synthetic.shape[0], n, replace=False)], k, radii, train_groups)
+        pick = rng.choice(holdout.shape[0], n, replace=False)
+        groups = holdout_groups[pick] if holdout_groups is not None else None
+        ref = prdc(train, holdout[pick], k, radii, train_groups, groups)
         sums["recall"] += fake["recall"]
         sums["coverage"] += fake["coverage"]
         sums["reference_recall"] += ref["recall"]
@@ -314,6 +339,8 @@ def _privacy(
     _put(result, "dcr_synthetic_to_train", float(np.median(synthetic_close.distance)), None)
     result["dcr_synthetic_to_train_p05"] = _number(np.percentile(synthetic_close.distance, 5))
     result["n_train"], result["n_holdout"], result["n_synthetic"] = len(train), len(holdout), len(synthetic)
+    result["n_train_subjects"] = int(np.unique(train.subject_ids.astype(str)).size)
+    result["n_holdout_subjects"] = int(np.unique(holdout.subject_ids.astype(str)).size)
     order = np.argsort(synthetic_close.distance, kind="stable")
     evidence.closest_pairs = [
         {
@@ -760,12 +787,14 @@ def evaluate_sets(
     """
     steps = _Steps(progress, total=6)
     train, holdout, test = real.split("train"), real.split("val", "test"), real.split("test")
+    holdout_subjects = int(np.unique(holdout.subject_ids.astype(str)).size)
     holdout_reason = (
         None
-        if len(holdout) >= config.min_holdout
+        if holdout_subjects >= config.min_holdout
         else (
-            f"only {len(holdout)} held-out real images (val + test) after preprocessing; at least "
-            f"{config.min_holdout} are needed for a real-vs-real baseline (evaluate.min_holdout)"
+            f"only {holdout_subjects} held-out real subjects (val + test, {len(holdout)} images) after "
+            f"preprocessing; at least {config.min_holdout} are needed for a real-vs-real baseline "
+            "(evaluate.min_holdout)"
         )
     )
     classes = sorted(set(train.labels.tolist()))
@@ -797,6 +826,8 @@ def evaluate_sets(
             synthetic.labels,
             config,
             holdout_reason,
+            train.subject_ids,
+            holdout.subject_ids if holdout_reason is None else None,
         )
         section["feature_space"] = space.name
         fidelity_by_space[space.name] = section

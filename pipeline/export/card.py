@@ -464,6 +464,8 @@ def render_card(facts: Mapping[str, Any], template: str | os.PathLike[str] | Non
             "Fix: use the fields listed in data_cards/README.md."
         ) from None
     except (jinja2.TemplateError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError) as exc:
+        if template is None:
+            raise  # the packaged template failing is a bug, not bad input
         # A custom template is user input: an expression that fails while rendering is bad input.
         raise InputError(
             f"{where}: the template failed while rendering ({type(exc).__name__}). Fix: correct the template "

@@ -212,6 +212,17 @@ def model_facts(model_dir: str | os.PathLike[str] | None) -> dict[str, Any] | No
         raise InputError(f"{path}: missing or not valid JSON. Fix: pass a MODEL_DIR written by `medsynth train`.")
     if not isinstance(info.get("preprocess"), dict):
         raise InputError(f"{path}: key 'preprocess' is missing. Fix: re-run `medsynth train` with this version.")
+    # The keys the export and the card read (docs/model_interface.md), with the type they must have.
+    expected = {"spatial_dims": int, "image_size": list, "spacing": list, "labels": list, "latent_dim": int}
+    for name, kind in expected.items():
+        if not isinstance(info.get(name), kind) or isinstance(info.get(name), bool):
+            raise InputError(
+                f"{path}: key '{name}' is missing or not {'an integer' if kind is int else 'a list'}. "
+                "Fix: pass a MODEL_DIR written by `medsynth train` (re-run train if the file was edited)."
+            )
+    for name in ("config", "dp"):
+        if info.get(name) is not None and not isinstance(info[name], dict):
+            raise InputError(f"{path}: key '{name}' must be an object or null. Fix: re-run `medsynth train`.")
     checkpoint = model_dir / "checkpoint.pt"
     facts = dict(info)
     facts["checkpoint_sha256"] = sha256_file(checkpoint) if checkpoint.is_file() else None

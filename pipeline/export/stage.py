@@ -205,8 +205,10 @@ def _check_out(out: Path, inputs: Mapping[str, Path]) -> None:
             raise InputError(
                 f"{out}: the output folder overlaps {flag} {folder}. Fix: pass --out a separate folder, e.g. runs/<name>/export."
             )
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder. Fix: pass --out a new or empty folder.")
+    existing = next(path for path in (out, *out.parents) if path.exists() or path == Path(path.anchor))
+    if existing.exists() and not existing.is_dir():
+        what = "exists and is not a folder" if existing == out else f"cannot be created: {existing} is a file"
+        raise InputError(f"{out}: {what}. Fix: pass --out a new or empty folder.")
     if out.is_dir() and any(out.iterdir()) and not (out / FACTS_NAME).is_file():
         raise InputError(
             f"{out}: the folder is not empty and holds no earlier export ({FACTS_NAME}); refusing to replace it. "

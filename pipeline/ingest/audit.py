@@ -483,8 +483,11 @@ def _labels(directory: Path) -> set[str]:
         return set()
     import csv
 
-    with open(manifest, encoding="utf-8", newline="") as handle:
-        return {row.get("label", "") for row in csv.DictReader(handle)} - {""}
+    try:
+        with open(manifest, encoding="utf-8-sig", newline="") as handle:
+            return {row.get("label") or "" for row in csv.DictReader(handle)} - {""}
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return set()  # labels only spare their own words from the search: without them it finds more, never less
 
 
 def audit(

@@ -161,8 +161,11 @@ def _check_locations(sources: list[Path], out: Path, private: Path) -> None:
         if _inside(private, source):
             raise InputError(f"--private is inside --source #{index}. Fix: put the private folder outside the sources.")
     for flag, folder in (("--out", out), ("--private", private)):
-        if folder.exists() and not folder.is_dir():
-            raise InputError(f"{flag} {folder}: exists and is not a folder. Fix: pass a new folder (or an earlier one).")
+        existing = next(path for path in (folder, *folder.parents) if path.exists() or path == Path(path.anchor))
+        if existing.exists() and not existing.is_dir():
+            raise InputError(
+                f"{flag} {folder}: {existing} exists and is not a folder. Fix: pass a new folder (or an earlier one)."
+            )
     foreign = _foreign_outputs(out)
     if foreign:
         raise InputError(

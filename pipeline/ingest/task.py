@@ -314,20 +314,28 @@ def _read(content: bytes) -> Dataset:
         return pydicom.dcmread(io.BytesIO(content), force=not has_preamble)
 
 
+def _uid_name(uid: str, unknown: str) -> str:
+    """The standard name of a UID, or ``unknown``: quarantine.csv never quotes a header value."""
+    from pydicom.uid import UID_dictionary
+
+    entry = UID_dictionary.get(str(uid).strip(" \x00"))
+    return entry[0] if entry else unknown
+
+
 def _ts_name(ds: Dataset) -> str:
     uid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    return UID(str(uid)).name if uid else "no transfer syntax"
+    return _uid_name(str(uid), "private or unknown transfer syntax") if uid else "no transfer syntax"
 
 
 def _screen(ds: Dataset, config: IngestConfig) -> tuple[str, list[tuple[int, int, int, int]]]:
     """``("", regions)`` for a usable image, else ``(reason, [])``."""
     sop_class = str(ds.get("SOPClassUID", "") or "")
     if not any(name in ds for name in _PIXEL_TAGS):
-        name = UID(sop_class).name if sop_class else "no SOPClassUID"
+        name = _uid_name(sop_class, "private or unknown SOP class") if sop_class else "no SOPClassUID"
         return f"no pixel data: non-image object or stripped image ({name})", []
     modality = str(ds.get("Modality", "") or "").strip().upper()
     if modality in NON_SCAN_MODALITIES:
-        name = UID(sop_class).name if sop_class else modality
+        name = _uid_name(sop_class, modality) if sop_class else modality
         return f"not a scan ({name})", []
     if not sop_class:
         return "image without SOPClassUID (not a valid DICOM image object)", []

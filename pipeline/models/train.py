@@ -454,7 +454,8 @@ def _run(
             images_seen += config.batch_size * ddp.world_size
             window_images += config.batch_size * ddp.world_size
             total_images_session += config.batch_size * ddp.world_size
-            time_up = config.max_minutes is not None and train_seconds >= config.max_minutes * 60.0
+            # Stop when one more step would overrun the time budget, so the budget is never exceeded.
+            time_up = config.max_minutes is not None and train_seconds + step_seconds > config.max_minutes * 60.0
             stats = _reduce(stats, time_up, ddp)
             losses = {key: value for key, value in stats.items() if key != "time_up"}
             bad = [key for key in ("loss_d", "loss_g") if not math.isfinite(losses[key])]
