@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _report(exc, debug)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("Interrupted; re-run the same command to resume.", err=True)
+        click.echo("Interrupted; the last checkpoint is kept: add --resume to the same command to continue.", err=True)
         sys.exit(130)
     except Exception as exc:  # an unexpected failure: still one line unless --debug
         if debug:

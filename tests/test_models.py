@@ -270,6 +270,11 @@ def test_resume_refuses_a_changed_architecture(phantom_data: Path, tmp_path: Pat
     train.run(phantom_data, tmp_path / "model", tiny_config(max_steps=2, sample_every=0), seed=0)
     with pytest.raises(InputError, match="g_width"):
         train.run(phantom_data, tmp_path / "model", tiny_config(max_steps=4, g_width=16), seed=0, resume=True)
+    with pytest.raises(InputError, match="original --seed"):
+        train.run(phantom_data, tmp_path / "model", tiny_config(max_steps=4), seed=1, resume=True)
+    # A time budget already spent: the resumed run stops before its first step.
+    spent = train.run(phantom_data, tmp_path / "model", tiny_config(max_steps=4, max_minutes=1e-9), seed=0, resume=True)
+    assert spent.steps == 2 and spent.stopped_by == "max_minutes"
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(phantom_data: Path, tmp_path: Path) -> None:

@@ -142,8 +142,9 @@ def privacy_checks(
             mia_auc,
             "<=",
             thresholds.max_mia_auc,
-            "AUC of the strongest membership-inference attack run (0.5 = chance): how well an attacker holding the "
-            "synthetic data tells training patients from held-out ones.",
+            "AUC of the strongest gated membership-inference attack (0.5 = chance): how well an attacker "
+            "holding the synthetic data (distance attack) or the trained discriminator (white-box attack, when "
+            "the model was given) tells training patients from held-out ones.",
             reason,
         ),
     ]

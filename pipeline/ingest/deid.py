@@ -50,6 +50,7 @@ STOP_VALUES = frozenset(
         b"anonymized", b"anonymous", b"anon", b"unknown", b"none", b"null", b"n/a", b"test", b"yes",
         b"19000101", b"19000101000000", b"000000", b"removed", b"redacted", b"original", b"primary",
         b"secondary", b"derived", b"axial", b"other", b"patient",
+        b"dicomdir",  # the index file name fixed by PS3.10, not an identifier
     }
 )
 _STRING_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})

@@ -91,10 +91,10 @@ def walk_sources(sources: list[Path]) -> list[SourceFile]:
                 f"--source #{index + 1}: folder not found or not a folder. Fix: pass an existing folder of DICOM/NIfTI files."
             )
         for folder, dirs, files in os.walk(root, followlinks=False):
-            dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+            # Hidden files and folders are read too: a DICOM file named ".1234" is still an image, and
+            # anything that is not one (.DS_Store) lands in quarantine.csv with a reason, not nowhere.
+            dirs[:] = sorted(dirs)
             for name in sorted(files):
-                if name.startswith("."):
-                    continue
                 path = Path(folder) / name
                 if not path.is_file():
                     continue

@@ -64,6 +64,8 @@ from pipeline.tracking import NullTracker, Tracker
 __all__ = ["IngestSummary", "run", "default_private", "QUARANTINE_NAME", "AUDIT_LOG_NAME"]
 
 QUARANTINE_NAME = "quarantine.csv"
+# A DICOMDIR is an index, not an image: the files it lists are found and read directly.
+DICOMDIR_REASON = "DICOMDIR index file (not an image; the files it lists are read directly)"
 AUDIT_LOG_NAME = "audit.jsonl"
 _SCAN_CHUNK = 64
 
@@ -96,8 +98,7 @@ class IngestSummary:
             f"Ingested {self.series_written} of {self.series_found} series into {self.out} "
             f"({self.images_written} NIfTI images, {self.dicom_files_written} anonymized DICOM files; "
             f"{self.series_resumed} unchanged since the last run)",
-            f"  files seen: {self.files_seen}; quarantined: {self.quarantined_files}"
-            + (f"; DICOMDIR index files skipped: {self.dicomdir_skipped}" if self.dicomdir_skipped else ""),
+            f"  files seen: {self.files_seen}; quarantined: {self.quarantined_files}",
         ]
         for reason, count in sorted(self.quarantined.items(), key=lambda item: (-item[1], item[0])):
             lines.append(f"    {count:5d}  {reason}")
@@ -255,6 +256,7 @@ def run(
             quarantine.append((item.file, item.reason, "", "other"))
         elif item.kind == "dicomdir":
             summary.dicomdir_skipped += 1
+            quarantine.append((item.file, DICOMDIR_REASON, "", "dicomdir"))
     groups = group_series(scanned, label_from_folder=book.from_folders)
     patient_of = {item.file: item.patient_id for item in scanned if item.kind == "dicom"}
     tasks: list[SeriesTask] = []

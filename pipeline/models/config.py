@@ -1,9 +1,9 @@
 """Configuration of the train and generate stages (``model:`` and ``generate:``).
 
-``ModelConfig`` holds four groups of keys (flat, so a flag or a dotted override names one key):
+``ModelConfig`` holds six groups of keys (flat, so a flag or a dotted override names one key):
 preprocessing (how real volumes become network inputs), network (sizes of the generator and
-discriminator), training (losses, optimizers, augmentation, EMA, logging) and budget (steps and/or
-minutes). See ``docs/models.md`` for every key.
+discriminator), training (losses, optimizers, augmentation, EMA), budget (steps and/or minutes),
+bookkeeping (checkpoints, logging, sample grids) and hardware. See ``docs/models.md`` for every key.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ class ModelConfig(Section):
         "null: the median native spacing of the training split.",
     )
     orientation: str = Field(
-        "RAS", description="Axis codes volumes are reoriented to first; 2D slices are taken along the last axis."
+        "RAS", description="Axis codes volumes are reoriented to (after intensity scaling); 2D slices are taken along the last axis."
     )
     intensity: Literal["ct", "mr"] = Field(
-        "ct", description="ct: fixed HU window (`window`); mr: per-volume percentiles (`percentiles`)."
+        "ct", description="ct: fixed HU window (`window`); mr: per-volume percentiles (`percentiles`). Applied first."
     )
     window: list[float] = Field(
         default_factory=lambda: [-160.0, 240.0],
@@ -61,8 +61,8 @@ class ModelConfig(Section):
         0.05,
         ge=0.0,
         lt=1.0,
-        description="2D: an axial slice is used only if more than this fraction of its pixels is above the "
-        "window floor (skips empty slices).",
+        description="2D: an axial slice is used only if more than this fraction of its pixels is above -0.95 "
+        "in [-1, 1] units, i.e. 2.5% of the window above its floor (skips empty slices).",
     )
 
     # --- network ---
@@ -118,7 +118,7 @@ class ModelConfig(Section):
     # --- hardware ---
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU.")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
-    channels_last: bool = Field(True, description="CUDA: channels-last memory format.")
+    channels_last: bool = Field(True, description="Channels-last memory format (CPU and CUDA; faster convolutions on CUDA).")
     num_threads: int | None = Field(None, ge=1, description="CPU threads per process (null: torch's default).")
 
     @model_validator(mode="after")
@@ -160,6 +160,6 @@ class GenerateConfig(Section):
     """How many synthetic images to draw and from which seed."""
 
     per_class: int = Field(100, ge=1, description="Synthetic images per class.")
-    seed: int = Field(0, ge=0, description="Seed of the noise: same model and seed, same images.")
+    seed: int = Field(0, ge=0, description="Seed of the noise: same model, seed and per_class, same images.")
     batch_size: int = Field(64, ge=1, le=4096, description="Images per generator call.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU.")

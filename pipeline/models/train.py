@@ -237,7 +237,9 @@ def _train_rows(dataset: Dataset, data: Path):
     return rows
 
 
-def _check_resume_compatible(meta: dict[str, Any], config: ModelConfig, labels: list[str], spec: dict, digest: str, out: Path) -> None:
+def _check_resume_compatible(
+    meta: dict[str, Any], config: ModelConfig, seed: int, labels: list[str], spec: dict, digest: str, out: Path
+) -> None:
     where = out / MODEL_JSON
     for key in ARCHITECTURE_KEYS:
         before = meta["config"].get(key)
@@ -247,6 +249,12 @@ def _check_resume_compatible(meta: dict[str, Any], config: ModelConfig, labels: 
                 f"{where}: the checkpoint was trained with model.{key} = {before!r}, the config now says {now!r}. "
                 "Fix: resume with the original value, or train into a new --out folder."
             )
+    if meta.get("seed") != seed:
+        raise InputError(
+            f"{where}: the checkpoint was trained with seed {meta.get('seed')!r}, this run says {seed!r}; "
+            "a different seed would silently change the noise and data order mid-run. "
+            "Fix: resume with the original --seed, or train into a new --out folder."
+        )
     if meta["labels"] != labels:
         raise InputError(
             f"{where}: the checkpoint's labels {meta['labels']} differ from the dataset's {labels}. "
@@ -354,7 +362,7 @@ def _run(
     start_step, train_seconds, images_seen = 0, 0.0, 0
     if resume and checkpoint_path.exists():
         previous = read_model_json(out)
-        _check_resume_compatible(previous, config, labels, spec, digest, out)
+        _check_resume_compatible(previous, config, seed, labels, spec, digest, out)
         state = load_checkpoint(out)
         generator.load_state_dict(state["generator"])
         discriminator.load_state_dict(state["discriminator"])
@@ -397,10 +405,10 @@ def _run(
             "train.world_size": ddp.world_size,
             "train.device": device.type,
             "train.resolved_spacing": json.dumps(spec["spacing"]),
+            # A resumed session is its own MLflow run: it logs the full config too, plus where it started.
             "train.start_step": start_step,
+            **({"train.resumed_from_step": start_step} if start_step else {}),
         }
-        if start_step == 0
-        else {"train.resumed_from_step": start_step}
     )
     tracker.set_tags({"medsynth.train_dataset_digest": digest})
     tracker.log_dataset(dataset, context="training")
@@ -442,12 +450,17 @@ def _run(
             if config.max_steps is not None and step >= config.max_steps:
                 stopped_by = "max_steps"
                 break
+            if config.max_minutes is not None and train_seconds >= config.max_minutes * 60.0:
+                stopped_by = "max_minutes"  # a resumed run whose time budget was already spent
+                break
             step_start = time.perf_counter()
             stats = _train_step(
                 step, config, seed, ddp, device, use_bf16, memory_format, images, targets, order,
                 generator, g_train, discriminator, d_train, ema, opt_g, opt_d,
             )
             step += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # kernels run asynchronously: time the work, not its launch
             step_seconds = time.perf_counter() - step_start
             train_seconds += step_seconds
             session_train_seconds += step_seconds
