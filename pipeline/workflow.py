@@ -154,7 +154,10 @@ def source_digest(sources: list[Path], labels: Path | None) -> str:
     for index, source in enumerate(sources):
         for path in sorted(p for p in Path(source).rglob("*") if p.is_file()):
             digest.update(f"{index}/{path.relative_to(source).as_posix()}\0".encode("utf-8", "surrogateescape"))
-            digest.update(sha256_file(path).encode())
+            try:
+                digest.update(sha256_file(path).encode())
+            except OSError:  # unreadable: ingest quarantines it; here it only has to count as a change
+                digest.update(f"unreadable {path.stat().st_size}".encode())
     if labels is not None:
         digest.update(b"labels\0" + sha256_file(labels).encode())
     return digest.hexdigest()

@@ -198,6 +198,28 @@ def test_gate_status_rules() -> None:
     assert gate_status([missing]) == "not_run"
 
 
+def test_mia_check_fails_on_evidence_and_reads_inconclusive_on_noise() -> None:
+    from pipeline.evaluate.config import GateThresholds
+    from pipeline.evaluate.gates import privacy_checks
+
+    def attack(auc: float, low: float, gated: bool = True) -> dict:
+        return {"auc": auc, "auc_ci_low": low, "auc_ci_high": min(1.0, 2 * auc - low), "gated": gated}
+
+    def mia(attacks: dict, **limits) -> Check:
+        strongest = max(a["auc"] for a in attacks.values() if a["gated"])
+        return privacy_checks(0.0, strongest, None, GateThresholds(**limits), None, attacks)[1]
+
+    noisy = {"blackbox_pixel": attack(0.62, 0.43), "whitebox_discriminator": attack(0.55, 0.36)}
+    check = mia(noisy)
+    assert check.passed is True and check.value == pytest.approx(0.62) and "inconclusive" in check.reason
+    assert mia(noisy, mia_requires_significance=False).passed is False  # the point estimate alone
+    # A second attack below the strongest but with its interval above chance is evidence: fail.
+    leaking = {"blackbox_pixel": attack(0.70, 0.45), "whitebox_discriminator": attack(0.66, 0.56)}
+    assert mia(leaking).passed is False and mia(leaking).reason is None
+    # Ungated cross-check attacks never decide; a low AUC passes without a note.
+    assert mia({"blackbox_pixel": attack(0.52, 0.40), "blackbox_feature_x": attack(0.9, 0.8, gated=False)}).reason is None
+
+
 def test_classifiers_trained_side_by_side_match_sequential_training(rng: np.random.Generator) -> None:
     from pipeline.evaluate.networks import TrainingJob, predict_proba, train_classifiers
 

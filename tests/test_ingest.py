@@ -447,3 +447,19 @@ def test_quarantine_reasons_never_quote_an_unknown_uid(tmp_path: Path) -> None:
     text = (out / "quarantine.csv").read_text()
     assert "no pixel data" in text and "private or unknown SOP class" in text
     assert "77001234" not in text
+
+
+def _fails_on_two(value: int) -> int:
+    if value == 2:
+        raise MemoryError("worker ran out of memory")
+    return value * 10
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pool_reports_a_failed_job_and_goes_on_with_any_worker_count(workers: int) -> None:
+    """One failing series must not stop the others, in the serial path as in the process pool."""
+    from pipeline.ingest.pool import pool_map
+
+    results = dict(pool_map(_fails_on_two, [(1,), (2,), (3,)], workers, lambda _: None))
+    assert results[0] == 10 and results[2] == 30
+    assert isinstance(results[1], MemoryError)

@@ -58,6 +58,15 @@ class GateThresholds(Section):
         le=1.0,
         description="Privacy: AUC of the strongest membership-inference attack run.",
     )
+    mia_requires_significance: bool = Field(
+        True,
+        description=(
+            "Privacy: an attack fails the gate only when its AUC exceeds max_mia_auc and its 95% interval lies "
+            "above chance (0.5). An AUC above the limit whose interval includes 0.5 is reported as inconclusive "
+            "(the check passes, with that reason): with few held-out subjects, an honest generator's AUC swings "
+            "past the limit by chance. false: the point estimate alone decides."
+        ),
+    )
     max_epsilon: float | None = Field(
         None,
         gt=0.0,

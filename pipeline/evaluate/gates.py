@@ -125,8 +125,14 @@ def privacy_checks(
     epsilon: float | None,
     thresholds: GateThresholds,
     reason: str | None,
+    attacks: dict[str, dict[str, Any]] | None = None,
 ) -> list[Check]:
-    """Leakage: memorization rate and membership-inference AUC (and epsilon when gated)."""
+    """Leakage: memorization rate and membership-inference AUC (and epsilon when gated).
+
+    ``attacks``: the report's ``mia_attacks`` (name -> auc, auc_ci_low, gated); with
+    ``mia_requires_significance`` an attack fails the check only when its AUC is above the limit
+    *and* its interval lies above chance.
+    """
     checks = [
         _check(
             "memorization_rate",
@@ -137,16 +143,7 @@ def privacy_checks(
             "images are. An honest generator reads near the percentile itself; high: near-copies of training images.",
             reason,
         ),
-        _check(
-            "mia_auc",
-            mia_auc,
-            "<=",
-            thresholds.max_mia_auc,
-            "AUC of the strongest gated membership-inference attack (0.5 = chance): how well an attacker "
-            "holding the synthetic data (distance attack) or the trained discriminator (white-box attack, when "
-            "the model was given) tells training patients from held-out ones.",
-            reason,
-        ),
+        _mia_check(mia_auc, thresholds, reason, attacks or {}),
     ]
     if thresholds.max_epsilon is not None:
         if epsilon is None:
@@ -173,6 +170,35 @@ def privacy_checks(
                 )
             )
     return checks
+
+
+def _mia_check(
+    mia_auc: float | None, thresholds: GateThresholds, reason: str | None, attacks: dict[str, dict[str, Any]]
+) -> Check:
+    meaning = (
+        "AUC of the strongest gated membership-inference attack (0.5 = chance): how well an attacker holding the "
+        "synthetic data (distance attack) or the trained discriminator (white-box attack, when the model was "
+        "given) tells training patients from held-out ones."
+    )
+    check = _check("mia_auc", mia_auc, "<=", thresholds.max_mia_auc, meaning, reason)
+    if check.passed is not False or not thresholds.mia_requires_significance:
+        return check
+    over = {name: attack for name, attack in attacks.items() if attack.get("gated") and attack["auc"] > thresholds.max_mia_auc}
+    significant = [name for name, attack in over.items() if (attack.get("auc_ci_low") or 0.0) > 0.5]
+    if significant or not over:
+        return check  # evidence of leakage (or no interval to judge by): the check fails
+    lows = ", ".join(f"{name} {attack['auc']:.3f} [{attack['auc_ci_low']:.3f}, {attack['auc_ci_high']:.3f}]" for name, attack in over.items())
+    return Check(
+        "mia_auc",
+        check.value,
+        "<=",
+        thresholds.max_mia_auc,
+        True,
+        meaning,
+        f"inconclusive: above the limit, but every such attack's 95% interval includes chance (0.5): {lows}. "
+        "Too few held-out subjects to tell leakage from noise; more held-out subjects would decide "
+        "(gates.mia_requires_significance)",
+    )
 
 
 def utility_checks(

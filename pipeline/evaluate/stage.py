@@ -894,7 +894,8 @@ def _gates(
             diversity.get("ms_ssim_excess_reason"),
         ),
         "privacy": gate_rules.privacy_checks(
-            privacy.get("memorization_rate"), privacy.get("mia_auc"), privacy.get("epsilon"), thresholds, holdout_reason
+            privacy.get("memorization_rate"), privacy.get("mia_auc"), privacy.get("epsilon"), thresholds, holdout_reason,
+            privacy.get("mia_attacks"),
         ),
         "utility": gate_rules.utility_checks(
             utility.get("synthetic_label_accuracy_ratio"),

@@ -22,7 +22,11 @@ def pool_map(
     """Run ``function(*job)`` for every job (in a process pool when workers > 1); yields (index, result)."""
     if workers <= 1 or len(jobs) <= 1:
         for index, job in enumerate(jobs):
-            result = function(*job)
+            try:
+                result = function(*job)
+            except Exception as exc:  # the same contract as a failed worker below: report, go on
+                yield index, exc
+                continue
             tick(result)
             yield index, result
         return
