@@ -160,7 +160,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-quality")
-    parser.add_argument("--subjects", type=int, default=40)
+    parser.add_argument("--subjects", type=int, default=80)  # as `medsynth demo`
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--fallback", action="store_true", help="Skip ingest; build the dataset from phantom_volume.")

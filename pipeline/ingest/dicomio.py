@@ -102,6 +102,16 @@ def _read_meta(data: bytes, offset: int) -> tuple[int, dict[int, str]]:
     raise _Unsupported
 
 
+def _element_header(data: bytes, offset: int, implicit: bool) -> tuple[bytes | None, int, int]:
+    """(VR or None when implicit, value length, value offset) of the element at ``offset`` (PS3.5 7.1)."""
+    if implicit:
+        return None, struct.unpack_from("<I", data, offset + 4)[0], offset + 8
+    vr = data[offset + 4 : offset + 6]
+    if vr in _LONG_VRS:
+        return vr, struct.unpack_from("<I", data, offset + 8)[0], offset + 12
+    return vr, struct.unpack_from("<H", data, offset + 6)[0], offset + 8
+
+
 def _read_until(data: bytes, offset: int, implicit: bool) -> dict[str, str]:
     values: dict[str, str] = {}
     while offset + 8 <= len(data):
@@ -109,19 +119,8 @@ def _read_until(data: bytes, offset: int, implicit: bool) -> dict[str, str]:
         tag = (group << 16) | element
         if tag > _SCAN_LAST:
             return values
-        if implicit:
-            length = struct.unpack_from("<I", data, offset + 4)[0]
-            start = offset + 8
-            is_sequence = length == 0xFFFFFFFF
-        else:
-            vr = data[offset + 4 : offset + 6]
-            if vr in _LONG_VRS:
-                length = struct.unpack_from("<I", data, offset + 8)[0]
-                start = offset + 12
-            else:
-                length = struct.unpack_from("<H", data, offset + 6)[0]
-                start = offset + 8
-            is_sequence = vr == b"SQ"
+        vr, length, start = _element_header(data, offset, implicit)
+        is_sequence = length == 0xFFFFFFFF if implicit else vr == b"SQ"
         if length == 0xFFFFFFFF:
             if not is_sequence:
                 raise _Unsupported
@@ -161,17 +160,7 @@ def _skip_item(data: bytes, offset: int, implicit: bool) -> int:
         tag = (group << 16) | element
         if tag == _ITEM_END:
             return offset + 8
-        if implicit:
-            length = struct.unpack_from("<I", data, offset + 4)[0]
-            start = offset + 8
-        else:
-            vr = data[offset + 4 : offset + 6]
-            if vr in _LONG_VRS:
-                length = struct.unpack_from("<I", data, offset + 8)[0]
-                start = offset + 12
-            else:
-                length = struct.unpack_from("<H", data, offset + 6)[0]
-                start = offset + 8
+        _, length, start = _element_header(data, offset, implicit)
         if length == 0xFFFFFFFF:
             offset = _skip_undefined(data, start, implicit)
         else:
