@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import numpy as np
 from pipeline.errors import InputError
 
 __all__ = [
+    "PRIVATE_MODE",
     "atomic_path",
     "atomic_write_text",
     "atomic_write_json",
@@ -29,21 +30,28 @@ __all__ = [
 _CHUNK = 1 << 20
 
 
+# Files that link pseudonyms to patients (the private folder): owner only.
+PRIVATE_MODE = 0o600
+
+
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike[str], mode: int = 0o666) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it over ``target``.
 
     A reader never sees a half-written file, and an interrupted stage leaves only a ``.tmp``
-    file that the next run overwrites.
+    file that the next run overwrites. The file is created with ``mode`` less the umask, as a
+    plain ``open()`` would (shared outputs readable by the group); pass :data:`PRIVATE_MODE` for
+    private files.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    # mkstemp creates 0600; outputs are meant to be shared, so give them the permissions a plain
-    # open() would (0666 less the umask). Secrets (the pseudonym key) are written elsewhere, 0600.
-    os.chmod(tmp, 0o666 & ~_umask())
+    while True:
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+            break
+        except FileExistsError:
+            continue
     try:
         yield tmp
         os.replace(tmp, target)
@@ -52,23 +60,18 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
-def _umask() -> int:
-    """The process umask (reading it means setting it: set it straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(target: str | os.PathLike[str], text: str) -> Path:
+def atomic_write_text(target: str | os.PathLike[str], text: str, mode: int = 0o666) -> Path:
     """Write ``text`` (UTF-8) to ``target`` atomically and return the path."""
-    with atomic_path(target) as tmp:
+    with atomic_path(target, mode) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(target)
 
 
-def atomic_write_json(target: str | os.PathLike[str], payload: Any) -> Path:
+def atomic_write_json(target: str | os.PathLike[str], payload: Any, mode: int = 0o666) -> Path:
     """Write ``payload`` as indented JSON atomically; numpy scalars are converted."""
-    return atomic_write_text(target, json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return atomic_write_text(
+        target, json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n", mode
+    )
 
 
 def _json_default(value: Any) -> Any:

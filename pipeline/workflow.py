@@ -156,8 +156,8 @@ def source_digest(sources: list[Path], labels: Path | None) -> str:
             digest.update(f"{index}/{path.relative_to(source).as_posix()}\0".encode("utf-8", "surrogateescape"))
             try:
                 digest.update(sha256_file(path).encode())
-            except OSError:  # unreadable: ingest quarantines it; here it only has to count as a change
-                digest.update(f"unreadable {path.stat().st_size}".encode())
+            except OSError:  # unreadable or gone: ingest quarantines it; here it only has to count as a change
+                digest.update(b"unreadable")
     if labels is not None:
         digest.update(b"labels\0" + sha256_file(labels).encode())
     return digest.hexdigest()

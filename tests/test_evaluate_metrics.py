@@ -216,6 +216,8 @@ def test_mia_check_fails_on_evidence_and_reads_inconclusive_on_noise() -> None:
     # A second attack below the strongest but with its interval above chance is evidence: fail.
     leaking = {"blackbox_pixel": attack(0.70, 0.45), "whitebox_discriminator": attack(0.66, 0.56)}
     assert mia(leaking).passed is False and mia(leaking).reason is None
+    # No finite interval (too few subjects to bootstrap): no evidence either way, so the limit decides.
+    assert mia({"blackbox_pixel": {"auc": 0.7, "auc_ci_low": None, "auc_ci_high": None, "gated": True}}).passed is False
     # Ungated cross-check attacks never decide; a low AUC passes without a note.
     assert mia({"blackbox_pixel": attack(0.52, 0.40), "blackbox_feature_x": attack(0.9, 0.8, gated=False)}).reason is None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -163,9 +164,10 @@ def test_uids_map_consistently_per_key(tmp_path: Path) -> None:
 def test_every_pydicom_test_file_is_written_or_quarantined(tmp_path: Path, mlflow_store: Path) -> None:
     """Acceptance: ingest over all of pydicom's bundled files: exit 0, no traceback, a reason per file."""
     count = copy_all_testdata(tmp_path / "src")
-    (tmp_path / "src" / ".hidden").mkdir()
-    (tmp_path / "src" / ".hidden" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden: still accounted for
+    (tmp_path / "src" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # a hidden file: still accounted for
     count += 1
+    (tmp_path / "src" / ".snapshot").mkdir()  # a hidden folder is not walked: its copies would shadow the originals
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "src" / ".snapshot" / "CT_small.dcm")
     out = tmp_path / "dataset"
     completed = subprocess.run(
         [PYTHON, "-m", "pipeline", "ingest", "--source", str(tmp_path / "src"), "--out", str(out), "--workers", "2"],

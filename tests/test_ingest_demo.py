@@ -6,6 +6,7 @@ import csv
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -55,6 +56,15 @@ def test_demo_cohort_ingests_and_audits_clean(tmp_path: Path, mlflow_store: Path
     assert reasons["no pixel data: non-image object or stripped image (Basic Text SR Storage)"] == 1
     assert sum(count for reason, count in reasons.items() if reason.startswith("undecodable pixel data")) == 1
     assert sum(reasons.values()) == 18
+
+    # Shared outputs are readable as a plain open() would make them; what links pseudonyms to
+    # patients (source map, quarantine originals, per-series state) is owner-only.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE((out / "manifest.csv").stat().st_mode) == 0o666 & ~mask
+    private = [path for path in (tmp_path / "private").rglob("*") if path.is_file()]
+    assert {"source_map.csv", "quarantine.csv", "pseudonym.key"} <= {path.name for path in private}
+    assert all(stat.S_IMODE(path.stat().st_mode) & 0o077 == 0 for path in private)
 
     code, console = _cli(["audit", str(out), "--against", str(raw / "dicom"), "--against", str(raw / "nifti")], capsys)
     assert code == 0, console

@@ -7,6 +7,7 @@ Each check carries a sentence saying what it means, for report.html.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -184,9 +185,13 @@ def _mia_check(
     if check.passed is not False or not thresholds.mia_requires_significance:
         return check
     over = {name: attack for name, attack in attacks.items() if attack.get("gated") and attack["auc"] > thresholds.max_mia_auc}
-    significant = [name for name, attack in over.items() if (attack.get("auc_ci_low") or 0.0) > 0.5]
+    # No finite interval to judge by counts as evidence: the check fails rather than guess.
+    significant = [
+        name for name, attack in over.items()
+        if not _finite(attack.get("auc_ci_low")) or not _finite(attack.get("auc_ci_high")) or attack["auc_ci_low"] > 0.5
+    ]
     if significant or not over:
-        return check  # evidence of leakage (or no interval to judge by): the check fails
+        return check
     lows = ", ".join(f"{name} {attack['auc']:.3f} [{attack['auc_ci_low']:.3f}, {attack['auc_ci_high']:.3f}]" for name, attack in over.items())
     return Check(
         "mia_auc",
@@ -199,6 +204,10 @@ def _mia_check(
         "Too few held-out subjects to tell leakage from noise; more held-out subjects would decide "
         "(gates.mia_requires_significance)",
     )
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def utility_checks(

@@ -236,7 +236,7 @@ def _intensity_range(volumes: list[np.ndarray], seed: int) -> tuple[float, float
         take = min(flat.size, _SAMPLE_VOXELS_PER_FILE)
         samples.append(flat[rng.choice(flat.size, size=take, replace=False)] if take < flat.size else flat)
     pooled = np.concatenate(samples)
-    low, high = np.percentile(pooled, PERCENTILES)
+    low, high = np.nanpercentile(pooled, PERCENTILES)  # a NaN voxel (some MR tools write them) must not blank the range
     return float(low), float(high)
 
 
@@ -264,7 +264,14 @@ def _default_sets(real: Dataset, synthetic: Dataset, seed: int) -> tuple[ImageSe
             f"{real.root / 'manifest.csv'}: no real images in split 'train'. "
             "Fix: evaluation compares synthetic data with the training split; pass the dataset the model was trained on."
         )
-    synthetic_raw = _read_all([synthetic.image_path(row) for _, row in synthetic_rows.iterrows()], grid)
+    synthetic_paths = [synthetic.image_path(row) for _, row in synthetic_rows.iterrows()]
+    synthetic_raw = _read_all(synthetic_paths, grid)
+    for path, volume in zip(synthetic_paths, synthetic_raw):
+        if not np.isfinite(volume).all():  # a diverged generator: every metric would read NaN
+            raise InputError(
+                f"{path}: the synthetic image holds NaN or infinite values. "
+                "Fix: regenerate from a model whose training did not diverge, or drop the image from the manifest."
+            )
     real_range, synthetic_range, mode = intensity_mapping(
         _intensity_range(train_volumes, seed), _intensity_range(synthetic_raw, seed)
     )

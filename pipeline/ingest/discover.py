@@ -78,7 +78,8 @@ class SeriesGroup:
 def walk_sources(sources: list[Path]) -> list[SourceFile]:
     """Every regular file under the sources, recursively, in a stable order.
 
-    Hidden files and folders (names starting with '.') are not inputs (e.g. .DS_Store).
+    Hidden files are included (non-images end in quarantine); hidden folders (names starting
+    with '.', e.g. .snapshot, .Trash-1000) are not walked.
 
     Raises:
         InputError: a source folder does not exist or is not a folder.
@@ -91,9 +92,10 @@ def walk_sources(sources: list[Path]) -> list[SourceFile]:
                 f"--source #{index + 1}: folder not found or not a folder. Fix: pass an existing folder of DICOM/NIfTI files."
             )
         for folder, dirs, files in os.walk(root, followlinks=False):
-            # Hidden files and folders are read too: a DICOM file named ".1234" is still an image, and
-            # anything that is not one (.DS_Store) lands in quarantine.csv with a reason, not nowhere.
-            dirs[:] = sorted(dirs)
+            # Hidden files are read: a DICOM file named ".1234" is still an image, and anything that
+            # is not one (.DS_Store) lands in quarantine.csv with a reason. Hidden folders are not:
+            # .snapshot/.zfs/.Trash copies would otherwise become label folders or shadow the originals.
+            dirs[:] = sorted(name for name in dirs if not name.startswith("."))
             for name in sorted(files):
                 path = Path(folder) / name
                 if not path.is_file():

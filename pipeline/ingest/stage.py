@@ -33,7 +33,7 @@ import pandas as pd
 
 from pipeline.dataset import read_dataset, write_manifest
 from pipeline.errors import CheckFailed, InputError
-from pipeline.files import atomic_write_json, atomic_write_text
+from pipeline.files import PRIVATE_MODE, atomic_write_json, atomic_write_text
 from pipeline.ingest.audit import (
     INGEST_RECORD,
     AuditReport,
@@ -378,7 +378,7 @@ def _write_quarantine(out: Path, private: Path, key: bytes, entries: list[tuple[
         public_writer.writerow([ref, reason, sample_id, kind])
         secret_writer.writerow([ref, file.source, file.path, reason])
     atomic_write_text(out / QUARANTINE_NAME, public.getvalue())
-    atomic_write_text(private / QUARANTINE_NAME, secret.getvalue())
+    atomic_write_text(private / QUARANTINE_NAME, secret.getvalue(), PRIVATE_MODE)
 
 
 def _write_private_map(private: Path, written: list[SeriesResult]) -> None:
@@ -389,7 +389,7 @@ def _write_private_map(private: Path, written: list[SeriesResult]) -> None:
         image = (result.row or {}).get("path", "")
         for file in result.used:
             writer.writerow([result.sample_id, result.subject_id, file.source, file.path, image])
-    atomic_write_text(private / "source_map.csv", buffer.getvalue())
+    atomic_write_text(private / "source_map.csv", buffer.getvalue(), PRIVATE_MODE)
 
 
 def _write_audit_log(out: Path, results: list[SeriesResult]) -> None:

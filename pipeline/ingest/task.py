@@ -31,7 +31,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from pipeline.files import atomic_write_json, sha256_file, write_nifti
+from pipeline.files import PRIVATE_MODE, atomic_write_json, sha256_file, write_nifti
 from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.audit import header_tokens
 from pipeline.ingest.deid import DeidContext, anonymize, identifier_candidates, tag_text
@@ -216,6 +216,7 @@ def _save_state(state_path: Path, input_hash: str, task: SeriesTask, result: Ser
             "structure": [list(item) for item in result.structure],
             "tokens": sorted(item.hex() for item in result.tokens),
         },
+        PRIVATE_MODE,
     )
 
 
