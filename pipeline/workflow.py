@@ -148,16 +148,19 @@ def headline_lines(report: dict[str, Any]) -> list[str]:
 def source_digest(sources: list[Path], labels: Path | None) -> str:
     """SHA-256 over every source file's relative path and content, and the labels file.
 
-    Only the digest is recorded; the paths themselves (which may contain PHI) are not.
+    The files are the ones ingest reads (:func:`pipeline.ingest.discover.walk_sources`), so a
+    change ingest would not see (inside a hidden folder) does not re-run it. Only the digest is
+    recorded; the paths themselves (which may contain PHI) are not.
     """
+    from pipeline.ingest.discover import walk_sources
+
     digest = hashlib.sha256()
-    for index, source in enumerate(sources):
-        for path in sorted(p for p in Path(source).rglob("*") if p.is_file()):
-            digest.update(f"{index}/{path.relative_to(source).as_posix()}\0".encode("utf-8", "surrogateescape"))
-            try:
-                digest.update(sha256_file(path).encode())
-            except OSError:  # unreadable or gone: ingest quarantines it; here it only has to count as a change
-                digest.update(b"unreadable")
+    for file in walk_sources(sources):
+        digest.update(f"{file.source}/{file.rel}\0".encode("utf-8", "surrogateescape"))
+        try:
+            digest.update(sha256_file(file.path).encode())
+        except OSError:  # unreadable or gone: ingest quarantines it; here it only has to count as a change
+            digest.update(b"unreadable")
     if labels is not None:
         digest.update(b"labels\0" + sha256_file(labels).encode())
     return digest.hexdigest()

@@ -192,7 +192,7 @@ def _mia_check(
     ]
     if significant or not over:
         return check
-    lows = ", ".join(f"{name} {attack['auc']:.3f} [{attack['auc_ci_low']:.3f}, {attack['auc_ci_high']:.3f}]" for name, attack in over.items())
+    evidence = ", ".join(f"{name} {attack['auc']:.3f} [{attack['auc_ci_low']:.3f}, {attack['auc_ci_high']:.3f}]" for name, attack in over.items())
     return Check(
         "mia_auc",
         check.value,
@@ -200,7 +200,7 @@ def _mia_check(
         thresholds.max_mia_auc,
         True,
         meaning,
-        f"inconclusive: above the limit, but every such attack's 95% interval includes chance (0.5): {lows}. "
+        f"inconclusive: above the limit, but every such attack's 95% interval includes chance (0.5): {evidence}. "
         "Too few held-out subjects to tell leakage from noise; more held-out subjects would decide "
         "(gates.mia_requires_significance)",
     )

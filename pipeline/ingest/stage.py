@@ -81,7 +81,6 @@ class IngestSummary:
     series_resumed: int = 0
     images_written: int = 0
     dicom_files_written: int = 0
-    dicomdir_skipped: int = 0
     quarantined: dict[str, int] = field(default_factory=dict)  # reason -> files
     subjects: dict[str, int] = field(default_factory=dict)  # split -> subjects
     labels: dict[str, int] = field(default_factory=dict)  # label -> images
@@ -255,7 +254,6 @@ def run(
         if item.kind == "other":
             quarantine.append((item.file, item.reason, "", "other"))
         elif item.kind == "dicomdir":
-            summary.dicomdir_skipped += 1
             quarantine.append((item.file, DICOMDIR_REASON, "", "dicomdir"))
     groups = group_series(scanned, label_from_folder=book.from_folders)
     patient_of = {item.file: item.patient_id for item in scanned if item.kind == "dicom"}
