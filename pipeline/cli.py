@@ -305,6 +305,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 err=True,
             )
         sys.exit(3)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        # A torchrun rank whose work is done and written: leave without interpreter teardown. With
+        # torch 2.13 + gloo a rank aborts now and then at exit, after training finished ("terminate
+        # called without an active exception", 2 in 45 runs here; 0 in 60 with this exit), and
+        # torchrun would then report the whole run as failed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     sys.exit(0)
 
 
