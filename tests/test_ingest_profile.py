@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections import Counter
 from importlib.metadata import version
+from pathlib import Path
 
 import pydicom
 from pydicom.data import get_testdata_file
@@ -136,6 +139,116 @@ def test_fast_writer_matches_pydicom_byte_for_byte() -> None:
         assert values["SeriesInstanceUID"] == ds.SeriesInstanceUID and values["PatientID"] == ds.PatientID
 
 
+def _pydicom_test_files() -> list[str]:
+    import os
+
+    from pydicom.data import get_testdata_files
+
+    return sorted(path for path in get_testdata_files("**/*") if os.path.isfile(path))
+
+
+def test_fast_reader_gives_pydicom_elements_for_every_bundled_file() -> None:
+    """read_file yields exactly dcmread's elements (or declines) for all of pydicom's test files."""
+    import io
+
+    from pydicom.dataelem import RawDataElement
+
+    from pipeline.ingest.dicomio import read_file
+
+    fast = 0
+    for path in _pydicom_test_files():
+        content = open(path, "rb").read()
+        ours = read_file(content)
+        if ours is None:
+            continue
+        fast += 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = pydicom.dcmread(io.BytesIO(content))
+        name = path.rsplit("/", 1)[-1]
+        assert list(ours._dict) == list(theirs._dict), name
+        for tag, elem in theirs._dict.items():
+            mine = ours._dict[tag]
+            assert type(mine) is type(elem), (name, tag)
+            if isinstance(elem, RawDataElement):
+                assert tuple(mine) == tuple(elem), (name, tag)
+            else:  # undefined-length sequences, parsed by pydicom's read_sequence in both
+                assert mine == elem, (name, tag)
+        assert list(ours.file_meta._dict) == list(theirs.file_meta._dict), name
+        for tag in theirs.file_meta._dict:
+            assert ours.file_meta[tag].value == theirs.file_meta[tag].value, (name, tag)
+        assert ours.original_encoding == theirs.original_encoding, name
+        assert ours.original_character_set == theirs.original_character_set, name
+        assert ours.preamble == theirs.preamble, name
+    assert fast >= 100  # the common files take the fast path; the odd ones (no preamble, big endian...) decline
+
+
+def test_element_value_agrees_with_pydicom() -> None:
+    """element_value decodes what pydicom decodes, for the attributes ingest reads, on every bundled file."""
+    import io
+
+    from pipeline.ingest.dicomio import element_value
+
+    keywords = (
+        "SamplesPerPixel", "NumberOfFrames", "Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation",
+        "PhotometricInterpretation", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+        "SliceThickness", "RescaleSlope", "RescaleIntercept", "SOPClassUID", "Modality", "BurnedInAnnotation",
+        "ImageType", "SpacingBetweenSlices", "GridFrameOffsetVector", "StudyDate", "AcquisitionTime",
+    )
+
+    def plain(value: object) -> object:
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            return [plain(item) for item in value]  # type: ignore[union-attr]
+        if isinstance(value, float):
+            return float(value)
+        if isinstance(value, int):
+            return int(value)
+        return value if value is None else str(value)
+
+    checked = 0
+    for path in _pydicom_test_files():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                fresh = lambda: pydicom.dcmread(io.BytesIO(open(path, "rb").read()), force=True)  # noqa: E731
+                theirs, ours = fresh(), fresh()
+            except Exception:
+                continue
+            for keyword in keywords:
+                try:
+                    expected = plain(theirs.get(keyword, "absent"))
+                except Exception:
+                    continue  # pydicom cannot convert it: element_value must not invent a value either
+                assert plain(element_value(ours, keyword, "absent")) == expected, (path, keyword)
+                checked += 1
+    assert checked > 1000
+
+
+def test_shared_sequence_encoding_gives_the_same_bytes() -> None:
+    """Encoding a series with the per-series sequence cache changes no byte."""
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from pipeline.ingest.dicomio import SharedElements, encode_file
+
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "113100", "DCM", "Basic Application Confidentiality Profile"
+    codes = DataElement(0x00120064, "SQ", Sequence([item]))
+    shared = SharedElements({codes.tag: codes})
+    for name in ("CT_small.dcm", "MR_small_implicit.dcm", "CT_small.dcm"):
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds._dict[codes.tag] = codes
+        syntax = str(ds.file_meta.TransferSyntaxUID)
+        assert encode_file(ds, syntax, shared) == encode_file(ds, syntax), name
+    # Another element at the same tag is encoded afresh, never given the shared one's bytes.
+    changed = Dataset()
+    changed.CodeValue, changed.CodingSchemeDesignator, changed.CodeMeaning = "113107", "DCM", "Retain Longitudinal"
+    ds._dict[codes.tag] = DataElement(0x00120064, "SQ", Sequence([changed]))
+    assert encode_file(ds, syntax, shared) == encode_file(ds, syntax)
+    assert b"Retain Longitudinal" in encode_file(ds, syntax, shared)
+
+
 def test_malformed_numbers_dates_and_times_are_emptied_not_copied() -> None:
     """A kept DS/IS/TM value holding free text (a name) must not reach the output."""
     from pydicom.dataelem import RawDataElement
@@ -163,3 +276,89 @@ def test_malformed_numbers_dates_and_times_are_emptied_not_copied() -> None:
         assert "SeriesNumber" in ds and ds.SeriesNumber is None  # emptied, not removed
         assert any(rule == "malformed_value" and tag == 0x00200011 for (_, tag, _, rule) in ctx.audit)
         assert any(b"zorblax" in value for value in ctx.identifiers)  # the leak audit searches for it
+
+
+def test_matcher_finds_multi_token_identifiers_on_token_boundaries() -> None:
+    """Multi-token identifiers (names with spaces, UIDs) are found only whole and unglued; single tokens exactly."""
+    from pipeline.ingest.audit import Identifiers, Matcher
+
+    matcher = Matcher(
+        Identifiers(
+            values={
+                b"quentin zorblax": "person name",
+                b"1.2.826.0.1.3680043.99": "UID",
+                b"mrn448812": "identifier or text",
+                b"st mary hospital": "identifier or text",
+            }
+        )
+    )
+    assert matcher.kinds_in(b"Seen by QUENTIN ZORBLAX today") == ["person name"]
+    assert matcher.kinds_in(b"quentin and zorblax apart") == []  # both tokens, never the identifier
+    assert matcher.kinds_in(b"uid 1.2.826.0.1.3680043.99\x00") == ["UID"]
+    assert matcher.kinds_in(b"uid 1.2.826.0.1.3680043.991") == []  # glued to a digit: another UID
+    assert matcher.kinds_in(b"id=MRN448812;") == ["identifier or text"]
+    assert sorted(matcher.kinds_in(b"mrn448812 at St Mary Hospital")) == ["identifier or text", "identifier or text"]
+    assert matcher.may_match({b"quentin", b"zorblax", b"x"}) and matcher.may_match({b"mrn448812"})
+    assert not matcher.may_match({b"quentin", b"mary", b"hospital"})
+
+
+def test_fast_paths_on_crafted_values() -> None:
+    """Padded UIDs, signed numbers, a single-valued ImageType and a meta-only file, as pydicom reads them."""
+    import io
+
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    from pipeline.ingest.config import IngestConfig
+    from pipeline.ingest.dicomio import element_value, read_file
+    from pipeline.ingest.task import burned_in_decision
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    for tag, vr, value in (
+        (0x00080016, "UI", b" 1.2.840.10008.5.1.4.1.1.7\x00"),  # Secondary Capture, padded at both ends
+        (0x00180050, "DS", b" +1.5 "),  # SliceThickness
+        (0x00200013, "IS", b"+3"),  # InstanceNumber
+        (0x00080008, "CS", b"SCREEN SAVE "),  # ImageType with a single value
+    ):
+        ds._dict[Tag(tag)] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+    copy = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    copy._dict.update({tag: ds._dict[tag] for tag in (0x00080016, 0x00180050, 0x00200013, 0x00080008)})
+    for keyword in ("SOPClassUID", "SliceThickness", "InstanceNumber", "ImageType"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about the padded UID
+            expected = copy.get(keyword)
+        assert element_value(ds, keyword) == expected, keyword
+    assert burned_in_decision(ds, IngestConfig()) == ("quarantine", [])  # secondary capture, screen save
+
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, pydicom.dcmread(get_testdata_file("CT_small.dcm")), enforce_file_format=True)
+    data = buffer.getvalue()
+    meta_end = 144 + int.from_bytes(data[140:144], "little")
+    assert read_file(data) is not None
+    assert read_file(data[:meta_end]) is None  # meta only: pydicom decides what it is
+    assert read_file(data[:-3]) is None  # truncated: pydicom reports it
+    assert read_file(data[128:]) is None  # no preamble
+
+
+def test_walk_finds_files_as_os_walk_does(tmp_path: Path) -> None:
+    """Hidden folders and symlinked folders are not walked; hidden files and symlinked files are (under the target)."""
+    from pipeline.ingest.discover import walk_sources
+
+    source, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    (source / "lesion" / "p1").mkdir(parents=True)
+    (source / ".snapshot").mkdir()
+    elsewhere.mkdir()
+    (source / "lesion" / "p1" / "1.dcm").write_bytes(b"x")
+    (source / "lesion" / ".hidden").write_bytes(b"x")
+    (source / ".snapshot" / "copy.dcm").write_bytes(b"x")
+    (elsewhere / "target.dcm").write_bytes(b"x")
+    (source / "lesion" / "link.dcm").symlink_to(elsewhere / "target.dcm")
+    (source / "linked_folder").symlink_to(elsewhere, target_is_directory=True)
+    (source / "broken.dcm").symlink_to(tmp_path / "missing.dcm")
+    os.mkfifo(source / "pipe")
+    found = {file.rel: file.path for file in walk_sources([source])}
+    assert found == {
+        "lesion/.hidden": str((source / "lesion" / ".hidden").resolve()),
+        "lesion/link.dcm": str((elsewhere / "target.dcm").resolve()),
+        "lesion/p1/1.dcm": str((source / "lesion" / "p1" / "1.dcm").resolve()),
+    }

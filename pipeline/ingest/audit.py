@@ -165,23 +165,30 @@ def _bounded_find(text: bytes, needle: bytes) -> bool:
 
 
 class Matcher:
-    """Token-indexed search for many identifiers in one pass over a text."""
+    """Token-indexed search for many identifiers in one pass over a text.
+
+    Multi-token identifiers ("john smith", "1.2.3") are indexed by their longest token, so a
+    text is checked only against the identifiers that share a token with it, not against all.
+    """
 
     def __init__(self, identifiers: Identifiers) -> None:
         self.single: dict[bytes, str] = {}
-        self.multi: list[tuple[bytes, tuple[bytes, ...], str]] = []
+        self.multi: dict[bytes, list[tuple[bytes, tuple[bytes, ...], str]]] = {}
         for value, kind in identifiers.values.items():
             tokens = tuple(_TOKEN.findall(value))
             if len(tokens) == 1 and tokens[0] == value:
                 self.single[value] = kind
             elif tokens:
-                self.multi.append((value, tokens, kind))
+                self.multi.setdefault(max(tokens, key=len), []).append((value, tokens, kind))
+
+    def _multi_candidates(self, tokens: set[bytes]) -> list[tuple[bytes, tuple[bytes, ...], str]]:
+        return [entry for token in sorted(tokens & self.multi.keys()) for entry in self.multi[token]]
 
     def may_match(self, tokens: set[bytes]) -> bool:
         """Could a text with these tokens hold an identifier? (exact for single-token identifiers)"""
         if tokens & self.single.keys():
             return True
-        return any(all(part in tokens for part in parts) for _, parts, _ in self.multi)
+        return any(all(part in tokens for part in parts) for _, parts, _ in self._multi_candidates(tokens))
 
     def kinds_in(self, text: bytes, binary: bool = False) -> list[str]:
         """Kinds of the identifiers found in ``text`` (any case)."""
@@ -192,7 +199,7 @@ class Matcher:
             if not binary or len(token) >= _MIN_BINARY
         ]
         lowered = b""
-        for value, parts, kind in self.multi:
+        for value, parts, kind in self._multi_candidates(tokens):
             if binary and len(value) < _MIN_BINARY:
                 continue
             if all(part in tokens for part in parts):

@@ -16,6 +16,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pydicom import config
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
@@ -135,6 +136,23 @@ class DeidContext:
     identifiers: dict[bytes, str] = field(default_factory=dict)  # value -> kind
     kept_text: set[bytes] = field(default_factory=set)
     _deferred: list[tuple[Dataset, int, str, str]] = field(default_factory=list)
+    # The files of a series repeat their study/series/frame UIDs and dates: map each value once.
+    _uids: dict[str, str] = field(default_factory=dict)
+    _dates: dict[tuple[str, str], str | None] = field(default_factory=dict)
+
+    def new_uid(self, uid: str) -> str:
+        """The keyed replacement of ``uid`` (same key, same UID → same new UID)."""
+        mapped = self._uids.get(uid)
+        if mapped is None:
+            mapped = self._uids[uid] = keyed_uid(self.key, uid)
+        return mapped
+
+    def shifted(self, value: str, vr: str) -> str | None:
+        """A DA/DT value moved back by the patient's offset; None if it cannot be parsed."""
+        if (vr, value) not in self._dates:
+            shift = shift_date if vr == "DA" else shift_datetime
+            self._dates[(vr, value)] = shift(value, self.date_offset or 0)
+        return self._dates[(vr, value)]
 
 
 def anonymize(ds: Dataset, ctx: DeidContext) -> None:
@@ -185,6 +203,12 @@ def _text(value: object) -> bytes:
     return str(value).encode("utf-8", "replace")
 
 
+def _new_element(tag: int, vr: str, value: object) -> DataElement:
+    # Values written here are ours (dummies, keyed UIDs, shifted dates, empty): valid by
+    # construction, so pydicom's per-value validation is skipped.
+    return DataElement(tag, vr, value, validation_mode=config.IGNORE)
+
+
 def _walk(ds: Dataset, ctx: DeidContext, path: str) -> None:
     # Works on the dataset's element dict directly (pydicom 3 ``Dataset._dict``): no tag
     # conversion and no value decoding for the elements it keeps, which is most of them.
@@ -225,14 +249,14 @@ def _walk(ds: Dataset, ctx: DeidContext, path: str) -> None:
         if action == "X":
             del elements[tag]
         elif action == "Z":
-            elements[tag] = DataElement(tag, vr, None)
+            elements[tag] = _new_element(tag, vr, None)
         elif action == "D":
-            elements[tag] = DataElement(tag, vr, _dummy(vr, raw, ctx))
+            elements[tag] = _new_element(tag, vr, _dummy(vr, raw, ctx))
         elif action == "U":
             if vr == "UI":
-                elements[tag] = DataElement(tag, vr, _map_uids(raw, ctx))
+                elements[tag] = _new_element(tag, vr, _map_uids(raw, ctx))
             else:
-                elements[tag] = DataElement(tag, vr, None)
+                elements[tag] = _new_element(tag, vr, None)
                 action = "Z"
         elif action == "K":
             if _keep(ds, tag, raw, vr, path, ctx) == "Z":
@@ -255,7 +279,7 @@ def _malformed(raw: DataElement | RawDataElement, vr: str) -> bool:
 def _blank_malformed(ds: Dataset, tag: int, raw: DataElement | RawDataElement, vr: str, ctx: DeidContext) -> None:
     # The value is searched for in the output like any removed identifier ("LO": as text).
     _note(ctx, _value_bytes(raw), "LO", "malformed value")
-    ds._dict[tag] = DataElement(tag, vr, None)
+    ds._dict[tag] = _new_element(tag, vr, None)
 
 
 def _keep(ds: Dataset, tag: int, raw: DataElement | RawDataElement, vr: str, path: str, ctx: DeidContext) -> str:
@@ -316,7 +340,7 @@ def _map_uids(raw: DataElement | RawDataElement, ctx: DeidContext) -> str | list
     text = _value_bytes(raw).decode("ascii", "replace").strip(" \x00")
     if not text:
         return None
-    mapped = [keyed_uid(ctx.key, uid.strip(" \x00")) for uid in text.split("\\") if uid.strip(" \x00")]
+    mapped = [ctx.new_uid(uid.strip(" \x00")) for uid in text.split("\\") if uid.strip(" \x00")]
     return mapped[0] if len(mapped) == 1 else mapped
 
 
@@ -331,12 +355,11 @@ def _shift(ds: Dataset, tag: int, raw: DataElement | RawDataElement, vr: str, ct
     if ctx.date_offset is None or vr not in ("DA", "DT"):
         del ds._dict[tag]
         return "X"
-    shift = shift_date if vr == "DA" else shift_datetime
-    shifted = [shift(part, ctx.date_offset) for part in text.split("\\")]
+    shifted = [ctx.shifted(part, vr) for part in text.split("\\")]
     if any(value is None for value in shifted):
         del ds._dict[tag]  # an unparsable date cannot be shifted safely
         return "X"
-    ds._dict[tag] = DataElement(tag, vr, shifted[0] if len(shifted) == 1 else shifted)
+    ds._dict[tag] = _new_element(tag, vr, shifted[0] if len(shifted) == 1 else shifted)
     return "C"
 
 

@@ -5,11 +5,15 @@ bytes it will write back unchanged, and re-encoding them. Here:
 
 * :func:`scan_header` reads the few tags the scan needs straight from the first bytes of a file
   (explicit or implicit VR little endian); anything unusual falls back to pydicom.
+* :func:`read_file` parses a little-endian file into the same raw elements ``pydicom.dcmread``
+  gives, without pydicom's per-element file reads and VR decoding (a third of a bare read).
 * :func:`encode_file` writes a dataset whose untouched elements are still raw by copying their
   bytes, and lets pydicom encode only the elements anonymization replaced. It applies only when
   the dataset keeps its original little-endian encoding and character set, which is exactly when
   pydicom itself would write the raw bytes unchanged, so the output is byte-identical to
   ``pydicom.dcmwrite`` (tests check it).
+* :func:`element_value` decodes the numbers and ASCII codes a reader needs (geometry, pixel
+  description, modality) from raw bytes; pydicom converts everything else.
 * :func:`fast_pixels` views native (uncompressed, little-endian) pixel data with numpy.
 
 These functions use ``Dataset._dict`` (pydicom 3) to avoid per-element tag conversions.
@@ -20,16 +24,32 @@ from __future__ import annotations
 import struct
 import warnings
 from io import BytesIO
+from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom import config as pydicom_config
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_sequence
 from pydicom.filewriter import write_data_element
+from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
+from pydicom.valuerep import VR as _VR
+from pydicom.values import convert_string
 
-__all__ = ["scan_header", "encode_file", "fast_pixels", "IMPLEMENTATION_VERSION"]
+__all__ = [
+    "scan_header",
+    "read_file",
+    "element_value",
+    "SharedElements",
+    "encode_file",
+    "fast_pixels",
+    "IMPLEMENTATION_VERSION",
+]
 
 IMPLEMENTATION_VERSION = "MEDSYNTH"
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
@@ -42,6 +62,9 @@ _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D
 _SEQ_END = 0xFFFEE0DD
 _SEQ_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_VR_NAMES = {str(vr.value).encode("ascii"): str(vr.value) for vr in _VR}  # b"OB" -> "OB"
+_HEADER = struct.Struct("<HH2sH")  # tag, explicit VR, 16-bit length
+_LONG = struct.Struct("<I")
 _SCAN_LAST = 0x0020000E  # SeriesInstanceUID: the last tag the scan needs
 _SCAN_TAGS = {
     0x00080016: "SOPClassUID",
@@ -114,12 +137,18 @@ def _element_header(data: bytes, offset: int, implicit: bool) -> tuple[bytes | N
 
 def _read_until(data: bytes, offset: int, implicit: bool) -> dict[str, str]:
     values: dict[str, str] = {}
+    unpack_header, unpack_long = _HEADER.unpack_from, _LONG.unpack_from  # _element_header, inlined
     while offset + 8 <= len(data):
-        group, element = struct.unpack_from("<HH", data, offset)
+        group, element, vr, length = unpack_header(data, offset)
         tag = (group << 16) | element
         if tag > _SCAN_LAST:
             return values
-        vr, length, start = _element_header(data, offset, implicit)
+        if implicit:
+            vr, length, start = None, unpack_long(data, offset + 4)[0], offset + 8
+        elif vr in _LONG_VRS:
+            length, start = unpack_long(data, offset + 8)[0], offset + 12
+        else:
+            start = offset + 8
         is_sequence = length == 0xFFFFFFFF if implicit else vr == b"SQ"
         if length == 0xFFFFFFFF:
             if not is_sequence:
@@ -169,6 +198,207 @@ def _skip_item(data: bytes, offset: int, implicit: bool) -> int:
 
 
 # ------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------
+
+
+def read_file(content: bytes) -> FileDataset | None:
+    """``pydicom.dcmread(BytesIO(content))`` for the common files; None: use pydicom.
+
+    Handles files with a preamble whose dataset is little endian, explicit or implicit VR (the
+    compressed transfer syntaxes included). The elements are pydicom's own: the same raw
+    elements (tag, VR, length, value, offset), undefined-length sequences parsed by pydicom's
+    ``read_sequence``, encapsulated pixel data as pydicom reads it. Anything else - no preamble,
+    big endian, deflate, a command set, a VR the transfer syntax contradicts, a truncated or
+    padded end - is left to pydicom, so every oddity is handled (or reported) the way it does.
+    """
+    try:
+        return _read_file(content)
+    except Exception:  # any surprise: pydicom reads the file (and reports its problem) as it always did
+        return None
+
+
+def _read_file(content: bytes) -> FileDataset:
+    if len(content) < 144 or content[128:132] != b"DICM":
+        raise _Unsupported
+    meta_elements, offset, _ = _raw_elements(content, 132, implicit=False, meta=True)
+    file_meta = FileMetaDataset(meta_elements)
+    file_meta.set_original_encoding(False, True, default_encoding)
+    syntax_element = meta_elements.get(0x00020010)
+    if syntax_element is None or not syntax_element.value:
+        raise _Unsupported
+    syntax = UID(syntax_element.value.decode("ascii").strip(" \x00"))
+    if syntax == _IMPLICIT_LE:
+        implicit = True
+    elif syntax == _EXPLICIT_LE or (syntax.is_compressed and not syntax.is_deflated and syntax.is_little_endian):
+        implicit = False
+    else:
+        raise _Unsupported
+    if offset + 6 > len(content):
+        raise _Unsupported  # nothing after the file meta: pydicom decides what that is
+    if struct.unpack_from("<H", content, offset)[0] == 0x0000:
+        raise _Unsupported  # a command set: pydicom reads it apart
+    vr = content[offset + 4 : offset + 6]
+    # pydicom's check that the dataset matches the transfer syntax (else it switches VR mode)
+    if (not (0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B)) != implicit:
+        raise _Unsupported
+    elements, _, encoding = _raw_elements(content, offset, implicit=implicit, meta=False)
+    dataset = Dataset(elements)
+    dataset.set_original_encoding(implicit, True, encoding)
+    ds = FileDataset(BytesIO(content), dataset, content[:128], file_meta, implicit, True)
+    ds.set_original_encoding(implicit, True, dataset._character_set)
+    return ds
+
+
+def _raw_elements(
+    data: bytes, offset: int, implicit: bool, meta: bool
+) -> tuple[dict[BaseTag, RawDataElement | DataElement], int, str | list[str]]:
+    """The elements from ``offset`` to the end (``meta``: to the end of group 0002), as pydicom's
+    ``data_element_generator`` yields them; also the end offset and the character encoding."""
+    elements: dict[BaseTag, RawDataElement | DataElement] = {}
+    encoding: str | list[str] = default_encoding
+    end = len(data)
+    unpack_header = _HEADER.unpack_from
+    unpack_long = _LONG.unpack_from
+    vr_names = _VR_NAMES
+    new_tuple = tuple.__new__
+    while offset < end:
+        group, element, vr_bytes, length = unpack_header(data, offset)
+        if meta and group != 0x0002:
+            break
+        number = group << 16 | element
+        if implicit:
+            vr = None
+            length = unpack_long(data, offset + 4)[0]
+            start = offset + 8
+        else:
+            vr = vr_names.get(vr_bytes)
+            if vr is None:
+                raise _Unsupported  # pydicom would guess (implicit VR switch, unknown VR)
+            if vr in _LONG_VR_STR:
+                length = unpack_long(data, offset + 8)[0]
+                start = offset + 12
+            else:
+                start = offset + 8
+        if number == _ITEM_END or number == _SEQ_END or number == _ITEM:
+            raise _Unsupported  # a delimiter at the top level
+        tag = BaseTag(number)  # the dict keys pydicom uses
+        if length != 0xFFFFFFFF:
+            offset = start + length
+            if offset > end:
+                raise _Unsupported  # truncated: pydicom reports it
+            value = data[start:offset] if length else empty_value_for_VR(vr, raw=True)
+            if number == 0x00080005:
+                encoding = convert_encodings(convert_string(value or b"", True))
+            # tuple.__new__: the NamedTuple constructor's keyword handling costs more than the parse
+            elements[tag] = new_tuple(RawDataElement, (tag, vr, length, value, start, implicit, True, True, False))
+            continue
+        vr = _undefined_length_vr(data, start, tag, vr)
+        if vr == "SQ":
+            buffer = BytesIO(data)
+            buffer.seek(start)
+            sequence = read_sequence(buffer, implicit, True, 0xFFFFFFFF, encoding)
+            elements[tag] = DataElement(tag, vr, sequence, start, is_undefined_length=True)
+            offset = buffer.tell()
+            continue
+        value, offset = _encapsulated_value(data, start)
+        elements[tag] = RawDataElement(tag, vr, length, value, start, implicit, True)
+    if meta and not elements:
+        raise _Unsupported
+    return elements, offset, encoding
+
+
+def _undefined_length_vr(data: bytes, start: int, tag: int, vr: str | None) -> str | None:
+    """The VR pydicom gives an undefined-length element (PS3.5 6.2.2: UN of undefined length is SQ)."""
+    if vr == "UN" and pydicom_config.settings.infer_sq_for_un_vr:
+        return "SQ"
+    if vr is None or (vr == "UN" and pydicom_config.replace_un_with_known_vr):
+        try:
+            return dictionary_VR(tag)
+        except KeyError:
+            return "SQ" if struct.unpack_from("<I", data, start)[0] == 0xE000FFFE else vr
+    return vr
+
+
+def _encapsulated_value(data: bytes, start: int) -> tuple[bytes, int]:
+    """An undefined-length non-sequence value (encapsulated pixel data): its items up to the
+    sequence delimiter, parsed item by item; returns the value and the offset after the delimiter."""
+    offset = start
+    while True:
+        tag, length = struct.unpack_from("<II", data, offset)
+        if tag == 0xE0DDFFFE:
+            if length != 0:
+                raise _Unsupported
+            return data[start:offset], offset + 8
+        if tag != 0xE000FFFE or offset + 8 + length > len(data):
+            raise _Unsupported
+        offset += 8 + length
+
+
+_NUMBER_FORMATS = {"US": "H", "UL": "I", "SS": "h", "SL": "i", "FL": "f", "FD": "d"}
+# VRs whose values are ASCII by definition (no character set involved).
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
+
+
+def element_value(ds: Dataset, keyword: str, default: Any = None) -> Any:
+    """``ds.get(keyword, default)`` for a top-level element, without pydicom's conversion where it can.
+
+    Raw little-endian numbers (US UL SS SL FL FD) and ASCII values (CS DS IS UI AS DA DT TM AE)
+    are decoded from their bytes: DS as float, IS as int, text stripped; several values give a
+    list. Every other element, and any value these rules do not cover (empty or malformed text),
+    is pydicom's own ``ds[tag].value``.
+    """
+    tag = tag_for_keyword(keyword)
+    elem = ds._dict.get(tag) if tag is not None else None
+    if elem is None:
+        return default
+    if type(elem) is RawDataElement and elem.is_little_endian and not elem.is_buffered:
+        vr = elem.VR
+        if vr is None:
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                vr = "UN"
+        value = elem.value
+        try:
+            if vr in _ASCII_VRS:
+                return _ascii_value(value, vr)
+            number = _NUMBER_FORMATS.get(vr)
+            if number is not None:
+                return _number_value(value, number)
+        except (ValueError, UnicodeDecodeError, struct.error):
+            pass  # let pydicom convert (and complain) as it always would
+    return ds[tag].value
+
+
+def _ascii_value(value: bytes | None, vr: str) -> Any:
+    # As pydicom's converters: trailing padding off the whole value, then split on backslashes.
+    text = value.decode("ascii").rstrip(" \x00") if value else ""
+    parts = text.split("\\")
+    if not text or (vr in ("DS", "IS") and not all(part.strip() for part in parts)):
+        raise ValueError("empty values: pydicom decides what they become")
+    if vr == "DS":
+        items: list[object] = [float(part) for part in parts]
+    elif vr == "IS":
+        items = [int(part) for part in parts]
+    elif vr in ("AE", "UI"):  # pydicom strips each AE title and each UID
+        items = [part.strip() for part in parts]
+    else:
+        items = list(parts)
+    return items[0] if len(items) == 1 else items
+
+
+def _number_value(value: bytes | None, code: str) -> Any:
+    if not value:
+        return None
+    size = struct.calcsize(code)
+    if len(value) % size:
+        raise ValueError("value length is not a multiple of the VR's size")
+    numbers = list(struct.unpack(f"<{len(value) // size}{code}", value))
+    return numbers[0] if len(numbers) == 1 else numbers
+
+
+# ------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------
 
@@ -195,11 +425,32 @@ def _meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str) -> byte
     return b"\x00" * 128 + b"DICM" + group_length + body
 
 
-def encode_file(ds: Dataset, transfer_syntax: str) -> bytes:
+class SharedElements:
+    """Elements every file of a series carries (the very same objects), each encoded once.
+
+    The de-identification method code sequence is the same in every anonymized file; pydicom
+    would encode it again for each. The elements must not change while this object is in use.
+    """
+
+    def __init__(self, *element_sets: dict[int, DataElement]) -> None:
+        # Holding the elements keeps their ids from being reused by other objects.
+        self._elements = {id(elem): elem for elements in element_sets for elem in elements.values()}
+        self._encoded: dict[tuple[int, str], bytes] = {}
+
+    def encoded(self, elem: object, context: str) -> bytes | None:
+        """The bytes of ``elem`` encoded in ``context`` before, if it is one of the shared elements."""
+        return self._encoded.get((id(elem), context)) if id(elem) in self._elements else None
+
+    def remember(self, elem: object, context: str, data: bytes) -> None:
+        if id(elem) in self._elements:
+            self._encoded[(id(elem), context)] = data
+
+
+def encode_file(ds: Dataset, transfer_syntax: str, shared: SharedElements | None = None) -> bytes:
     """The bytes of a DICOM file for ``ds`` (new file meta) in ``transfer_syntax``.
 
     Uses the raw-copy path when ``ds`` keeps its original little-endian encoding and character
-    set; otherwise ``pydicom.dcmwrite``.
+    set; otherwise ``pydicom.dcmwrite``. ``shared``: the series' shared elements, encoded once.
     """
     syntax = UID(transfer_syntax)
     implicit = syntax == _IMPLICIT_LE
@@ -212,8 +463,11 @@ def encode_file(ds: Dataset, transfer_syntax: str) -> bytes:
     )
     if same:
         try:
-            body = _encode_dataset(ds, implicit)
-            return _meta_bytes(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(syntax)) + body
+            body = _encode_dataset(ds, implicit, shared or SharedElements())
+            sop_class, sop_instance = element_value(ds, "SOPClassUID"), element_value(ds, "SOPInstanceUID")
+            if not sop_class or not sop_instance:
+                raise _Unsupported  # pydicom's writer reports the missing attribute
+            return _meta_bytes(str(sop_class), str(sop_instance), str(syntax)) + body
         except _Unsupported:
             pass
     return _pydicom_bytes(ds, syntax)
@@ -236,7 +490,7 @@ def _pydicom_bytes(ds: Dataset, syntax: UID) -> bytes:
     return buffer.getvalue()
 
 
-def _encode_dataset(ds: Dataset, implicit: bool) -> bytes:
+def _encode_dataset(ds: Dataset, implicit: bool, shared: SharedElements) -> bytes:
     parts: list[bytes] = []
     elements = ds._dict
     encodings = ds.get("SpecificCharacterSet", "iso8859")
@@ -281,11 +535,17 @@ def _encode_dataset(ds: Dataset, implicit: bool) -> bytes:
             else:
                 parts.append(pack_tag(group, element) + vr.encode() + pack_short(len(encoded)) + encoded)
             continue
+        context = f"{implicit} {encodings}"  # what besides the element decides its bytes
+        known = shared.encoded(elem, context)
+        if known is not None:
+            parts.append(known)
+            continue
         buffer = DicomBytesIO()
         buffer.is_little_endian = True
         buffer.is_implicit_VR = implicit
         write_data_element(buffer, elem, encodings)
         parts.append(buffer.getvalue())
+        shared.remember(elem, context, parts[-1])
     return b"".join(parts)
 
 
@@ -328,17 +588,17 @@ def fast_pixels(ds: Dataset) -> np.ndarray | None:
     if syntax not in (_EXPLICIT_LE, _IMPLICIT_LE):
         return None
     try:
-        bits = int(ds.BitsAllocated)
-        stored = int(ds.BitsStored)
-        signed = int(ds.PixelRepresentation) == 1
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = int(element_value(ds, "BitsAllocated"))
+        stored = int(element_value(ds, "BitsStored"))
+        signed = int(element_value(ds, "PixelRepresentation")) == 1
+        rows, columns = int(element_value(ds, "Rows")), int(element_value(ds, "Columns"))
+        samples = int(element_value(ds, "SamplesPerPixel", 1) or 1)
+        frames = int(element_value(ds, "NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError):
         return None
     if samples != 1 or bits not in (8, 16, 32) or not 0 < stored <= bits:
         return None
-    if str(ds.get("PhotometricInterpretation", "")).strip() not in ("MONOCHROME1", "MONOCHROME2"):
+    if str(element_value(ds, "PhotometricInterpretation", "")).strip() not in ("MONOCHROME1", "MONOCHROME2"):
         return None
     raw = ds._dict.get(0x7FE00010)
     value = raw.value if raw is not None else None

@@ -91,18 +91,41 @@ def walk_sources(sources: list[Path]) -> list[SourceFile]:
             raise InputError(
                 f"--source #{index + 1}: folder not found or not a folder. Fix: pass an existing folder of DICOM/NIfTI files."
             )
-        for folder, dirs, files in os.walk(root, followlinks=False):
-            # Hidden files are read: a DICOM file named ".1234" is still an image, and anything that
-            # is not one (.DS_Store) lands in quarantine.csv with a reason. Hidden folders are not:
-            # .snapshot/.zfs/.Trash copies would otherwise become label folders or shadow the originals.
-            dirs[:] = sorted(name for name in dirs if not name.startswith("."))
-            for name in sorted(files):
-                path = Path(folder) / name
-                if not path.is_file():
-                    continue
-                rel = PurePosixPath(*path.relative_to(root).parts).as_posix()
-                found.append(SourceFile(source=index, rel=rel, path=str(path.resolve())))
+        found += _files_under(root, index)
     return sorted(found)
+
+
+def _files_under(root: Path, index: int) -> list[SourceFile]:
+    """The files below ``root`` as ``os.walk(root, followlinks=False)`` finds them, hidden folders left out.
+
+    Hidden files are read: a DICOM file named ".1234" is still an image, and anything that is
+    not one (.DS_Store) lands in quarantine.csv with a reason. Hidden folders are not:
+    .snapshot/.zfs/.Trash copies would otherwise become label folders or shadow the originals.
+    Symlinked folders are not followed; a symlinked file counts, under its target's path.
+    A folder is resolved once, not every file in it (resolving is most of a walk's time).
+    """
+    found: list[SourceFile] = []
+    pending = [(str(root), os.path.realpath(root), "")]
+    while pending:
+        folder, real_folder, prefix = pending.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError:  # as os.walk: an unreadable folder is skipped
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    if not entry.is_symlink() and not entry.name.startswith("."):
+                        pending.append((entry.path, os.path.join(real_folder, entry.name), f"{prefix}{entry.name}/"))
+                    continue
+                if not entry.is_file():  # sockets, fifos, broken links
+                    continue
+                real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real_folder, entry.name)
+            except OSError:
+                continue
+            found.append(SourceFile(source=index, rel=prefix + entry.name, path=real))
+    return found
 
 
 def _is_nifti(name: str) -> bool:

@@ -68,6 +68,8 @@ QUARANTINE_NAME = "quarantine.csv"
 DICOMDIR_REASON = "DICOMDIR index file (not an image; the files it lists are read directly)"
 AUDIT_LOG_NAME = "audit.jsonl"
 _SCAN_CHUNK = 64
+# Scanning a header takes ~50 us; below this many files starting a process pool costs more than it saves.
+_PARALLEL_SCAN_MIN = 1000
 
 
 @dataclass
@@ -334,7 +336,8 @@ def _scan(files: list[SourceFile], workers: int, progress: bool) -> list[Scanned
     chunks = [files[start : start + _SCAN_CHUNK] for start in range(0, len(files), _SCAN_CHUNK)]
     scanned: list[list[ScannedFile]] = [[] for _ in chunks]
     with _progress(len(files), "scan", progress, "file") as bar:
-        for index, result in pool_map(scan_files, [(chunk,) for chunk in chunks], workers, lambda done: bar.update(len(done))):
+        scan_workers = workers if len(files) >= _PARALLEL_SCAN_MIN else 1
+        for index, result in pool_map(scan_files, [(chunk,) for chunk in chunks], scan_workers, lambda done: bar.update(len(done))):
             if isinstance(result, BaseException):
                 scanned[index] = [
                     ScannedFile(file=file, kind="other", reason=f"scan failed ({type(result).__name__})") for file in chunks[index]

@@ -35,7 +35,7 @@ from pipeline.files import PRIVATE_MODE, atomic_write_json, sha256_file, write_n
 from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.audit import header_tokens
 from pipeline.ingest.deid import DeidContext, anonymize, identifier_candidates, tag_text
-from pipeline.ingest.dicomio import encode_file
+from pipeline.ingest.dicomio import SharedElements, element_value, encode_file, read_file
 from pipeline.ingest.discover import SourceFile
 from pipeline.ingest.pool import quiet_readers
 from pipeline.ingest.keys import date_offset_days, keyed_hex, sample_pseudonym, subject_pseudonym
@@ -64,7 +64,7 @@ _BURNED_IN_CLASS_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame
     "1.2.840.10008.5.1.4.1.1.77.1",  # Visible light (endoscopy, photography, video)
 )
-_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
 _SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 _TOOL = "medsynth"
 
@@ -280,17 +280,18 @@ def _nifti(task: SeriesTask, content: bytes, result: SeriesResult) -> None:
 
 def burned_in_decision(ds: Dataset, config: IngestConfig) -> tuple[str, list[tuple[int, int, int, int]]]:
     """``("ok" | "blank" | "quarantine", regions)`` for one image (PS3.15 E.3.1: pixel data)."""
-    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    flag = str(element_value(ds, "BurnedInAnnotation", "") or "").strip().upper()
     if flag == "NO":
         return "ok", []
-    modality = str(ds.get("Modality", "") or "").strip().upper()
-    sop_class = str(ds.get("SOPClassUID", "") or "")
-    image_type = [str(item).upper() for item in (ds.get("ImageType") or [])] if ds.get("ImageType") else []
+    modality = str(element_value(ds, "Modality", "") or "").strip().upper()
+    sop_class = str(element_value(ds, "SOPClassUID", "") or "")
+    image_type = element_value(ds, "ImageType") or []
+    image_types = [str(item).upper() for item in ([image_type] if isinstance(image_type, str) else image_type)]
     risky = (
         flag == "YES"
         or modality in {item.upper() for item in config.burned_in.modalities}
         or sop_class.startswith(_BURNED_IN_CLASS_PREFIXES)
-        or "SCREEN SAVE" in image_type
+        or "SCREEN SAVE" in image_types
     )
     if not risky:
         return "ok", []
@@ -309,6 +310,9 @@ def burned_in_decision(ds: Dataset, config: IngestConfig) -> tuple[str, list[tup
 
 
 def _read(content: bytes) -> Dataset:
+    ds = read_file(content)  # pydicom's elements, parsed faster; None for the unusual files
+    if ds is not None:
+        return ds
     has_preamble = len(content) >= 132 and content[128:132] == b"DICM"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -330,11 +334,11 @@ def _ts_name(ds: Dataset) -> str:
 
 def _screen(ds: Dataset, config: IngestConfig) -> tuple[str, list[tuple[int, int, int, int]]]:
     """``("", regions)`` for a usable image, else ``(reason, [])``."""
-    sop_class = str(ds.get("SOPClassUID", "") or "")
-    if not any(name in ds for name in _PIXEL_TAGS):
+    sop_class = str(element_value(ds, "SOPClassUID", "") or "")
+    if not any(tag in ds._dict for tag in _PIXEL_TAGS):
         name = _uid_name(sop_class, "private or unknown SOP class") if sop_class else "no SOPClassUID"
         return f"no pixel data: non-image object or stripped image ({name})", []
-    modality = str(ds.get("Modality", "") or "").strip().upper()
+    modality = str(element_value(ds, "Modality", "") or "").strip().upper()
     if modality in NON_SCAN_MODALITIES:
         name = _uid_name(sop_class, modality) if sop_class else modality
         return f"not a scan ({name})", []
@@ -422,6 +426,7 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
         identity = _identity_elements(ctx, result, profile, blanked=False)
         identity_blanked = _identity_elements(ctx, result, profile, blanked=True) if blanked else identity
         written: set[str] = set()
+        shared = SharedElements(identity, identity_blanked)  # the identity sequences, encoded once
         for position, index in enumerate(order, start=1):
             ds = datasets[index]
             anonymize(ds, ctx)
@@ -430,7 +435,7 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
             result.structure.extend(
                 (rel, where, kind) for where, kind in structure_problems(ds, profile)
             )
-            result.outputs[rel] = _write_dicom(ds, out / rel, result.tokens)
+            result.outputs[rel] = _write_dicom(ds, out / rel, result.tokens, shared)
             written.add(Path(rel).name)
             datasets[index] = None  # type: ignore[assignment]  # free memory as we go
         ctx.audit[("", 0x00100020, "D", "pseudonym")] += len(order)
@@ -487,7 +492,7 @@ def structure_problems(ds: Dataset, profile: Profile) -> list[tuple[str, str]]:
     return [(finding.where, finding.kind) for finding in structure_findings(ds, "", profile)]
 
 
-def _write_dicom(ds: Dataset, target: Path, tokens: set[bytes]) -> str:
+def _write_dicom(ds: Dataset, target: Path, tokens: set[bytes], shared: SharedElements) -> str:
     """Write ``ds`` as a valid DICOM file (new file meta); returns the file's sha256.
 
     The search tokens of the written header go into ``tokens``: the leak audit checks them
@@ -507,7 +512,7 @@ def _write_dicom(ds: Dataset, target: Path, tokens: set[bytes]) -> str:
         transfer_syntax = ExplicitVRLittleEndian
     if big_endian:
         _to_little_endian(ds)
-    data = encode_file(ds, transfer_syntax)
+    data = encode_file(ds, transfer_syntax, shared)
     tokens |= header_tokens(data)
     # Atomic: a temp file beside the target, then rename (cheaper than mkstemp per slice).
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")

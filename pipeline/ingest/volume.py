@@ -17,7 +17,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
-from pipeline.ingest.dicomio import fast_pixels
+from pipeline.ingest.dicomio import element_value, fast_pixels
 
 __all__ = ["SeriesProblem", "Frame", "Volume", "frames_of", "build_volume", "LPS_TO_RAS"]
 
@@ -97,7 +97,7 @@ def _rescale(pixels: np.ndarray, slope: object, intercept: object) -> np.ndarray
 def _modality_units(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     if "ModalityLUTSequence" in ds:
         return apply_modality_lut(pixels, ds)
-    return _rescale(pixels, ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
+    return _rescale(pixels, element_value(ds, "RescaleSlope"), element_value(ds, "RescaleIntercept"))
 
 
 def frames_of(ds: Dataset, source: int) -> list[Frame]:
@@ -110,12 +110,12 @@ def frames_of(ds: Dataset, source: int) -> list[Frame]:
         SeriesProblem: colour images, missing geometry for a multi-frame image.
         Exception: whatever the pixel decoder raises for undecodable data (caller quarantines).
     """
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+    if int(element_value(ds, "SamplesPerPixel", 1) or 1) != 1:
         raise SeriesProblem("colour image (SamplesPerPixel > 1): not supported by the grayscale pipeline")
     pixels = fast_pixels(ds)
     if pixels is None:
         pixels = ds.pixel_array
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    n_frames = int(element_value(ds, "NumberOfFrames", 1) or 1)
     if n_frames == 1 and pixels.ndim == 2:
         pixels = pixels[np.newaxis]
     if pixels.ndim != 3 or pixels.shape[0] != n_frames:
@@ -153,16 +153,16 @@ def frames_of(ds: Dataset, source: int) -> list[Frame]:
                 )
             )
         return frames
-    position = _floats(ds.get("ImagePositionPatient"), 3)
-    orientation = _floats(ds.get("ImageOrientationPatient"), 6)
-    spacing = _floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"), 2)
-    thickness = ds.get("SliceThickness")
+    position = _floats(element_value(ds, "ImagePositionPatient"), 3)
+    orientation = _floats(element_value(ds, "ImageOrientationPatient"), 6)
+    spacing = _floats(element_value(ds, "PixelSpacing") or element_value(ds, "ImagerPixelSpacing"), 2)
+    thickness = element_value(ds, "SliceThickness")
     thickness_f = float(thickness) if thickness not in (None, "") else None
     values = _modality_units(pixels, ds)
     if n_frames == 1:
         return [Frame(values[0], position, orientation, _pair(spacing), thickness_f, source)]
-    offsets = _floats(ds.get("GridFrameOffsetVector"), n_frames)
-    step = ds.get("SpacingBetweenSlices")
+    offsets = _floats(element_value(ds, "GridFrameOffsetVector"), n_frames)
+    step = element_value(ds, "SpacingBetweenSlices")
     if position is None or orientation is None or (offsets is None and step in (None, "")):
         raise SeriesProblem("multi-frame image without per-frame positions (cine or projection frames)")
     normal = np.cross(orientation[:3], orientation[3:])
