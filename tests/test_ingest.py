@@ -465,3 +465,31 @@ def test_pool_reports_a_failed_job_and_goes_on_with_any_worker_count(workers: in
     results = dict(pool_map(_fails_on_two, [(1,), (2,), (3,)], workers, lambda _: None))
     assert results[0] == 10 and results[2] == 30
     assert isinstance(results[1], MemoryError)
+
+
+def test_a_folder_that_cannot_be_listed_is_quarantined_not_skipped(tmp_path: Path) -> None:
+    """Nothing vanishes without a trace: a subfolder the walk cannot list (here: deeper than PATH_MAX,
+    since the tests may run as root, for whom permissions do not bite) is a row of quarantine.csv."""
+    source = tmp_path / "source"
+    (source / "mr").mkdir(parents=True)
+    (source / "mr" / "image.dcm").write_bytes(Path(get_testdata_file("MR_small.dcm")).read_bytes())
+    name, depth = "d" * 200, 0
+    handle = os.open(source / "mr", os.O_RDONLY)
+    try:  # built level by level through directory handles: the full path is too long for the OS
+        while len(str(source / "mr")) + depth * (len(name) + 1) < 4200:
+            os.mkdir(name, dir_fd=handle)
+            inner = os.open(name, os.O_RDONLY, dir_fd=handle)
+            os.close(handle)
+            handle, depth = inner, depth + 1
+        os.close(os.open("lost.dcm", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=handle))
+    finally:
+        os.close(handle)
+    out = tmp_path / "dataset"
+    summary = run([source], out, IngestConfig(workers=1))
+    assert summary.series_written == 1 and summary.files_seen == 2
+    with open(out / "quarantine.csv", newline="") as rows:
+        reasons = [row["reason"] for row in csv.DictReader(rows)]
+    assert reasons == ["unreadable folder (permission or I/O error): the files in it were not read"]
+    with open(tmp_path / "dataset.private" / "quarantine.csv", newline="") as rows:
+        assert next(csv.DictReader(rows))["path"].endswith(name)  # the private map says which folder
+    shutil.rmtree(tmp_path, ignore_errors=True)  # pytest's own clean-up cannot remove what it cannot name

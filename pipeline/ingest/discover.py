@@ -27,6 +27,7 @@ __all__ = [
     "ScannedFile",
     "SeriesGroup",
     "walk_sources",
+    "UNREADABLE_FOLDER_REASON",
     "scan_file",
     "scan_files",
     "group_series",
@@ -75,14 +76,18 @@ class SeriesGroup:
     duplicates: list[SourceFile] = field(default_factory=list)
 
 
+UNREADABLE_FOLDER_REASON = "unreadable folder (permission or I/O error): the files in it were not read"
+
+
 def walk_sources(sources: list[Path]) -> list[SourceFile]:
     """Every regular file under the sources, recursively, in a stable order.
 
     Hidden files are included (non-images end in quarantine); hidden folders (names starting
-    with '.', e.g. .snapshot, .Trash-1000) are not walked.
+    with '.', e.g. .snapshot, .Trash-1000) are not walked. A subfolder that cannot be listed is
+    an entry whose ``rel`` ends with "/" (quarantined by the scan, never silently skipped).
 
     Raises:
-        InputError: a source folder does not exist or is not a folder.
+        InputError: a source folder does not exist, is not a folder or cannot be listed.
     """
     found: list[SourceFile] = []
     for index, source in enumerate(sources):
@@ -101,8 +106,13 @@ def _files_under(root: Path, index: int) -> list[SourceFile]:
     Hidden files are read: a DICOM file named ".1234" is still an image, and anything that is
     not one (.DS_Store) lands in quarantine.csv with a reason. Hidden folders are not:
     .snapshot/.zfs/.Trash copies would otherwise become label folders or shadow the originals.
-    Symlinked folders are not followed; a symlinked file counts, under its target's path.
-    A folder is resolved once, not every file in it (resolving is most of a walk's time).
+    Symlinked folders are not followed; a symlinked file counts, under its target's path. A
+    folder that cannot be listed is returned as an entry of its own (``rel`` ends with "/"), so
+    that ingest reports it. A folder is resolved once, not every file in it (resolving is most
+    of a walk's time).
+
+    Raises:
+        InputError: ``root`` itself cannot be listed.
     """
     found: list[SourceFile] = []
     pending = [(str(root), os.path.realpath(root), "")]
@@ -111,7 +121,15 @@ def _files_under(root: Path, index: int) -> list[SourceFile]:
         try:
             with os.scandir(folder) as listing:
                 entries = list(listing)
-        except OSError:  # as os.walk: an unreadable folder is skipped
+        except OSError:
+            if not prefix:
+                raise InputError(
+                    f"--source #{index + 1}: the folder cannot be read (permission or I/O error). "
+                    "Fix: make it readable by this user, or pass another folder."
+                ) from None
+            # Its files cannot even be listed: it goes to quarantine.csv (a name ending in "/")
+            # instead of vanishing without a trace.
+            found.append(SourceFile(source=index, rel=prefix, path=real_folder))
             continue
         for entry in entries:
             try:
@@ -135,6 +153,8 @@ def _is_nifti(name: str) -> bool:
 
 def scan_file(file: SourceFile) -> ScannedFile:
     """Classify one file from its name and (for DICOM) its header. Never raises."""
+    if file.rel.endswith("/"):  # a folder the walk could not list
+        return ScannedFile(file=file, kind="other", reason=UNREADABLE_FOLDER_REASON)
     if _is_nifti(file.rel):
         return ScannedFile(file=file, kind="nifti")
     if PurePosixPath(file.rel).name.upper() == "DICOMDIR":
