@@ -36,6 +36,11 @@ def _config(config_file: Path | None, overrides: dict[str, Any]):
     return load_config(config_file, overrides)
 
 
+def _show_progress(no_progress: bool) -> bool:
+    """Progress bars only on a terminal: in a log file or CI they are one endless line."""
+    return not no_progress and sys.stderr.isatty()
+
+
 def _echo_lines(lines: Sequence[str]) -> None:
     for line in lines:
         click.echo(line)
@@ -70,7 +75,7 @@ def demo_data_command(out: Path, subjects: int, seed: int) -> None:
 @cli.command("run")
 @config_option
 @click.option("--force", is_flag=True, help="Re-run every stage even when its inputs are unchanged.")
-@click.option("--no-progress", is_flag=True, help="No progress bars (logs stay readable in CI).")
+@click.option("--no-progress", is_flag=True, help="No progress bars (they are shown only on a terminal anyway).")
 def run_command(config_file: Path | None, force: bool, no_progress: bool) -> None:
     """Run every stage (ingest, train, generate, evaluate, export) under one MLflow parent run."""
     from pipeline.workflow import run_all
@@ -78,7 +83,7 @@ def run_command(config_file: Path | None, force: bool, no_progress: bool) -> Non
     if config_file is None:
         raise InputError("medsynth run needs a config: pass -c FILE (e.g. -c configs/demo.yaml).")
     config = _config(config_file, {})
-    summary = run_all(config, where=str(config_file), force=force, progress=not no_progress, echo=click.echo)
+    summary = run_all(config, where=str(config_file), force=force, progress=_show_progress(no_progress), echo=click.echo)
     _echo_lines(summary.lines())
 
 
@@ -99,7 +104,7 @@ def demo_command(config_file: Path | None, subjects: int, force: bool, no_progre
     raw = RunPaths(config.resolved_run_root).raw
     cohort = make_cohort(raw, subjects=subjects, seed=config.seed)
     _echo_lines(cohort.lines()[:3])
-    summary = run_all(config, where=str(config_file), force=force, progress=not no_progress, echo=click.echo)
+    summary = run_all(config, where=str(config_file), force=force, progress=_show_progress(no_progress), echo=click.echo)
     _echo_lines(summary.lines())
 
 
@@ -163,7 +168,7 @@ def ingest_command(
     ) as tracker:
         summary = ingest_run(
             source_list, out, config.ingest, labels=labels or config.labels, private=private, tracker=tracker,
-            progress=not no_progress and sys.stderr.isatty(), seed=config.seed,
+            progress=_show_progress(no_progress), seed=config.seed,
         )
     _echo_lines(summary.lines())
 
@@ -203,7 +208,7 @@ def train_command(
     from pipeline.models import train
 
     config = _config(config_file, {"seed": seed, "model.max_steps": max_steps, "model.max_minutes": max_minutes})
-    progress = not no_progress and sys.stderr.isatty()
+    progress = _show_progress(no_progress)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 tracks, writes and prints
         train.run(data, out, config.model, seed=config.seed, resume=resume, progress=False)
         return
@@ -263,7 +268,7 @@ def evaluate_command(
     ) as tracker:
         report = evaluate_run(
             real, synthetic, out, config.evaluate, model_dir=model_dir, tracker=tracker,
-            progress=not no_progress and sys.stderr.isatty(),
+            progress=_show_progress(no_progress),
         )
     _echo_lines(summary_lines(report, out))
     failed = [gate for gate in ("fidelity", "diversity", "privacy", "utility") if report["gates"][gate] == "fail"]
