@@ -97,12 +97,15 @@ def run_command(config_file: Path | None, force: bool, no_progress: bool) -> Non
 def demo_command(config_file: Path | None, subjects: int, force: bool, no_progress: bool) -> None:
     """Write the phantom cohort into <run root>/raw, then run every stage with configs/demo.yaml."""
     from pipeline.demo import make_cohort
+    from pipeline.ingest.keys import demo_key, load_or_create_key
     from pipeline.workflow import RunPaths, default_demo_config, run_all
 
     config_file = config_file or default_demo_config()
     config = _config(config_file, {})
-    raw = RunPaths(config.resolved_run_root).raw
-    cohort = make_cohort(raw, subjects=subjects, seed=config.seed)
+    paths = RunPaths(config.resolved_run_root)
+    cohort = make_cohort(paths.raw, subjects=subjects, seed=config.seed)
+    # Phantom PHI only: a key derived from the seed makes every fresh demo split (and score) alike.
+    load_or_create_key(paths.private, new_key=demo_key(config.seed))
     _echo_lines(cohort.lines()[:3])
     summary = run_all(config, where=str(config_file), force=force, progress=_show_progress(no_progress), echo=click.echo)
     _echo_lines(summary.lines())

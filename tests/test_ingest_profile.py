@@ -362,3 +362,16 @@ def test_walk_finds_files_as_os_walk_does(tmp_path: Path) -> None:
         "lesion/link.dcm": str((elsewhere / "target.dcm").resolve()),
         "lesion/p1/1.dcm": str((source / "lesion" / "p1" / "1.dcm").resolve()),
     }
+
+
+def test_demo_key_is_stored_once_and_never_overrides_a_key(tmp_path: Path) -> None:
+    """The phantom demo's seed-derived key is used only when the private folder has none yet."""
+    from pipeline.ingest.keys import KEY_BYTES, demo_key, load_or_create_key
+
+    assert demo_key(0) == demo_key(0) != demo_key(1) and len(demo_key(0)) == KEY_BYTES
+    assert load_or_create_key(tmp_path / "demo", new_key=demo_key(0)) == demo_key(0)
+    assert load_or_create_key(tmp_path / "demo", new_key=demo_key(1)) == demo_key(0)  # the stored key wins
+    assert load_or_create_key(tmp_path / "demo") == demo_key(0)
+    assert (tmp_path / "demo" / "pseudonym.key").stat().st_mode & 0o077 == 0
+    random_key = load_or_create_key(tmp_path / "real")
+    assert len(random_key) == KEY_BYTES and random_key not in (demo_key(0), demo_key(1))

@@ -23,6 +23,7 @@ __all__ = [
     "KEY_FILE",
     "KEY_BYTES",
     "load_or_create_key",
+    "demo_key",
     "keyed_hex",
     "subject_pseudonym",
     "sample_pseudonym",
@@ -41,8 +42,13 @@ _SHIFT_MIN_DAYS = 73_048
 _SHIFT_SPAN_DAYS = 3_653
 
 
-def load_or_create_key(private: Path) -> bytes:
+def load_or_create_key(private: Path, new_key: bytes | None = None) -> bytes:
     """Read the key from ``private/pseudonym.key``, creating the folder and key on first use.
+
+    Args:
+        private: the private folder.
+        new_key: the key to store when there is none yet; None (always, for real data): 32
+            random bytes. Only the phantom demo passes one (:func:`demo_key`).
 
     Raises:
         InputError: the key file exists but is not a key written by medsynth.
@@ -65,13 +71,21 @@ def load_or_create_key(private: Path) -> bytes:
         os.chmod(path.parent, 0o700)
     except OSError:
         pass
-    key = secrets.token_bytes(KEY_BYTES)
+    key = new_key if new_key is not None else secrets.token_bytes(KEY_BYTES)
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"a pseudonymization key has {KEY_BYTES} bytes")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as handle:
         handle.write(key.hex() + "\n")
     os.replace(tmp, path)
     return key
+
+
+def demo_key(seed: int) -> bytes:
+    """The phantom demo's key, derived from its seed: the same pseudonyms, hence the same split
+    and the same figures, in every fresh demo. Never for real data: anyone can derive it."""
+    return hashlib.sha256(f"medsynth phantom demo key\x00{int(seed)}".encode()).digest()
 
 
 def keyed_hex(key: bytes, domain: str, value: str) -> str:
