@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.dataset import Dataset, read_dataset
 from pipeline.errors import InputError
@@ -60,6 +59,7 @@ from pipeline.evaluate.utility import (
     roc_auc,
 )
 from pipeline.files import atomic_write_json, atomic_write_text
+from pipeline.progress import progress as progress_bar
 from pipeline.tracking import NullTracker, Tracker
 
 __all__ = ["run", "evaluate_sets", "Evidence", "Evaluation", "headline_metrics", "summary_lines"]
@@ -110,10 +110,10 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
 
 
 class _Steps:
-    """Progress over the stage's phases (tqdm on stderr when asked; silent otherwise)."""
+    """Progress over the stage's phases (see :mod:`pipeline.progress`; silent unless asked)."""
 
     def __init__(self, enabled: bool, total: int) -> None:
-        self.bar = tqdm(total=total, disable=not enabled, desc="evaluate", unit="step", leave=False)
+        self.bar = progress_bar(total, "evaluate", "step", enabled)
 
     def next(self, label: str) -> None:
         self.bar.set_postfix_str(label)

@@ -23,7 +23,6 @@ import io
 import json
 import os
 import re
-import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +58,7 @@ from pipeline.ingest.pool import pool_map
 from pipeline.ingest.profile import TABLE_EDITION, TABLE_MODULE, TABLE_PACKAGE
 from pipeline.ingest.split import assign_splits
 from pipeline.ingest.task import SeriesResult, SeriesTask, process_series, profile_for
+from pipeline.progress import progress as progress_bar
 from pipeline.tracking import NullTracker, Tracker
 
 __all__ = ["IngestSummary", "run", "default_private", "QUARANTINE_NAME", "AUDIT_LOG_NAME"]
@@ -203,9 +203,7 @@ def _default_workers() -> int:
 
 
 def _progress(total: int, desc: str, enabled: bool, unit: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, leave=False, dynamic_ncols=True)
+    return progress_bar(total, desc, unit, enabled)
 
 
 def run(

@@ -672,9 +672,9 @@ def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> Non
 def _progress_bar(enabled: bool, total: int | None, initial: int):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from pipeline.progress import progress
 
-    return tqdm(total=total, initial=initial, unit="step", desc="train", dynamic_ncols=True)
+    return progress(total, "train", "step", enabled=True, initial=initial)
 
 
 def _model_meta(
