@@ -11,11 +11,15 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from pipeline.errors import CheckFailed, InputError, MedsynthError
+
+if TYPE_CHECKING:
+    from pipeline.config import MedsynthConfig
+    from pipeline.workflow import RunPaths
 
 __all__ = ["main", "cli"]
 
@@ -93,22 +97,40 @@ def run_command(config_file: Path | None, force: bool, no_progress: bool) -> Non
 # membership attacks' intervals are narrow enough to mean something (docs/models.md, "The demo config").
 @click.option("--subjects", type=click.IntRange(4, 10_000), default=80, show_default=True, help="Phantom subjects.")
 @click.option("--force", is_flag=True, help="Re-run every stage even when its inputs are unchanged.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--no-progress", is_flag=True, help="No progress (bars on a terminal, a line every 30 s in a log).")
 def demo_command(config_file: Path | None, subjects: int, force: bool, no_progress: bool) -> None:
     """Write the phantom cohort into <run root>/raw, then run every stage with configs/demo.yaml."""
     from pipeline.demo import make_cohort
-    from pipeline.ingest.keys import demo_key, load_or_create_key
     from pipeline.workflow import RunPaths, default_demo_config, run_all
 
     config_file = config_file or default_demo_config()
     config = _config(config_file, {})
     paths = RunPaths(config.resolved_run_root)
     cohort = make_cohort(paths.raw, subjects=subjects, seed=config.seed)
-    # Phantom PHI only: a key derived from the seed makes every fresh demo split (and score) alike.
-    load_or_create_key(paths.private, new_key=demo_key(config.seed))
+    _use_demo_key(config, paths)
     _echo_lines(cohort.lines()[:3])
     summary = run_all(config, where=str(config_file), force=force, progress=_show_progress(no_progress), echo=click.echo)
     _echo_lines(summary.lines())
+
+
+def _use_demo_key(config: MedsynthConfig, paths: RunPaths) -> None:
+    """Give the phantom cohort a key derived from the seed: every fresh demo splits (and scores) alike.
+
+    Only when every source is the phantom cohort this command wrote: a derivable key must never
+    pseudonymize real scans (a config pointing ``sources`` elsewhere gets ingest's random key).
+    """
+    from pipeline.ingest.keys import KEY_FILE, demo_key, load_or_create_key
+
+    raw = paths.raw.resolve()
+    if not config.sources or not all(Path(source).resolve().is_relative_to(raw) for source in config.sources):
+        return
+    if (paths.private / KEY_FILE).is_file() and load_or_create_key(paths.private) != demo_key(config.seed):
+        click.echo(
+            f"Note: {paths.private} holds the key of an earlier run, so pseudonyms, split and figures differ from "
+            "the published demo. Fix (to reproduce it): delete the run root and run the demo again."
+        )
+        return
+    load_or_create_key(paths.private, new_key=demo_key(config.seed))
 
 
 @cli.command("export")
@@ -153,7 +175,7 @@ def export_command(
 @click.option("--private", "private", type=PathArg, default=None,
               help="Private folder (key, source map, quarantine originals). Default: <out>.private beside the dataset.")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Worker processes. Default: all cores.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--no-progress", is_flag=True, help="No progress (bars on a terminal, a line every 30 s in a log).")
 @config_option
 def ingest_command(
     sources: tuple[Path, ...], labels: Path | None, out: Path, private: Path | None, workers: int | None,
@@ -200,7 +222,7 @@ def audit_command(directory: Path, against: tuple[Path, ...]) -> None:
 @click.option("--seed", type=click.IntRange(0), default=None, help="Seed (default: the config's seed).")
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Step budget (default: model.max_steps).")
 @click.option("--max-minutes", type=click.FloatRange(0, min_open=True), default=None, help="Time budget in minutes.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-progress", is_flag=True, help="No progress (bars on a terminal, a line every 30 s in a log).")
 @config_option
 def train_command(
     data: Path, out: Path, resume: bool, seed: int | None, max_steps: int | None, max_minutes: float | None,
@@ -253,7 +275,7 @@ def generate_command(
               help="Generator folder: its preprocessing, discriminator (white-box attack) and DP record. "
                    "Without it a default preprocessing is used.")
 @click.option("--strict", is_flag=True, help="Exit 1 when a gate fails.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-progress", is_flag=True, help="No progress (bars on a terminal, a line every 30 s in a log).")
 @config_option
 def evaluate_command(
     real: Path, synthetic: Path, out: Path, model_dir: Path | None, strict: bool, no_progress: bool,

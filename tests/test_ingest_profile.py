@@ -375,3 +375,33 @@ def test_demo_key_is_stored_once_and_never_overrides_a_key(tmp_path: Path) -> No
     assert (tmp_path / "demo" / "pseudonym.key").stat().st_mode & 0o077 == 0
     random_key = load_or_create_key(tmp_path / "real")
     assert len(random_key) == KEY_BYTES and random_key not in (demo_key(0), demo_key(1))
+
+
+def test_demo_key_only_for_the_phantom_cohort(tmp_path: Path, capsys) -> None:
+    """`medsynth demo` derives its key only when every source is the cohort it wrote, and never replaces a key."""
+    import yaml
+
+    from pipeline.cli import _use_demo_key
+    from pipeline.config import load_config
+    from pipeline.ingest.keys import KEY_FILE, demo_key
+    from pipeline.workflow import RunPaths
+
+    def config(root: Path, sources: list[str]):
+        path = root.with_suffix(".yaml")
+        path.write_text(yaml.safe_dump({"name": "d", "run_root": str(root), "seed": 4, "sources": sources}))
+        return load_config(path)
+
+    demo = config(tmp_path / "demo", [str(tmp_path / "demo" / "raw" / "dicom")])
+    _use_demo_key(demo, RunPaths(demo.resolved_run_root))
+    assert (tmp_path / "demo" / "private" / KEY_FILE).read_text().strip() == demo_key(4).hex()
+
+    real = config(tmp_path / "real", [str(tmp_path / "demo" / "raw" / "dicom"), str(tmp_path / "hospital")])
+    _use_demo_key(real, RunPaths(real.resolved_run_root))
+    assert not (tmp_path / "real" / "private" / KEY_FILE).exists()  # ingest will draw a random key
+
+    earlier = config(tmp_path / "earlier", [str(tmp_path / "earlier" / "raw")])
+    (tmp_path / "earlier" / "private").mkdir(parents=True)
+    (tmp_path / "earlier" / "private" / KEY_FILE).write_text("ab" * 32 + "\n")
+    _use_demo_key(earlier, RunPaths(earlier.resolved_run_root))
+    assert (tmp_path / "earlier" / "private" / KEY_FILE).read_text().strip() == "ab" * 32
+    assert "holds the key of an earlier run" in capsys.readouterr().out

@@ -94,7 +94,7 @@ def walk_sources(sources: list[Path]) -> list[SourceFile]:
         root = Path(source)
         if not root.is_dir():
             raise InputError(
-                f"--source #{index + 1}: folder not found or not a folder. Fix: pass an existing folder of DICOM/NIfTI files."
+                f"source folder #{index + 1}: not found or not a folder. Fix: pass an existing folder of DICOM/NIfTI files."
             )
         found += _files_under(root, index)
     return sorted(found)
@@ -124,7 +124,7 @@ def _files_under(root: Path, index: int) -> list[SourceFile]:
         except OSError:
             if not prefix:
                 raise InputError(
-                    f"--source #{index + 1}: the folder cannot be read (permission or I/O error). "
+                    f"source folder #{index + 1}: cannot be read (permission or I/O error). "
                     "Fix: make it readable by this user, or pass another folder."
                 ) from None
             # Its files cannot even be listed: it goes to quarantine.csv (a name ending in "/")
@@ -140,8 +140,8 @@ def _files_under(root: Path, index: int) -> list[SourceFile]:
                 if not entry.is_file():  # sockets, fifos, broken links
                     continue
                 real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real_folder, entry.name)
-            except OSError:
-                continue
+            except OSError:  # cannot even tell what it is: the scan fails to read it and quarantines it
+                real = os.path.join(real_folder, entry.name)
             found.append(SourceFile(source=index, rel=prefix + entry.name, path=real))
     return found
 

@@ -489,8 +489,8 @@ def _run(
                 tracker.log_metrics({**losses, "images_per_s": throughput}, step=step)
                 window_images, window_start = 0, time.perf_counter()
             if bar is not None:
-                bar.update(1)
                 bar.set_postfix(d=f"{losses['loss_d']:.3f}", g=f"{losses['loss_g']:.3f}", ips=f"{throughput:.0f}")
+                bar.update(1)
             if config.sample_every and step % config.sample_every == 0:
                 grid(step)
             if step % config.checkpoint_every == 0:
