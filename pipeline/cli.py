@@ -40,11 +40,6 @@ def _config(config_file: Path | None, overrides: dict[str, Any]):
     return load_config(config_file, overrides)
 
 
-def _show_progress(no_progress: bool) -> bool:
-    """Progress unless --no-progress: a bar on a terminal, a line every 30 s in a log (pipeline.progress)."""
-    return not no_progress
-
-
 def _echo_lines(lines: Sequence[str]) -> None:
     for line in lines:
         click.echo(line)
@@ -87,7 +82,7 @@ def run_command(config_file: Path | None, force: bool, no_progress: bool) -> Non
     if config_file is None:
         raise InputError("medsynth run needs a config: pass -c FILE (e.g. -c configs/demo.yaml).")
     config = _config(config_file, {})
-    summary = run_all(config, where=str(config_file), force=force, progress=_show_progress(no_progress), echo=click.echo)
+    summary = run_all(config, where=str(config_file), force=force, progress=not no_progress, echo=click.echo)
     _echo_lines(summary.lines())
 
 
@@ -109,7 +104,7 @@ def demo_command(config_file: Path | None, subjects: int, force: bool, no_progre
     cohort = make_cohort(paths.raw, subjects=subjects, seed=config.seed)
     _use_demo_key(config, paths)
     _echo_lines(cohort.lines()[:3])
-    summary = run_all(config, where=str(config_file), force=force, progress=_show_progress(no_progress), echo=click.echo)
+    summary = run_all(config, where=str(config_file), force=force, progress=not no_progress, echo=click.echo)
     _echo_lines(summary.lines())
 
 
@@ -193,7 +188,7 @@ def ingest_command(
     ) as tracker:
         summary = ingest_run(
             source_list, out, config.ingest, labels=labels or config.labels, private=private, tracker=tracker,
-            progress=_show_progress(no_progress), seed=config.seed,
+            progress=not no_progress, seed=config.seed,
         )
     _echo_lines(summary.lines())
 
@@ -233,7 +228,7 @@ def train_command(
     from pipeline.models import train
 
     config = _config(config_file, {"seed": seed, "model.max_steps": max_steps, "model.max_minutes": max_minutes})
-    progress = _show_progress(no_progress)
+    progress = not no_progress
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 tracks, writes and prints
         train.run(data, out, config.model, seed=config.seed, resume=resume, progress=False)
         return
@@ -293,7 +288,7 @@ def evaluate_command(
     ) as tracker:
         report = evaluate_run(
             real, synthetic, out, config.evaluate, model_dir=model_dir, tracker=tracker,
-            progress=_show_progress(no_progress),
+            progress=not no_progress,
         )
     _echo_lines(summary_lines(report, out))
     failed = [gate for gate in ("fidelity", "diversity", "privacy", "utility") if report["gates"][gate] == "fail"]

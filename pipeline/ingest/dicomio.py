@@ -125,30 +125,22 @@ def _read_meta(data: bytes, offset: int) -> tuple[int, dict[int, str]]:
     raise _Unsupported
 
 
-def _element_header(data: bytes, offset: int, implicit: bool) -> tuple[bytes | None, int, int]:
-    """(VR or None when implicit, value length, value offset) of the element at ``offset`` (PS3.5 7.1)."""
+def _element_header(data: bytes, offset: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
+    """(tag, VR or None when implicit, value length, value offset) of the element at ``offset`` (PS3.5 7.1)."""
+    group, element, vr, length = _HEADER.unpack_from(data, offset)
     if implicit:
-        return None, struct.unpack_from("<I", data, offset + 4)[0], offset + 8
-    vr = data[offset + 4 : offset + 6]
+        return (group << 16) | element, None, _LONG.unpack_from(data, offset + 4)[0], offset + 8
     if vr in _LONG_VRS:
-        return vr, struct.unpack_from("<I", data, offset + 8)[0], offset + 12
-    return vr, struct.unpack_from("<H", data, offset + 6)[0], offset + 8
+        return (group << 16) | element, vr, _LONG.unpack_from(data, offset + 8)[0], offset + 12
+    return (group << 16) | element, vr, length, offset + 8
 
 
 def _read_until(data: bytes, offset: int, implicit: bool) -> dict[str, str]:
     values: dict[str, str] = {}
-    unpack_header, unpack_long = _HEADER.unpack_from, _LONG.unpack_from  # _element_header, inlined
     while offset + 8 <= len(data):
-        group, element, vr, length = unpack_header(data, offset)
-        tag = (group << 16) | element
+        tag, vr, length, start = _element_header(data, offset, implicit)
         if tag > _SCAN_LAST:
             return values
-        if implicit:
-            vr, length, start = None, unpack_long(data, offset + 4)[0], offset + 8
-        elif vr in _LONG_VRS:
-            length, start = unpack_long(data, offset + 8)[0], offset + 12
-        else:
-            start = offset + 8
         is_sequence = length == 0xFFFFFFFF if implicit else vr == b"SQ"
         if length == 0xFFFFFFFF:
             if not is_sequence:
@@ -185,11 +177,9 @@ def _skip_undefined(data: bytes, offset: int, implicit: bool) -> int:
 
 def _skip_item(data: bytes, offset: int, implicit: bool) -> int:
     while offset + 8 <= len(data):
-        group, element = struct.unpack_from("<HH", data, offset)
-        tag = (group << 16) | element
+        tag, _, length, start = _element_header(data, offset, implicit)
         if tag == _ITEM_END:
             return offset + 8
-        _, length, start = _element_header(data, offset, implicit)
         if length == 0xFFFFFFFF:
             offset = _skip_undefined(data, start, implicit)
         else:
@@ -463,10 +453,10 @@ def encode_file(ds: Dataset, transfer_syntax: str, shared: SharedElements | None
     )
     if same:
         try:
-            body = _encode_dataset(ds, implicit, shared or SharedElements())
             sop_class, sop_instance = element_value(ds, "SOPClassUID"), element_value(ds, "SOPInstanceUID")
             if not sop_class or not sop_instance:
                 raise _Unsupported  # pydicom's writer reports the missing attribute
+            body = _encode_dataset(ds, implicit, shared or SharedElements())
             return _meta_bytes(str(sop_class), str(sop_instance), str(syntax)) + body
         except _Unsupported:
             pass
@@ -494,6 +484,7 @@ def _encode_dataset(ds: Dataset, implicit: bool, shared: SharedElements) -> byte
     parts: list[bytes] = []
     elements = ds._dict
     encodings = ds.get("SpecificCharacterSet", "iso8859")
+    context = f"{implicit} {encodings}"  # what besides an element decides its encoded bytes
     pack_tag = struct.Struct("<HH").pack
     pack_short = struct.Struct("<H").pack
     pack_long = struct.Struct("<I").pack
@@ -535,7 +526,6 @@ def _encode_dataset(ds: Dataset, implicit: bool, shared: SharedElements) -> byte
             else:
                 parts.append(pack_tag(group, element) + vr.encode() + pack_short(len(encoded)) + encoded)
             continue
-        context = f"{implicit} {encodings}"  # what besides the element decides its bytes
         known = shared.encoded(elem, context)
         if known is not None:
             parts.append(known)

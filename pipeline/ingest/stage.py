@@ -26,7 +26,6 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -202,10 +201,6 @@ def _default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _progress(total: int, desc: str, enabled: bool, unit: str) -> Any:
-    return progress_bar(total, desc, unit, enabled)
-
-
 def run(
     sources: list[Path],
     out: Path,
@@ -333,7 +328,7 @@ def run(
 def _scan(files: list[SourceFile], workers: int, progress: bool) -> list[ScannedFile]:
     chunks = [files[start : start + _SCAN_CHUNK] for start in range(0, len(files), _SCAN_CHUNK)]
     scanned: list[list[ScannedFile]] = [[] for _ in chunks]
-    with _progress(len(files), "scan", progress, "file") as bar:
+    with progress_bar(len(files), "scan", "file", progress) as bar:
         scan_workers = workers if len(files) >= _PARALLEL_SCAN_MIN else 1
         for index, result in pool_map(scan_files, [(chunk,) for chunk in chunks], scan_workers, lambda done: bar.update(len(done))):
             if isinstance(result, BaseException):
@@ -350,7 +345,7 @@ def _process(tasks: list[SeriesTask], key: bytes, config: IngestConfig, workers:
     order = sorted(range(len(tasks)), key=lambda index: -len(tasks[index].files))
     jobs = [(tasks[index], key, config) for index in order]
     results: list[SeriesResult | None] = [None] * len(tasks)
-    with _progress(sum(len(task.files) for task in tasks), "ingest", progress, "file") as bar:
+    with progress_bar(sum(len(task.files) for task in tasks), "ingest", "file", progress) as bar:
         for position, result in pool_map(process_series, jobs, workers, lambda done: bar.update(len(done.used) + len(done.quarantined))):
             index = order[position]
             if isinstance(result, BaseException):
