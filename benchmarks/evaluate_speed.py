@@ -1,7 +1,7 @@
 """Benchmark: the whole evaluate stage on 1,000 real vs 1,000 synthetic 64x64 images, 2 CPU threads.
 
 Goal (issue #5): <= 30 s for every metric (torch-fidelity's FID + KID alone took 289 s here).
-The datasets come from :mod:`pipeline.evaluate.controlled` (phantom slices; synthetic = independent
+The datasets come from :mod:`_controlled` (phantom slices; synthetic = independent
 draws) and are written once to ``--workdir``; the timed part is ``pipeline.evaluate.run`` end to end:
 reading and preprocessing 2,000 NIfTI files, training the encoder, both feature spaces, FID/KID/PRDC
 (overall, reference, matched, per class), MS-SSIM, DCR/memorization/MIA with bootstrap intervals,
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,10 +35,11 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
-    from pipeline.dataset import read_dataset
+    from pipeline.contracts.dataset import read_dataset
     from pipeline.evaluate import run
     from pipeline.evaluate.config import EvaluateConfig
-    from pipeline.evaluate.controlled import make_real_dataset, make_synthetic_dataset
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the controlled fixtures live with the tests
+    from _controlled import make_real_dataset, make_synthetic_dataset
 
     real, synthetic = args.workdir / "real", args.workdir / "synthetic"
     if not (synthetic / "manifest.csv").is_file():

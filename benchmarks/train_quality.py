@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.dataset import read_dataset, write_manifest  # noqa: E402
-from pipeline.files import sha256_file, write_nifti  # noqa: E402
+from pipeline.contracts.dataset import read_dataset, write_manifest  # noqa: E402
+from pipeline.core.files import sha256_file, write_nifti  # noqa: E402
 
 GOAL_ACCURACY = 0.95
 GOAL_MINUTES = 5.0
@@ -186,7 +186,7 @@ def main() -> int:
 
     from pipeline.models import generate, train
     from pipeline.models.config import GenerateConfig
-    from pipeline.models.preprocess import Preprocessor
+    from pipeline.imaging.preprocess import Preprocessor
 
     model_dir = work / "model"
     shutil.rmtree(model_dir, ignore_errors=True)

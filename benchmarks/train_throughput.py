@@ -30,8 +30,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.dataset import write_manifest  # noqa: E402
-from pipeline.files import sha256_file, write_nifti  # noqa: E402
+from pipeline.contracts.dataset import write_manifest  # noqa: E402
+from pipeline.core.files import sha256_file, write_nifti  # noqa: E402
 from pipeline.models.config import ModelConfig  # noqa: E402
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from pipeline.errors import CheckFailed, InputError, MedsynthError
+from pipeline.core.errors import CheckFailed, InputError, MedsynthError
 
 if TYPE_CHECKING:
     from pipeline.config import MedsynthConfig

@@ -7,7 +7,6 @@ path and the allowed values.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -17,12 +16,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.export_config import ExportConfig
+from pipeline.export.config import ExportConfig
 from pipeline.ingest.config import IngestConfig
 from pipeline.models.config import GenerateConfig, ModelConfig
-from pipeline.section import Section
+from pipeline.core.section import Section, config_digest, flatten
 
 __all__ = [
     "Section",
@@ -181,23 +180,3 @@ def check_input_paths(config: MedsynthConfig, where: str = "config") -> None:
             )
     if config.labels is not None and not Path(config.labels).is_file():
         raise InputError(f"{where}: key 'labels': file {config.labels} not found. Fix: correct the path or remove the key.")
-
-
-def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested mappings to dotted keys (lists become JSON strings): MLflow params."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, dotted))
-        elif isinstance(value, (list, tuple)):
-            flat[dotted] = json.dumps(value, default=str)
-        else:
-            flat[dotted] = value
-    return flat
-
-
-def config_digest(section: BaseModel | Mapping[str, Any]) -> str:
-    """Stable SHA-256 of a config (section): decides whether a stage must re-run."""
-    payload = section.model_dump(mode="json") if isinstance(section, BaseModel) else dict(section)
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode("utf-8")).hexdigest()

@@ -35,8 +35,8 @@ from pydicom.uid import (
 )
 from scipy.ndimage import gaussian_filter
 
-from pipeline.errors import InputError
-from pipeline.files import atomic_path, atomic_write_text
+from pipeline.core.errors import InputError
+from pipeline.core.files import atomic_path, atomic_write_text
 
 __all__ = [
     "LABELS",

@@ -20,8 +20,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.dataset import Dataset
-from pipeline.errors import InputError
+from pipeline.contracts.dataset import Dataset
+from pipeline.core.errors import InputError
 
 __all__ = [
     "Tracker",

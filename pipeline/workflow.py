@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import MedsynthConfig, check_input_paths, config_digest, flatten
-from pipeline.errors import CheckFailed, InputError
-from pipeline.files import atomic_write_json, sha256_file
+from pipeline.core.errors import CheckFailed, InputError
+from pipeline.core.paths import is_inside
+from pipeline.core.files import atomic_write_json, sha256_file
 
 __all__ = [
     "STAGES",
@@ -184,17 +185,9 @@ def _file_digest(path: Path) -> str:
 
 
 def _dataset_digest(root: Path) -> str:
-    from pipeline.dataset import read_dataset
+    from pipeline.contracts.dataset import read_dataset
 
     return read_dataset(root, check_files=False).digest if (root / "manifest.csv").is_file() else "missing"
-
-
-def _inside(child: Path, parent: Path) -> bool:
-    try:
-        child.resolve().relative_to(parent.resolve())
-    except ValueError:
-        return False
-    return True
 
 
 def _reset(folder: Path) -> None:
@@ -231,7 +224,7 @@ def run_all(
     paths = RunPaths(config.resolved_run_root)
     for index, source in enumerate(config.sources):
         # Checked before anything is written: the run's files would land in the source folder.
-        if _inside(paths.root, Path(source)):
+        if is_inside(paths.root, Path(source)):
             raise InputError(
                 f"{where}: key 'run_root' lies inside key 'sources[{index}]'. "
                 "Fix: put the run root outside the source folders (e.g. runs/<name>)."

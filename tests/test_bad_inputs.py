@@ -13,7 +13,7 @@ import pytest
 from conftest import scan_for_markers
 from pipeline.cli import main
 from pipeline.config import MedsynthConfig
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 MARKERS = ["zorblax", "55501234"]
 PATIENT_FOLDER = "Zorblax_Quentin_MRN55501234"

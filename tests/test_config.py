@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import config_digest, flatten, load_config
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.dataset import dataset_digest, read_dataset, verify_checksums, write_manifest
-from pipeline.errors import InputError
-from pipeline.files import read_nifti, sha256_file, write_nifti
+from pipeline.contracts.dataset import dataset_digest, read_dataset, verify_checksums, write_manifest
+from pipeline.core.errors import InputError
+from pipeline.core.files import read_nifti, sha256_file, write_nifti
 
 
 def _make_dataset(root: Path, n: int = 4) -> pd.DataFrame:

@@ -18,7 +18,7 @@ import pytest
 
 from pipeline.evaluate import run
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.evaluate.controlled import make_real_dataset, make_synthetic_dataset
+from _controlled import make_real_dataset, make_synthetic_dataset
 
 FAST = {
     "classifier_steps": 150,
@@ -42,7 +42,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def evaluated(cohort: Path):
     """``evaluated(kind)`` -> report dict; each case is generated and evaluated once per module."""
-    from pipeline.dataset import read_dataset
+    from pipeline.contracts.dataset import read_dataset
 
     done: dict[str, dict[str, Any]] = {}
 
@@ -158,7 +158,7 @@ def test_report_keeps_the_contract_and_names_its_sources(evaluated, cohort: Path
     assert report["privacy"]["epsilon_reason"].startswith("no model directory given")
     assert report["fidelity"]["feature_space"] == "trained-cnn"
     assert set(report["feature_spaces"]) == {"trained-cnn", "random-cnn"}
-    from pipeline.dataset import read_dataset
+    from pipeline.contracts.dataset import read_dataset
 
     assert report["inputs"]["real"]["digest"] == read_dataset(cohort / "real").digest
     assert report["inputs"]["synthetic"]["digest"] == read_dataset(cohort / "synthetic-independent").digest

@@ -10,10 +10,10 @@ import torch
 import yaml
 
 from pipeline.cli import main
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from pipeline.evaluate import run
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.evaluate.controlled import make_real_dataset, make_synthetic_dataset
+from _controlled import make_real_dataset, make_synthetic_dataset
 
 FAST = {
     "classifier_steps": 60,
@@ -36,7 +36,7 @@ def _evaluate(argv: list[str]) -> int:
 def test_cli_reports_gates_exit_codes_and_mlflow_lineage(
     mlflow_store: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pipeline.dataset import read_dataset
+    from pipeline.contracts.dataset import read_dataset
     from pipeline.tracking import get_run, list_runs
 
     real = make_real_dataset(

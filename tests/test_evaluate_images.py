@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.dataset import read_dataset, write_manifest
+from pipeline.contracts.dataset import read_dataset, write_manifest
 from pipeline.evaluate import run
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.evaluate.images import PERCENTILES, intensity_mapping, load_image_sets
-from pipeline.files import sha256_file, write_nifti
+from pipeline.imaging.images import PERCENTILES, intensity_mapping, load_image_sets
+from pipeline.core.files import sha256_file, write_nifti
 
 
 def _write(root: Path, rows: list[dict], images: list[tuple[np.ndarray, np.ndarray]]) -> None:

@@ -13,7 +13,7 @@ from pipeline.evaluate.diversity import (
 )
 from pipeline.evaluate.fidelity import fid, kid, prdc, standardize
 from pipeline.evaluate.gates import Check, gate_status
-from pipeline.evaluate.neighbours import kth_neighbour_radius, nearest
+from pipeline.imaging.neighbours import kth_neighbour_radius, nearest
 from pipeline.evaluate.privacy import (
     auc,
     closest_records,

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.evaluate import run
 from pipeline.evaluate.config import EvaluateConfig, GateThresholds
-from pipeline.evaluate.controlled import make_real_dataset
+from _controlled import make_real_dataset
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 The inputs are real files built to the stage contracts: a real dataset of CT-like phantom volumes
 (as ingest writes it: native grid, HU, split by subject, quarantine.csv and audit.jsonl), a model
-folder whose preprocessing spec comes from ``pipeline.models.preprocess.build_spec``, a synthetic
+folder whose preprocessing spec comes from ``pipeline.imaging.preprocess.build_spec``, a synthetic
 dataset on the model grid (as generate writes it) and a report.json with known figures and flags.
 """
 
@@ -20,13 +20,13 @@ import pytest
 import yaml
 
 from pipeline import tracking
-from pipeline.dataset import read_dataset, verify_checksums, write_manifest
-from pipeline.errors import CheckFailed, InputError
+from pipeline.contracts.dataset import read_dataset, verify_checksums, write_manifest
+from pipeline.core.errors import CheckFailed, InputError
 from pipeline.export import EXCLUDED_COLUMNS, ExportConfig, run
 from pipeline.export.card import card_environment, format_number, packaged_template
-from pipeline.files import read_nifti, sha256_file, write_nifti
+from pipeline.core.files import read_nifti, sha256_file, write_nifti
 from pipeline.models.config import ModelConfig
-from pipeline.models.preprocess import Preprocessor, build_spec
+from pipeline.imaging.preprocess import Preprocessor, build_spec
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ("lesion", "normal")

@@ -18,16 +18,16 @@ import pytest
 from conftest import scan_for_markers
 from pipeline import evaluate, ingest
 from pipeline.demo import make_cohort
-from pipeline.dataset import read_dataset, write_manifest
-from pipeline.errors import CheckFailed
+from pipeline.contracts.dataset import read_dataset, write_manifest
+from pipeline.core.errors import CheckFailed
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.export import ExportConfig, run
 from pipeline.export.card import format_number
-from pipeline.files import sha256_file, write_nifti
+from pipeline.core.files import sha256_file, write_nifti
 from pipeline.ingest.config import IngestConfig
 from pipeline.models import generate, train
 from pipeline.models.config import GenerateConfig, ModelConfig
-from pipeline.models.preprocess import Preprocessor
+from pipeline.imaging.preprocess import Preprocessor
 
 pytestmark = pytest.mark.slow
 COPIES = 3

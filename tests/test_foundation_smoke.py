@@ -16,7 +16,7 @@ def test_log_progress_prints_a_line_per_interval_and_stays_silent_when_short() -
     """In a log, progress is one plain line every interval (and a last one), never a redrawn bar."""
     import io
 
-    from pipeline.progress import LogProgress, progress
+    from pipeline.core.progress import LogProgress, progress
 
     now = [0.0]
     stream = io.StringIO()

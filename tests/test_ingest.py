@@ -30,7 +30,7 @@ from _ingest_data import (
 )
 from conftest import REPO, scan_for_markers
 from pipeline.cli import main
-from pipeline.dataset import read_dataset
+from pipeline.contracts.dataset import read_dataset
 from pipeline.ingest import IngestConfig, audit, run
 from pipeline.ingest.keys import keyed_uid
 
@@ -284,7 +284,7 @@ def test_labels_csv_and_missing_label(tmp_path: Path) -> None:
 
 
 def test_labels_csv_errors_name_the_row_not_the_key(tmp_path: Path) -> None:
-    from pipeline.errors import InputError
+    from pipeline.core.errors import InputError
     from pipeline.ingest.discover import read_labels
 
     bad = tmp_path / "labels.csv"
@@ -353,7 +353,7 @@ def test_burned_in_is_quarantined_unless_regions_are_blanked(tmp_path: Path) -> 
         ds.BurnedInAnnotation = "YES"
         ds.Manufacturer, ds.ManufacturerModelName = "Acme", "Scanner 9"
         ds.save_as(path, enforce_file_format=True)
-    from pipeline.errors import InputError
+    from pipeline.core.errors import InputError
 
     with pytest.raises(InputError, match="no usable image series"):
         run([source], tmp_path / "q", IngestConfig(workers=1), private=tmp_path / "key")
@@ -415,7 +415,7 @@ def test_audit_finds_a_planted_leak_and_names_file_and_tag(tmp_path: Path, capsy
 def test_self_audit_stops_ingest_when_an_identifier_survives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """If anonymization ever let an identifier through, ingest's own audit fails the run (exit 1)."""
     import pipeline.ingest.task as task_module
-    from pipeline.errors import CheckFailed
+    from pipeline.core.errors import CheckFailed
 
     real_anonymize = task_module.anonymize
 

@@ -18,7 +18,7 @@ import pytest
 from _ingest_data import tree_bytes
 from conftest import REPO, scan_for_markers
 from pipeline.cli import main
-from pipeline.dataset import read_dataset
+from pipeline.contracts.dataset import read_dataset
 from pipeline.demo import make_cohort
 
 

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.dataset import read_dataset, write_manifest
+from pipeline.contracts.dataset import read_dataset, write_manifest
 from pipeline.demo import phantom_affine, phantom_volume
-from pipeline.errors import InputError
-from pipeline.files import sha256_file, write_nifti
+from pipeline.core.errors import InputError
+from pipeline.core.files import sha256_file, write_nifti
 from pipeline.models.config import GenerateConfig, ModelConfig
 from pipeline.tracking import NullTracker, Tracker
 
@@ -76,7 +76,7 @@ def _state_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_preprocess_slices_volumes_and_inverts_synthetic_exactly(phantom_data: Path) -> None:
-    from pipeline.models.preprocess import Preprocessor, build_spec
+    from pipeline.imaging.preprocess import Preprocessor, build_spec
 
     dataset = read_dataset(phantom_data)
     rows = dataset.subset(split="train")
@@ -139,7 +139,7 @@ def test_train_2d_logs_to_mlflow_and_generates_a_valid_dataset(
 
     from pipeline import tracking
     from pipeline.models import generate, load_discriminator, load_generator, sample, train
-    from pipeline.models.preprocess import Preprocessor
+    from pipeline.imaging.preprocess import Preprocessor
 
     model_dir = tmp_path / "model"
     with tracking.stage_run("train", "medsynth-test") as tracker:
@@ -214,7 +214,7 @@ def test_train_2d_logs_to_mlflow_and_generates_a_valid_dataset(
 
 def test_train_3d_and_generate_volumes(phantom_data: Path, tmp_path: Path) -> None:
     from pipeline.models import generate, train
-    from pipeline.models.preprocess import Preprocessor
+    from pipeline.imaging.preprocess import Preprocessor
 
     config = tiny_config(spatial_dims=3, image_size=[16, 16, 8], spacing=[20.0, 20.0, 4.0], batch_size=2, max_steps=2)
     summary = train.run(phantom_data, tmp_path / "model3d", config, seed=0)

@@ -9,8 +9,8 @@ import pandas as pd
 
 from pipeline import tracking
 from pipeline.config import flatten, load_config
-from pipeline.dataset import read_dataset, write_manifest
-from pipeline.files import sha256_file, write_nifti
+from pipeline.contracts.dataset import read_dataset, write_manifest
+from pipeline.core.files import sha256_file, write_nifti
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from pipeline.section import Section
+from pipeline.core.section import Section
 
 __all__ = ["GateThresholds", "EvaluateConfig"]
 

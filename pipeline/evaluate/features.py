@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from pipeline.evaluate.networks import ConvNet
-from pipeline.files import sha256_file
+from pipeline.core.files import sha256_file
 
 __all__ = ["FeatureSpace", "trained_space", "random_space", "user_space"]
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.evaluate.neighbours import distance_chunks, kth_neighbour_radius
+from pipeline.imaging.neighbours import distance_chunks, kth_neighbour_radius
 
 __all__ = ["fid", "kid", "prdc", "standardize"]
 
@@ -136,7 +136,7 @@ def prdc(
         k: neighbourhood size (Naeem et al. recommend 5).
         real_radii: precomputed k-NN radii of ``real`` (reused across comparisons).
         real_groups, fake_groups: subject of each point (see
-            :func:`pipeline.evaluate.neighbours.kth_neighbour_radius`). Without them, 2D slices of
+            :func:`pipeline.imaging.neighbours.kth_neighbour_radius`). Without them, 2D slices of
             one volume are each other's nearest neighbours, the balls shrink to nothing, and every
             figure reads 0.
 

@@ -10,11 +10,9 @@ the [-1, 1] intensity scale), so they read the same at any image size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from pipeline.evaluate.neighbours import nearest
+from pipeline.imaging.neighbours import Closest, closest_records, nearest
 
 __all__ = [
     "Closest",
@@ -23,23 +21,6 @@ __all__ = [
     "auc",
     "distance_attack_scores",
 ]
-
-
-@dataclass(frozen=True)
-class Closest:
-    """Each query's nearest reference point: distance and reference index."""
-
-    distance: np.ndarray
-    index: np.ndarray
-
-
-def closest_records(queries: np.ndarray, reference: np.ndarray, scale: float = 1.0) -> Closest:
-    """DCR: distance of each query vector to its closest reference vector, divided by ``scale``.
-
-    Use ``scale = sqrt(D)`` for pixel vectors (RMS difference).
-    """
-    distances, indices = nearest(queries, reference, k=1)
-    return Closest(distance=distances[:, 0].astype(np.float64) / scale, index=indices[:, 0])
 
 
 def memorization(

@@ -1,6 +1,6 @@
 """The evaluate stage: real + synthetic datasets -> report.json + report.html (+ MLflow).
 
-:func:`run` reads both datasets, brings them onto one grid (:mod:`pipeline.evaluate.images`),
+:func:`run` reads both datasets, brings them onto one grid (:mod:`pipeline.imaging.images`),
 computes fidelity, diversity, privacy and utility (:func:`evaluate_sets`), decides the gates, writes
 the report and logs it. :func:`evaluate_sets` works on in-memory image sets, so notebooks and tests
 can call it without files.
@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.dataset import Dataset, read_dataset
-from pipeline.errors import InputError
+from pipeline.contracts.dataset import Dataset, read_dataset
+from pipeline.core.errors import InputError
 from pipeline.evaluate import gates as gate_rules
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.diversity import (
@@ -36,8 +36,8 @@ from pipeline.evaluate.features import (
     user_space,
 )
 from pipeline.evaluate.fidelity import fid, kid, prdc, standardize
-from pipeline.evaluate.images import ImageSet, load_image_sets
-from pipeline.evaluate.neighbours import as_vectors, kth_neighbour_radius
+from pipeline.imaging.images import ImageSet, load_image_sets
+from pipeline.imaging.neighbours import as_vectors, kth_neighbour_radius
 from pipeline.evaluate.networks import (
     ConvNet,
     TrainingJob,
@@ -58,8 +58,8 @@ from pipeline.evaluate.utility import (
     interval,
     roc_auc,
 )
-from pipeline.files import atomic_write_json, atomic_write_text
-from pipeline.progress import progress as progress_bar
+from pipeline.core.files import atomic_write_json, atomic_write_text
+from pipeline.core.progress import progress as progress_bar
 from pipeline.tracking import NullTracker, Tracker
 
 __all__ = ["run", "evaluate_sets", "Evidence", "Evaluation", "headline_metrics", "summary_lines"]
@@ -110,7 +110,7 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
 
 
 class _Steps:
-    """Progress over the stage's phases (see :mod:`pipeline.progress`; silent unless asked)."""
+    """Progress over the stage's phases (see :mod:`pipeline.core.progress`; silent unless asked)."""
 
     def __init__(self, enabled: bool, total: int) -> None:
         self.bar = progress_bar(total, "evaluate", "step", enabled)

@@ -16,7 +16,7 @@ from pipeline.export.stage import (
     ExportSummary,
     run,
 )
-from pipeline.export_config import CardConfig, ExportConfig
+from pipeline.export.config import CardConfig, ExportConfig
 
 __all__ = [
     "run",

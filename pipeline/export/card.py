@@ -23,10 +23,10 @@ from typing import Any
 import jinja2
 import pandas as pd
 
-from pipeline.dataset import Dataset
-from pipeline.errors import InputError
+from pipeline.contracts.dataset import Dataset
+from pipeline.core.errors import InputError
 from pipeline.export.report import GATES, figure_rows
-from pipeline.export_config import ExportConfig
+from pipeline.export.config import ExportConfig
 
 __all__ = [
     "TEMPLATE_NAME",

@@ -33,7 +33,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
-from pipeline.files import atomic_path
+from pipeline.core.files import atomic_path
 
 __all__ = ["SyntheticImageInfo", "synthetic_uid", "write_synthetic_series", "PATIENT_PSEUDONYM"]
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.dataset import Dataset
-from pipeline.errors import InputError
+from pipeline.contracts.dataset import Dataset
+from pipeline.core.errors import InputError
 
 __all__ = [
     "TOOLS",
@@ -202,8 +202,8 @@ def model_facts(model_dir: str | os.PathLike[str] | None) -> dict[str, Any] | No
     """
     if model_dir is None:
         return None
-    from pipeline.config import config_digest
-    from pipeline.files import sha256_file
+    from pipeline.core.section import config_digest
+    from pipeline.core.files import sha256_file
 
     model_dir = Path(model_dir)
     path = model_dir / "model.json"

@@ -1,6 +1,6 @@
 """Writing the augmented dataset's images: real ones on the model grid, synthetic ones marked.
 
-Real volumes get the model's preprocessing (:class:`pipeline.models.preprocess.Preprocessor`) and
+Real volumes get the model's preprocessing (:class:`pipeline.imaging.preprocess.Preprocessor`) and
 are stored in modality units on the model grid (2D: one file per non-empty axial slice), or are
 copied unchanged without a model. Synthetic files are copied byte for byte when their NIfTI
 ``descrip`` already says they are synthetic (re-marked otherwise) and can also be written as DICOM.
@@ -17,10 +17,10 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from pipeline.dataset import REQUIRED_COLUMNS, Dataset
+from pipeline.contracts.dataset import REQUIRED_COLUMNS, Dataset
 from pipeline.export.dicom import SyntheticImageInfo, synthetic_uid, write_synthetic_series
-from pipeline.export_config import ExportConfig
-from pipeline.files import atomic_path, read_nifti, sha256_bytes, sha256_file, write_nifti
+from pipeline.export.config import ExportConfig
+from pipeline.core.files import atomic_path, read_nifti, sha256_bytes, sha256_file, write_nifti
 
 __all__ = ["export_real", "export_synthetic", "descrip_of"]
 
@@ -72,7 +72,7 @@ def export_real(
     Args:
         real: the real dataset.
         stage_dir: the folder the export is assembled in.
-        preprocessor: the model's :class:`~pipeline.models.preprocess.Preprocessor`, or None to copy
+        preprocessor: the model's :class:`~pipeline.imaging.preprocess.Preprocessor`, or None to copy
             the files unchanged.
         used: relative paths already written (updated).
     """

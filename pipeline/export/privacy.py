@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.dataset import Dataset
-from pipeline.errors import CheckFailed, InputError
+from pipeline.contracts.dataset import Dataset
+from pipeline.core.errors import CheckFailed, InputError
 from pipeline.export.report import Flagged, base_sample_id, flagged_samples
-from pipeline.export_config import ExportConfig
+from pipeline.export.config import ExportConfig
 
 __all__ = [
     "privacy_findings",
@@ -167,8 +167,8 @@ def measured_distances(
     in pixel space, the report's ``privacy.memorization_space``), so the numbers compare with the
     report's memorization threshold.
     """
-    from pipeline.evaluate.images import load_image_sets
-    from pipeline.evaluate.neighbours import as_vectors
+    from pipeline.imaging.images import load_image_sets
+    from pipeline.imaging.neighbours import as_vectors
     from pipeline.evaluate.privacy import closest_records
 
     space = report["privacy"].get("memorization_space", "pixel")

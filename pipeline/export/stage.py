@@ -29,15 +29,16 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.dataset import REQUIRED_COLUMNS, SPLITS, Dataset, read_dataset, write_manifest
-from pipeline.errors import InputError
+from pipeline.contracts.dataset import REQUIRED_COLUMNS, SPLITS, Dataset, read_dataset, write_manifest
+from pipeline.core.errors import InputError
 from pipeline.export import card as card_module
 from pipeline.export.facts import git_commit, ingest_facts, model_facts, tool_versions
 from pipeline.export.images import export_real, export_synthetic
 from pipeline.export.privacy import privacy_filter, refusal
 from pipeline.export.report import gate_status, load_report, report_path
-from pipeline.export_config import ExportConfig
-from pipeline.files import atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from pipeline.export.config import ExportConfig
+from pipeline.core.paths import is_inside
+from pipeline.core.files import atomic_path, atomic_write_json, atomic_write_text, sha256_file
 from pipeline.tracking import NullTracker, Tracker
 
 __all__ = [
@@ -191,17 +192,9 @@ def _check_labels(real: Dataset, synthetic: Dataset) -> None:
         )
 
 
-def _inside(path: Path, other: Path) -> bool:
-    try:
-        path.resolve().relative_to(other.resolve())
-    except ValueError:
-        return False
-    return True
-
-
 def _check_out(out: Path, inputs: Mapping[str, Path]) -> None:
     for flag, folder in inputs.items():
-        if _inside(out, folder) or _inside(folder, out):
+        if is_inside(out, folder) or is_inside(folder, out):
             raise InputError(
                 f"{out}: the output folder overlaps {flag} {folder}. Fix: pass --out a separate folder, e.g. runs/<name>/export."
             )
@@ -332,7 +325,7 @@ def _load_inputs(
 
 def _check_preprocess(model: Mapping[str, Any], where: Path) -> None:
     """Refuse a model whose preprocessing spec cannot be applied (before anything is written)."""
-    from pipeline.models.preprocess import Preprocessor
+    from pipeline.imaging.preprocess import Preprocessor
 
     try:
         Preprocessor(model["preprocess"])
@@ -420,7 +413,7 @@ def run(
     _verify(inputs.synthetic, "--synthetic")
     preprocessor = None
     if inputs.model is not None:
-        from pipeline.models.preprocess import Preprocessor
+        from pipeline.imaging.preprocess import Preprocessor
 
         preprocessor = Preprocessor(inputs.model["preprocess"])
     modality = _modality(inputs.model, inputs.real, inputs.synthetic)

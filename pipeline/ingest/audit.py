@@ -31,12 +31,12 @@ from pathlib import Path, PurePosixPath
 
 import pydicom
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from pipeline.ingest.config import DeidOptions, IngestConfig
 from pipeline.ingest.deid import STOP_VALUES, DeidContext, anonymize, identifier_candidates, is_identifier, tag_text
 from pipeline.ingest.discover import NIFTI_SUFFIXES, scan_file, walk_sources
 from pipeline.ingest.pool import pool_map, quiet_readers
-from pipeline.ingest.profile import Profile
+from pipeline.ingest.profile import Profile, profile_for
 
 __all__ = [
     "Finding",
@@ -243,8 +243,6 @@ def path_identifiers(rel: str) -> dict[bytes, str]:
 
 def harvest_sources(sources: list[Path], options: DeidOptions) -> tuple[Identifiers, set[bytes]]:
     """Identifiers (and retained text) of every file under the sources, as ingest would see them."""
-    from pipeline.ingest.task import profile_for
-
     profile = profile_for(IngestConfig(deid=options))
     identifiers = Identifiers()
     kept: set[bytes] = set()
@@ -529,7 +527,6 @@ def audit(
     if not directory.is_dir():
         raise InputError(f"{directory}: folder not found. Fix: pass the folder to audit (e.g. a dataset written by ingest).")
     options = options or _record_options(directory)
-    from pipeline.ingest.task import profile_for
 
     profile = profile_for(IngestConfig(deid=options))
     sources = list(against or [])
@@ -570,7 +567,6 @@ def audit(
 
 def _scan_chunk(files: list[tuple[str, str]], values: dict[bytes, str], options: DeidOptions | None) -> list[Finding]:
     """Scan a chunk of files (the unit of work of a pool worker)."""
-    from pipeline.ingest.task import profile_for
 
     matcher = Matcher(Identifiers(values=values)) if values else None
     profile = profile_for(IngestConfig(deid=options)) if options is not None else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.section import Section
+from pipeline.core.section import Section
 
 __all__ = [
     "SplitConfig",

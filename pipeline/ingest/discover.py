@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from pipeline.ingest.dicomio import scan_header
 
 __all__ = [

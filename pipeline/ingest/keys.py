@@ -17,7 +17,7 @@ import os
 import secrets
 from pathlib import Path
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 __all__ = [
     "KEY_FILE",

@@ -53,9 +53,15 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from typing import TYPE_CHECKING
+
 from pydicom.datadict import dictionary_VR
 
+if TYPE_CHECKING:
+    from pipeline.ingest.config import IngestConfig
+
 __all__ = [
+    "profile_for",
     "TABLE_PACKAGE",
     "TABLE_MODULE",
     "TABLE_EDITION",
@@ -277,3 +283,15 @@ def build_profile(
     if safe_private:
         options.append("safe_private")
     return Profile(options=tuple(sorted(options, key=list(CID7050).index)), actions=actions, masked=tuple(masked))
+
+
+def profile_for(config: "IngestConfig") -> Profile:
+    """The resolved profile for a config's de-identification options."""
+    options = config.deid
+    return build_profile(
+        modified_dates=options.modified_dates,
+        patient_characteristics=options.patient_characteristics,
+        device_identity=options.device_identity,
+        clean_descriptors=options.clean_descriptors,
+        safe_private=bool(options.safe_private),
+    )

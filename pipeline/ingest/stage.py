@@ -29,9 +29,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.dataset import read_dataset, write_manifest
-from pipeline.errors import CheckFailed, InputError
-from pipeline.files import PRIVATE_MODE, atomic_write_json, atomic_write_text
+from pipeline.contracts.dataset import read_dataset, write_manifest
+from pipeline.core.errors import CheckFailed, InputError
+from pipeline.core.paths import is_inside
+from pipeline.core.files import PRIVATE_MODE, atomic_write_json, atomic_write_text
 from pipeline.ingest.audit import (
     INGEST_RECORD,
     AuditReport,
@@ -54,10 +55,10 @@ from pipeline.ingest.discover import (
 )
 from pipeline.ingest.keys import file_reference, load_or_create_key, sample_pseudonym
 from pipeline.ingest.pool import pool_map
-from pipeline.ingest.profile import TABLE_EDITION, TABLE_MODULE, TABLE_PACKAGE
+from pipeline.ingest.profile import TABLE_EDITION, TABLE_MODULE, TABLE_PACKAGE, profile_for
 from pipeline.ingest.split import assign_splits
-from pipeline.ingest.task import SeriesResult, SeriesTask, process_series, profile_for
-from pipeline.progress import progress as progress_bar
+from pipeline.ingest.task import SeriesResult, SeriesTask, process_series
+from pipeline.core.progress import progress as progress_bar
 from pipeline.tracking import NullTracker, Tracker
 
 __all__ = ["IngestSummary", "run", "default_private", "QUARANTINE_NAME", "AUDIT_LOG_NAME"]
@@ -141,25 +142,17 @@ def default_private(out: Path) -> Path:
     return out.with_name(out.name + ".private")
 
 
-def _inside(child: Path, parent: Path) -> bool:
-    try:
-        child.resolve().relative_to(parent.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def _check_locations(sources: list[Path], out: Path, private: Path) -> None:
     if not sources:
         raise InputError("no --source given. Fix: pass --source DIR (repeatable) or list 'sources' in the config.")
-    if _inside(private, out):
+    if is_inside(private, out):
         raise InputError("--private is inside --out: the private folder must never be part of the dataset. Fix: put it beside the dataset.")
-    if _inside(out, private):
+    if is_inside(out, private):
         raise InputError("--out is inside --private. Fix: use separate folders for the dataset and the private folder.")
     for index, source in enumerate(sources, start=1):
-        if _inside(out, source) or _inside(source, out):
+        if is_inside(out, source) or is_inside(source, out):
             raise InputError(f"--source #{index} and --out overlap. Fix: write the dataset outside the source folders.")
-        if _inside(private, source):
+        if is_inside(private, source):
             raise InputError(f"--private is inside --source #{index}. Fix: put the private folder outside the sources.")
     for flag, folder in (("--out", out), ("--private", private)):
         existing = next(path for path in (folder, *folder.parents) if path.exists() or path == Path(path.anchor))

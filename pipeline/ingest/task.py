@@ -31,7 +31,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from pipeline.files import PRIVATE_MODE, atomic_write_json, sha256_file, write_nifti
+from pipeline.core.files import PRIVATE_MODE, atomic_write_json, sha256_file, write_nifti
 from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.audit import header_tokens
 from pipeline.ingest.deid import DeidContext, anonymize, identifier_candidates, tag_text
@@ -39,7 +39,7 @@ from pipeline.ingest.dicomio import SharedElements, element_value, encode_file, 
 from pipeline.ingest.discover import SourceFile
 from pipeline.ingest.pool import quiet_readers
 from pipeline.ingest.keys import date_offset_days, keyed_hex, sample_pseudonym, subject_pseudonym
-from pipeline.ingest.profile import CID7050, TABLE_EDITION, Profile, build_profile
+from pipeline.ingest.profile import CID7050, TABLE_EDITION, Profile, profile_for
 from pipeline.ingest.volume import SeriesProblem, build_volume, frames_of
 
 __all__ = [
@@ -47,7 +47,6 @@ __all__ = [
     "SeriesTask",
     "SeriesResult",
     "process_series",
-    "profile_for",
     "settings_digest",
     "burned_in_decision",
     "NON_SCAN_MODALITIES",
@@ -100,18 +99,6 @@ class SeriesResult:
     structure: list[tuple[str, str, str]] = field(default_factory=list)  # (output, place, kind) problems
     tokens: set[bytes] = field(default_factory=set)  # search tokens of the DICOM outputs' headers
     resumed: bool = False
-
-
-def profile_for(config: IngestConfig) -> Profile:
-    """The resolved profile for a config's de-identification options."""
-    options = config.deid
-    return build_profile(
-        modified_dates=options.modified_dates,
-        patient_characteristics=options.patient_characteristics,
-        device_identity=options.device_identity,
-        clean_descriptors=options.clean_descriptors,
-        safe_private=bool(options.safe_private),
-    )
 
 
 def settings_digest(config: IngestConfig, key: bytes) -> str:

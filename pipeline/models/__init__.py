@@ -19,7 +19,7 @@ _LAZY = {
     "load_discriminator": "pipeline.models.model_dir",
     "sample": "pipeline.models.model_dir",
     "read_model_json": "pipeline.models.model_dir",
-    "Preprocessor": "pipeline.models.preprocess",
+    "Preprocessor": "pipeline.imaging.preprocess",
 }
 
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.section import Section
+from pipeline.core.section import Section
 
 __all__ = ["ModelConfig", "GenerateConfig", "AUGMENTATIONS", "network_levels"]
 

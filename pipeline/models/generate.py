@@ -15,13 +15,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.dataset import Dataset, read_dataset, write_manifest
-from pipeline.errors import InputError
-from pipeline.files import sha256_file, write_nifti
+from pipeline.contracts.dataset import Dataset, read_dataset, write_manifest
+from pipeline.core.errors import InputError
+from pipeline.core.files import sha256_file, write_nifti
 from pipeline.models.config import GenerateConfig
 from pipeline.models.grid import save_sample_grid
 from pipeline.models.model_dir import CHECKPOINT, load_generator, read_model_json, sample, select_device
-from pipeline.models.preprocess import Preprocessor
+from pipeline.imaging.preprocess import Preprocessor
 from pipeline.tracking import NullTracker, Tracker
 
 __all__ = ["run", "synthetic_descrip", "GRID_NAME"]
@@ -53,7 +53,7 @@ def run(
         tracker: where to record params, the output dataset and a sample grid.
 
     Returns:
-        The written :class:`~pipeline.dataset.Dataset` (``origin=synthetic``, ``split=train``).
+        The written :class:`~pipeline.contracts.dataset.Dataset` (``origin=synthetic``, ``split=train``).
     """
     model_dir, out = Path(model_dir), Path(out)
     meta = read_model_json(model_dir)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.files import atomic_path
+from pipeline.core.files import atomic_path
 
 __all__ = ["save_sample_grid", "display_slice"]
 

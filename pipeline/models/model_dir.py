@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from pipeline.models.networks import Discriminator, Generator
-from pipeline.models.preprocess import MODEL_JSON
+from pipeline.imaging.preprocess import MODEL_JSON
 
 __all__ = [
     "MODEL_JSON",

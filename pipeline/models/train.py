@@ -33,9 +33,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.dataset import Dataset, read_dataset
-from pipeline.errors import CheckFailed, InputError
-from pipeline.files import atomic_path, atomic_write_json
+from pipeline.contracts.dataset import Dataset, read_dataset
+from pipeline.core.errors import CheckFailed, InputError
+from pipeline.core.seeds import stream_seed
+from pipeline.core.files import atomic_path, atomic_write_json
 from pipeline.models.augment import diff_augment
 from pipeline.models.config import ModelConfig
 from pipeline.models.grid import save_sample_grid
@@ -48,7 +49,7 @@ from pipeline.models.model_dir import (
     select_device,
 )
 from pipeline.models.networks import ema_copy, ema_update
-from pipeline.models.preprocess import MODEL_JSON, Preprocessor, build_spec
+from pipeline.imaging.preprocess import MODEL_JSON, Preprocessor, build_spec
 from pipeline.tracking import NullTracker, Tracker
 
 __all__ = ["run", "TrainSummary", "TrainingDiverged", "FORMAT_VERSION", "ARCHITECTURE_KEYS"]
@@ -108,11 +109,6 @@ class TrainSummary:
 # ------------------------------------------------------------------------------------------------
 
 
-def _mix(*parts: int | str) -> int:
-    digest = hashlib.sha256("/".join(str(part) for part in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1  # a non-negative int64
-
-
 class _BatchOrder:
     """Which training images rank ``rank`` uses at step ``t``: epoch permutations seeded by (seed, epoch)."""
 
@@ -128,7 +124,7 @@ class _BatchOrder:
         if epoch not in self._perms:
             if len(self._perms) > 2:
                 self._perms.pop(min(self._perms))
-            generator = torch.Generator().manual_seed(_mix(self.seed, "epoch", epoch))
+            generator = torch.Generator().manual_seed(stream_seed(self.seed, "epoch", epoch))
             self._perms[epoch] = torch.randperm(self.n, generator=generator)
         return self._perms[epoch]
 
@@ -353,7 +349,7 @@ def _run(
         raise InputError(
             f"{out}: already holds a checkpoint. Fix: pass --resume to continue it, or choose an empty --out folder."
         )
-    torch.manual_seed(_mix(seed, "init"))  # identical initial weights on every rank
+    torch.manual_seed(stream_seed(seed, "init"))  # identical initial weights on every rank
     generator = build_generator(meta)
     discriminator = build_discriminator(meta)
     ema = ema_copy(generator)
@@ -393,7 +389,7 @@ def _run(
         d_train = DDP(discriminator, device_ids=ids)
 
     # -- tracking -------------------------------------------------------------------------------
-    from pipeline.config import flatten
+    from pipeline.core.section import flatten
 
     tracker.log_params(
         {
@@ -415,7 +411,7 @@ def _run(
 
     # -- loop -----------------------------------------------------------------------------------
     order = _BatchOrder(len(images), config.batch_size, ddp.world_size, ddp.rank, seed)
-    grid_noise = torch.Generator().manual_seed(_mix(seed, "grid"))
+    grid_noise = torch.Generator().manual_seed(stream_seed(seed, "grid"))
     grid_z = torch.randn(len(labels) * config.sample_per_class, config.latent_dim, generator=grid_noise)
     grid_y = torch.arange(len(labels)).repeat_interleave(config.sample_per_class)
     out.mkdir(parents=True, exist_ok=True)
@@ -554,7 +550,7 @@ def _train_step(
     opt_g: torch.optim.Optimizer,
     opt_d: torch.optim.Optimizer,
 ) -> dict[str, float]:
-    rng = torch.Generator(device=device).manual_seed(_mix(seed, "step", ddp.rank, step))
+    rng = torch.Generator(device=device).manual_seed(stream_seed(seed, "step", ddp.rank, step))
     index = order.indices(step)
     real = images[index].to(device, non_blocking=True).contiguous(memory_format=memory_format)
     labels = targets[index].to(device, non_blocking=True)
@@ -672,7 +668,7 @@ def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> Non
 def _progress_bar(enabled: bool, total: int | None, initial: int):
     if not enabled:
         return None
-    from pipeline.progress import progress
+    from pipeline.core.progress import progress
 
     return progress(total, "train", "step", enabled=True, initial=initial)
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from pipeline.section import Section
+from pipeline.core.section import Section
 
 __all__ = ["CardConfig", "ExportConfig", "ANNOTATION_CREATORS"]
 

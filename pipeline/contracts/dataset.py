@@ -14,8 +14,8 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from pipeline.errors import InputError
-from pipeline.files import atomic_path, sha256_file
+from pipeline.core.errors import InputError
+from pipeline.core.files import atomic_path, sha256_file
 
 __all__ = [
     "MANIFEST_NAME",

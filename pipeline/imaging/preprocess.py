@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.dataset import Dataset
-from pipeline.errors import InputError
-from pipeline.files import read_nifti
+from pipeline.contracts.dataset import Dataset
+from pipeline.core.errors import InputError
+from pipeline.core.files import read_nifti
 
 __all__ = ["Preprocessor", "build_spec", "grid_affine", "FOREGROUND_LEVEL", "MODEL_JSON"]
 

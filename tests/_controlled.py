@@ -18,8 +18,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from pipeline.dataset import Dataset, read_dataset, write_manifest
-from pipeline.files import read_nifti, sha256_file, write_nifti
+from pipeline.contracts.dataset import Dataset, read_dataset, write_manifest
+from pipeline.core.files import read_nifti, sha256_file, write_nifti
 
 __all__ = [
     "LABELS",

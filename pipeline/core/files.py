@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 from isal import igzip
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 __all__ = [
     "PRIVATE_MODE",

@@ -1,6 +1,6 @@
 """Bring real and synthetic images onto one grid and one intensity scale.
 
-With a model directory the model's own :class:`pipeline.models.preprocess.Preprocessor` is used, so
+With a model directory the model's own :class:`pipeline.imaging.preprocess.Preprocessor` is used, so
 the evaluation sees exactly what the generator was trained on. Without one, a default
 preprocessing makes the two sides comparable:
 
@@ -33,9 +33,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.dataset import Dataset
-from pipeline.errors import InputError
-from pipeline.files import read_nifti
+from pipeline.contracts.dataset import Dataset
+from pipeline.core.errors import InputError
+from pipeline.core.files import read_nifti
 
 __all__ = [
     "ImageSet",
@@ -331,7 +331,7 @@ def _image_set(images, labels, ids, subjects, splits, spatial_dims: int) -> Imag
 
 
 def _model_sets(real: Dataset, synthetic: Dataset, model_dir: Path) -> tuple[ImageSet, ImageSet, dict[str, Any]]:
-    from pipeline.models.preprocess import Preprocessor
+    from pipeline.imaging.preprocess import Preprocessor
 
     preprocessor = Preprocessor.from_model_dir(model_dir)
     sets = []
@@ -355,7 +355,7 @@ def _model_sets(real: Dataset, synthetic: Dataset, model_dir: Path) -> tuple[Ima
     spatial_dims = int(model.get("spatial_dims", sets[0].images.ndim - 2))
     record = {
         "kind": "model",
-        "description": "the model's own preprocessing (pipeline.models.preprocess.Preprocessor from model.json)",
+        "description": "the model's own preprocessing (pipeline.imaging.preprocess.Preprocessor from model.json)",
         "spatial_dims": spatial_dims,
         "image_size": list(sets[0].images.shape[2:]),
         "spacing_mm": model.get("spacing"),

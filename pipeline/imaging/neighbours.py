@@ -6,12 +6,14 @@ Brute force is the fastest option at our sizes (FIELD_NOTES: 10k x 512 reference
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["nearest", "kth_neighbour_radius", "distance_chunks", "as_vectors"]
+__all__ = ["nearest", "kth_neighbour_radius", "distance_chunks", "as_vectors", "Closest", "closest_records"]
 
 _CHUNK_ELEMENTS = 8_000_000
 
@@ -94,3 +96,20 @@ def kth_neighbour_radius(points: np.ndarray, k: int, groups: np.ndarray | None =
         radii.append(torch.topk(per_group, k, dim=1, largest=False).values[:, -1])
     result = torch.cat(radii).numpy()
     return np.where(np.isfinite(result), result, np.nan)
+
+
+@dataclass(frozen=True)
+class Closest:
+    """Each query's nearest reference point: distance and reference index."""
+
+    distance: np.ndarray
+    index: np.ndarray
+
+
+def closest_records(queries: np.ndarray, reference: np.ndarray, scale: float = 1.0) -> Closest:
+    """DCR: distance of each query vector to its closest reference vector, divided by ``scale``.
+
+    Use ``scale = sqrt(D)`` for pixel vectors (RMS difference).
+    """
+    distances, indices = nearest(queries, reference, k=1)
+    return Closest(distance=distances[:, 0].astype(np.float64) / scale, index=indices[:, 0])
