@@ -21,8 +21,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/medsynth demo
 
+# The import contracts (pyproject.toml [tool.importlinter]) first: a broken layer fails in a second.
+# make reports any failing recipe as exit 2, so pytest's "no tests collected" (exit 5) is named here.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/lint-imports --no-cache --no-logo
+	$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; \
+	exit $$rc
 
 clean:
 	rm -rf runs mlruns mlflow.db .pytest_cache

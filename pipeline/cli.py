@@ -19,7 +19,7 @@ from pipeline.core.errors import CheckFailed, InputError, MedsynthError
 
 if TYPE_CHECKING:
     from pipeline.config import MedsynthConfig
-    from pipeline.workflow import RunPaths
+    from pipeline.contracts.stages import RunPaths, StageResult
 
 __all__ = ["main", "cli"]
 
@@ -43,6 +43,36 @@ def _config(config_file: Path | None, overrides: dict[str, Any]):
 def _echo_lines(lines: Sequence[str]) -> None:
     for line in lines:
         click.echo(line)
+
+
+def _run_stage(
+    name: str,
+    config: MedsynthConfig,
+    paths: dict[str, Path | None],
+    *,
+    progress: bool = False,
+    resume: bool = False,
+    tracked: bool = True,
+) -> StageResult:
+    """Run the registered stage ``name`` on explicit folders (roles given as None are left out).
+
+    The same entry ``medsynth run`` executes, in its own MLflow run (``tracked``), so a single-stage
+    command and the workflow produce the same outputs, params and lineage.
+    """
+    from pipeline import tracking
+    from pipeline.core.section import flatten
+    from pipeline.registry import StageContext, stage
+
+    entry = stage(name)
+    roles = {role: Path(path) for role, path in paths.items() if path is not None}
+    entry.check_inputs(config, roles)
+    if not tracked:
+        return entry.run(StageContext(config=config, paths=roles, progress=progress, resume=resume))
+    section = getattr(config, entry.section)
+    with tracking.stage_run(
+        name, config.experiment_name, params=flatten({entry.section: section.model_dump(mode="json")})
+    ) as tracker:
+        return entry.run(StageContext(config=config, paths=roles, tracker=tracker, progress=progress, resume=resume))
 
 
 config_option = click.option(
@@ -95,8 +125,9 @@ def run_command(config_file: Path | None, force: bool, no_progress: bool) -> Non
 @click.option("--no-progress", is_flag=True, help="No progress (bars on a terminal, a line every 30 s in a log).")
 def demo_command(config_file: Path | None, subjects: int, force: bool, no_progress: bool) -> None:
     """Write the phantom cohort into <run root>/raw, then run every stage with configs/demo.yaml."""
+    from pipeline.contracts.stages import RunPaths
     from pipeline.demo import make_cohort
-    from pipeline.workflow import RunPaths, default_demo_config, run_all
+    from pipeline.workflow import default_demo_config, run_all
 
     config_file = config_file or default_demo_config()
     config = _config(config_file, {})
@@ -143,19 +174,20 @@ def export_command(
     config_file: Path | None,
 ) -> None:
     """Write the augmented dataset (real + synthetic in train only), excluded.csv and the data card to OUT."""
-    from pipeline import tracking
-    from pipeline.config import flatten
-    from pipeline.export import run as export_run
-
     config = _config(config_file, {"export.allow_failed_gates": True if allow_failed_gates else None})
-    with tracking.stage_run(
-        "export", config.experiment_name, params=flatten({"export": config.export.model_dump(mode="json")})
-    ) as tracker:
-        summary = export_run(
-            real, synthetic, report, out, config.export, model_dir=model_dir, tracker=tracker,
-            allow_failed_gates=config.export.allow_failed_gates,
-        )
-    _echo_lines(summary.lines())
+    paths = {"ingested": real, "synthetic": synthetic, "report": report, "export": out, "model": model_dir}
+    _echo_lines(_run_stage("export", config, paths).lines)
+
+
+@cli.command("card-template")
+def card_template_command() -> None:
+    """Print the packaged data card template (Jinja2), e.g. to start your own: > my_card.md.j2.
+
+    Export renders your copy instead when the config sets export.card.template (data_cards/README.md).
+    """
+    from pipeline.export.card import template_text
+
+    click.echo(template_text(), nl=False)
 
 
 # --- ingest + audit (pipeline/ingest) -------------------------------------------------------
@@ -177,20 +209,13 @@ def ingest_command(
     no_progress: bool, config_file: Path | None,
 ) -> None:
     """Anonymize DICOM/NIfTI sources into a real dataset (manifest + one NIfTI per series), with a leak audit."""
-    from pipeline import tracking
-    from pipeline.config import flatten
-    from pipeline.ingest import run as ingest_run
-
     config = _config(config_file, {"ingest.workers": workers})
-    source_list = list(sources) or list(config.sources)
-    with tracking.stage_run(
-        "ingest", config.experiment_name, params=flatten({"ingest": config.ingest.model_dump(mode="json")})
-    ) as tracker:
-        summary = ingest_run(
-            source_list, out, config.ingest, labels=labels or config.labels, private=private, tracker=tracker,
-            progress=not no_progress, seed=config.seed,
-        )
-    _echo_lines(summary.lines())
+    if sources:
+        config.sources = list(sources)
+    if labels is not None:
+        config.labels = labels
+    paths = {"ingested": out, "private": private}
+    _echo_lines(_run_stage("ingest", config, paths, progress=not no_progress).lines)
 
 
 @cli.command("audit")
@@ -224,17 +249,12 @@ def train_command(
     no_progress: bool, config_file: Path | None,
 ) -> None:
     """Train the conditional GAN on DATASET's train split (also under `torchrun --nproc_per_node N -m pipeline train`)."""
-    from pipeline import tracking
-    from pipeline.models import train
-
     config = _config(config_file, {"seed": seed, "model.max_steps": max_steps, "model.max_minutes": max_minutes})
-    progress = not no_progress
+    paths = {"ingested": data, "model": out}
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 tracks, writes and prints
-        train.run(data, out, config.model, seed=config.seed, resume=resume, progress=False)
+        _run_stage("train", config, paths, resume=resume, tracked=False)
         return
-    with tracking.stage_run("train", config.experiment_name) as tracker:
-        summary = train.run(data, out, config.model, seed=config.seed, resume=resume, tracker=tracker, progress=progress)
-    _echo_lines(summary.lines())
+    _echo_lines(_run_stage("train", config, paths, progress=not no_progress, resume=resume).lines)
 
 
 @cli.command("generate")
@@ -247,16 +267,8 @@ def generate_command(
     model_dir: Path, out: Path, per_class: int | None, seed: int | None, config_file: Path | None
 ) -> None:
     """Write N synthetic images per class from the model's EMA generator as a dataset (origin=synthetic)."""
-    from pipeline import tracking
-    from pipeline.models import generate
-
     config = _config(config_file, {"generate.per_class": per_class, "generate.seed": seed})
-    with tracking.stage_run("generate", config.experiment_name) as tracker:
-        dataset = generate.run(model_dir, out, config.generate, tracker=tracker)
-    counts = dataset.manifest.groupby("label").size()
-    click.echo(f"Generated {len(dataset.manifest)} synthetic images in {out}: "
-               + ", ".join(f"{count} {label}" for label, count in counts.items()))
-    click.echo(f"  preview: {out / generate.GRID_NAME}")
+    _echo_lines(_run_stage("generate", config, {"model": model_dir, "synthetic": out}).lines)
 
 
 # --- evaluate (pipeline/evaluate) -------------------------------------------------------------
@@ -277,21 +289,11 @@ def evaluate_command(
     config_file: Path | None,
 ) -> None:
     """Measure fidelity, diversity, privacy and utility of SYNTHETIC against REAL; write the report."""
-    from pipeline import tracking
-    from pipeline.config import flatten
-    from pipeline.evaluate import run as evaluate_run
-    from pipeline.evaluate.stage import summary_lines
-
     config = _config(config_file, {})
-    with tracking.stage_run(
-        "evaluate", config.experiment_name, params=flatten({"evaluate": config.evaluate.model_dump(mode="json")})
-    ) as tracker:
-        report = evaluate_run(
-            real, synthetic, out, config.evaluate, model_dir=model_dir, tracker=tracker,
-            progress=not no_progress,
-        )
-    _echo_lines(summary_lines(report, out))
-    failed = [gate for gate in ("fidelity", "diversity", "privacy", "utility") if report["gates"][gate] == "fail"]
+    paths = {"ingested": real, "synthetic": synthetic, "report": out, "model": model_dir}
+    result = _run_stage("evaluate", config, paths, progress=not no_progress)
+    _echo_lines(result.lines)
+    failed = [gate for gate, verdict in result.gates.items() if verdict == "fail"]
     if strict and failed:
         raise CheckFailed(f"gate(s) failed: {', '.join(failed)}. See {out / 'report.html'} for the evidence.")
 

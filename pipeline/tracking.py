@@ -18,10 +18,12 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.contracts.dataset import Dataset
 from pipeline.core.errors import InputError
+
+if TYPE_CHECKING:  # the dataset contract loads pandas; a tracker is made long before any dataset is read
+    from pipeline.contracts.dataset import Dataset
 
 __all__ = [
     "Tracker",

@@ -190,9 +190,11 @@ def test_bootstrap_draws_whole_subjects(rng: np.random.Generator) -> None:
 
 
 def test_gate_status_rules() -> None:
-    passed = Check("a", 1.0, ">=", 0.5, True, "")
-    failed = Check("b", 0.1, ">=", 0.5, False, "")
-    missing = Check("c", None, ">=", 0.5, None, "", "too few images")
+    passed = Check(name="a", value=1.0, comparison=">=", threshold=0.5, passed=True, meaning="")
+    failed = Check(name="b", value=0.1, comparison=">=", threshold=0.5, passed=False, meaning="")
+    missing = Check(
+        name="c", value=None, comparison=">=", threshold=0.5, passed=None, meaning="", reason="too few images"
+    )
     assert gate_status([passed, missing]) == "pass"
     assert gate_status([passed, failed]) == "fail"
     assert gate_status([missing]) == "not_run"

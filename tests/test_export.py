@@ -92,10 +92,14 @@ def _real_dataset(root: Path) -> None:
 def _model_dir(root: Path, real: Path) -> dict:
     dataset = read_dataset(real)
     config = ModelConfig(image_size=[32, 32], spacing=[1.0, 1.0], max_steps=10)
-    spec = build_spec(config, dataset, dataset.subset(split="train"))
+    train_rows = dataset.subset(split="train")
+    spec = build_spec(config, dataset, train_rows)
+    train_images, _, _ = Preprocessor(spec).dataset_images(dataset, train_rows)
     info = {
+        "format_version": 1, "medsynth_version": "0.1.0",
         "spatial_dims": 2, "image_size": [32, 32], "spacing": spec["spacing"], "labels": list(LABELS),
         "latent_dim": config.latent_dim, "mlflow_run_id": "train-run-1", "seed": 7, "steps": 10,
+        "n_train_volumes": len(train_rows), "n_train_images": len(train_images),
         "config": config.model_dump(mode="json"), "preprocess": spec, "dp": None, "train_dataset_digest": dataset.digest,
     }
     root.mkdir(parents=True)
@@ -518,18 +522,38 @@ def test_card_has_every_section_and_the_reports_numbers(inputs: dict, exported: 
         assert not re.search(rf"\b{word}\b", card.split("---\n", 2)[2]), word
 
 
-def test_card_template_is_shipped_in_the_package_and_identical_to_data_cards() -> None:
+def test_card_template_is_shipped_once_and_every_field_is_documented() -> None:
+    from jinja2 import meta, nodes
+
+    from pipeline.export.card import template_text
+
     packaged = packaged_template()
     assert packaged.is_file()
-    assert packaged.read_text() == (REPO / "data_cards" / "data_card.md.j2").read_text()
+    assert template_text() == packaged.read_text(encoding="utf-8")
+    # The package's template is the only one: a copy beside the README would drift from it.
+    assert not list((REPO / "data_cards").glob("*.j2"))
     readme = (REPO / "data_cards" / "README.md").read_text()
-    # The README explains every variable the template reads from the export's facts.
-    from jinja2 import meta
-
-    variables = meta.find_undeclared_variables(card_environment().parse(packaged.read_text()))
+    tree = card_environment().parse(packaged.read_text())
+    # The README names every variable the template reads from the export's facts ...
+    variables = meta.find_undeclared_variables(tree)
     assert {"counts", "composition", "evaluation", "provenance", "generation"} <= variables
     for variable in variables:
         assert f"`{variable}`" in readme, variable
+    # ... and every field it reads from them (Jinja's own `loop.*` and dict methods aside).
+    methods = {id(call.node) for call in tree.find_all(nodes.Call)}
+    fields = {
+        node.attr
+        for node in tree.find_all(nodes.Getattr)
+        if id(node) not in methods and not (isinstance(node.node, nodes.Name) and node.node.name == "loop")
+    }
+    fields |= {
+        node.arg.value
+        for node in tree.find_all(nodes.Getitem)
+        if isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str)
+    }
+    assert {"audit_status", "descrip_example", "has_reference", "memorization_threshold"} <= fields
+    undocumented = sorted(field for field in fields if not re.search(rf"`[^`\n]*\b{re.escape(field)}\b[^`\n]*`", readme))
+    assert not undocumented, undocumented
 
 
 def test_custom_template_and_undefined_fields(inputs: dict, tmp_path: Path) -> None:
@@ -606,14 +630,16 @@ def test_malformed_model_preprocess_and_report_distances_are_input_errors(inputs
         with pytest.raises(InputError, match=rf"model.json: key 'preprocess' .*missing key '{key}'"):
             run(inputs["real"], inputs["synthetic"], inputs["report"], tmp_path / f"out-{key}", ExportConfig(), model_dir=model)
         assert not (tmp_path / f"out-{key}").exists()
-    for edit, message in (({"labels": "lesion,normal"}, "key 'labels' is missing or not a list"),
-                          ({"config": "default"}, "key 'config' must be an object"),
-                          ({"spatial_dims": None}, "key 'spatial_dims' is missing")):
+    for edit, message in (({"labels": "lesion,normal"}, "key 'labels' is not valid .*valid list"),
+                          ({"config": "default"}, "key 'config' is not valid .*valid dictionary"),
+                          ({"spatial_dims": None}, "key 'spatial_dims' is not valid .*valid integer"),
+                          ({"latent_dim": "__delete__"}, "key 'latent_dim' is missing")):
         model = tmp_path / "model-edited"
         shutil.rmtree(model, ignore_errors=True)
         shutil.copytree(inputs["model"], model)
         info = json.loads((model / "model.json").read_text())
         info.update(edit)
+        info = {key: value for key, value in info.items() if value != "__delete__"}
         (model / "model.json").write_text(json.dumps(info))
         with pytest.raises(InputError, match=message):
             run(inputs["real"], inputs["synthetic"], inputs["report"], tmp_path / "out-e", ExportConfig(), model_dir=model)

@@ -277,6 +277,58 @@ def test_resume_refuses_a_changed_architecture(phantom_data: Path, tmp_path: Pat
     assert spent.steps == 2 and spent.stopped_by == "max_minutes"
 
 
+class _ThreadSpy(Tracker):
+    """Records the intra-op thread count each time training logs metrics (i.e. while it runs)."""
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.threads.append(torch.get_num_threads())
+
+
+def _global_random_states() -> tuple:
+    import random
+
+    numpy_state = np.random.get_state()
+    return torch.get_rng_state(), (numpy_state[0], numpy_state[1].copy(), *numpy_state[2:]), random.getstate()
+
+
+def _assert_same_random_states(before: tuple, after: tuple) -> None:
+    assert torch.equal(before[0], after[0])  # torch's global generator
+    assert before[1][0] == after[1][0] and np.array_equal(before[1][1], after[1][1]) and before[1][2:] == after[1][2:]
+    assert before[2] == after[2]  # Python's random
+
+
+def test_training_gives_back_the_thread_count_and_global_random_states(phantom_data: Path, tmp_path: Path) -> None:
+    """train.run sets the thread count and seeds the global RNGs (a resume restores saved ones) only while it runs."""
+    import random
+
+    from pipeline.models import train
+
+    outside = torch.get_num_threads()
+    inside = 2 if outside == 1 else 1
+    torch.manual_seed(1234)
+    np.random.seed(1234)
+    random.seed(1234)
+    for resume, max_steps in ((False, 2), (True, 4)):
+        before = _global_random_states()
+        spy = _ThreadSpy()
+        summary = train.run(
+            phantom_data, tmp_path / "model", tiny_config(max_steps=max_steps, sample_every=0, num_threads=inside),
+            seed=0, resume=resume, tracker=spy,
+        )
+        assert summary.start_step == (2 if resume else 0) and summary.steps == max_steps
+        assert spy.threads and set(spy.threads) == {inside}  # the config's thread count while training
+        assert torch.get_num_threads() == outside
+        _assert_same_random_states(before, _global_random_states())
+    # Same seed, same weights: training draws from its own streams, whatever the caller's global state.
+    torch.manual_seed(99)
+    config = tiny_config(max_steps=4, sample_every=0, num_threads=inside)
+    again = train.run(phantom_data, tmp_path / "again", config, seed=0)
+    assert again.weights_digest == summary.weights_digest
+
+
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(phantom_data: Path, tmp_path: Path) -> None:
     from pipeline.models import load_generator, train
     from pipeline.models.train import TrainingDiverged

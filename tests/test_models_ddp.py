@@ -38,8 +38,9 @@ def _worker(rank: int, world_size: int, port: int, data: str, out: str, results:
 def test_two_gloo_processes_end_with_identical_weights(tmp_path: Path) -> None:
     from test_models import make_phantom_dataset
 
-    from pipeline.models.model_dir import build_discriminator, build_generator, read_model_json
-    from pipeline.models.train import _weights_digest
+    from pipeline.contracts.model import read_model_meta
+    from pipeline.models.checkpoint import weights_digest
+    from pipeline.imaging.model_dir import build_discriminator, build_generator
 
     data = make_phantom_dataset(tmp_path / "real")
     out, results = tmp_path / "model", tmp_path / "results"
@@ -53,12 +54,12 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path: Path) -> None:
     assert steps == "3" and world == "2"
 
     # Rank 0's checkpoint holds exactly those weights, and it is a trained (not initial) model.
-    meta = read_model_json(out)
-    assert meta["world_size"] == 2 and meta["steps"] == 3
+    meta = read_model_meta(out)
+    assert meta.world_size == 2 and meta.steps == 3
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     generator, discriminator, ema = build_generator(meta), build_discriminator(meta), build_generator(meta)
-    initial = _weights_digest(generator, discriminator, ema)
+    initial = weights_digest(generator, discriminator, ema)
     generator.load_state_dict(state["generator"])
     discriminator.load_state_dict(state["discriminator"])
     ema.load_state_dict(state["ema"])
-    assert _weights_digest(generator, discriminator, ema) == digest != initial
+    assert weights_digest(generator, discriminator, ema) == digest != initial

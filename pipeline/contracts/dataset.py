@@ -1,6 +1,6 @@
 """The dataset contract: a folder holding ``manifest.csv`` and the image files it names.
 
-Every stage reads and writes datasets through this module (see DESIGN.md, "The dataset
+Every stage reads and writes datasets through this module (docs/contracts.md, "The dataset
 contract"). A malformed manifest is refused with a message naming file, row and column.
 """
 
@@ -18,6 +18,7 @@ from pipeline.core.errors import InputError
 from pipeline.core.files import atomic_path, sha256_file
 
 __all__ = [
+    "locate_manifest",
     "MANIFEST_NAME",
     "REQUIRED_COLUMNS",
     "SPLITS",
@@ -68,6 +69,23 @@ class Dataset:
         return dataset_digest(self.manifest)
 
 
+def locate_manifest(root: str | os.PathLike[str]) -> Path:
+    """``root/manifest.csv``, checked to exist (cheap: commands call it before any heavy work).
+
+    Raises:
+        InputError: the folder or its manifest is missing.
+    """
+    root = Path(root)
+    manifest_path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise InputError(f"{root}: dataset folder not found. Fix: pass a folder that holds {MANIFEST_NAME}.")
+    if not manifest_path.is_file():
+        raise InputError(
+            f"{manifest_path}: no manifest. Fix: point at a dataset written by `medsynth ingest` or `generate`."
+        )
+    return manifest_path
+
+
 def read_dataset(root: str | os.PathLike[str], *, check_files: bool = True) -> Dataset:
     """Read and validate ``root/manifest.csv``.
 
@@ -80,13 +98,7 @@ def read_dataset(root: str | os.PathLike[str], *, check_files: bool = True) -> D
             file, the row as counted in a spreadsheet, header = row 1, and the column).
     """
     root = Path(root)
-    manifest_path = root / MANIFEST_NAME
-    if not root.is_dir():
-        raise InputError(f"{root}: dataset folder not found. Fix: pass a folder that holds {MANIFEST_NAME}.")
-    if not manifest_path.is_file():
-        raise InputError(
-            f"{manifest_path}: no manifest. Fix: point at a dataset written by `medsynth ingest` or `generate`."
-        )
+    manifest_path = locate_manifest(root)
     try:
         manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

@@ -95,8 +95,10 @@ def read_model_meta(model_dir: str | os.PathLike[str]) -> ModelMeta:
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        problem = "is missing" if first["type"] == "missing" else f"is not valid ({first['msg']})"
         raise InputError(
-            f"{path}: key '{key}': {first['msg']}. Fix: pass a MODEL_DIR written by `medsynth train`, or re-train."
+            f"{path}: key '{key}' {problem}. Fix: pass a MODEL_DIR written by `medsynth train` "
+            "(re-run train if the file was edited)."
         ) from None
 
 

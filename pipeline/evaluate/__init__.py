@@ -2,34 +2,34 @@
 
 Modules:
     config      ``EvaluateConfig`` (the ``evaluate:`` section) and the gate thresholds.
-    images      real and synthetic images onto one grid and intensity scale.
     networks    the small CNN behind the feature spaces and the utility classifiers.
     features    the feature spaces (trained-cnn, random-cnn, user TorchScript).
     fidelity    FID, KID, precision/recall/density/coverage.
     diversity   MS-SSIM of same-class pairs.
     privacy     DCR, memorization, membership-inference AUC.
     utility     balanced accuracy / AUC with subject-bootstrap intervals.
+    seeds       every seed the stage draws from, by purpose.
+    sections    the report's metric sections, one module each, built from the metrics above.
     gates       pass / fail / not_run from explicit checks.
-    report      report.html (Jinja2 template, embedded figures).
-    stage       ``run`` and ``evaluate_sets``.
-    controlled  datasets with known verdicts (tests, benchmarks).
+    evaluation  ``evaluate_sets``: feature spaces, the four sections and the gates on image sets.
+    figures     report figures as embedded PNGs.
+    report      report.html (``templates/report.html.j2``, embedded figures).
+    stage       :func:`run`: real + synthetic datasets -> report.json + report.html.
 
-``pipeline.config`` imports this package for the config section, so heavy modules (torch,
-MONAI, matplotlib) load only when :func:`run` is called.
+The public names below load on first use (PEP 562): ``pipeline.config`` imports
+``pipeline.evaluate.config``, which runs this file, and must not pull in torch, MONAI or matplotlib.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pipeline.core.lazy import lazy_exports
 
-__all__ = ["run"]
+__all__ = ["run", "EvaluateConfig"]
 
+# Public name -> the module that defines it, imported on first access.
+_LAZY: dict[str, str] = {
+    "run": "pipeline.evaluate.stage",
+    "EvaluateConfig": "pipeline.evaluate.config",
+}
 
-def __getattr__(name: str) -> Any:
-    # PEP 562 lazy attribute: ``pipeline.evaluate.run`` is ``pipeline.evaluate.stage.run``,
-    # imported on first use so loading the config section stays fast.
-    if name == "run":
-        from pipeline.evaluate.stage import run
-
-        return run
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+lazy_exports(__name__, _LAZY)

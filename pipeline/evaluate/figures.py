@@ -8,11 +8,32 @@ from __future__ import annotations
 
 import base64
 import io
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["image_uri", "class_grids", "closest_pairs", "dcr_histograms", "prdc_bars", "ms_ssim_histograms"]
+__all__ = [
+    "Evidence",
+    "image_uri",
+    "class_grids",
+    "closest_pairs",
+    "dcr_histograms",
+    "prdc_bars",
+    "ms_ssim_histograms",
+]
+
+
+@dataclass
+class Evidence:
+    """Arrays behind report.html's figures (not written to report.json)."""
+
+    grids: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    closest_pairs: list[dict[str, Any]] = field(default_factory=list)
+    baseline_pair: dict[str, Any] | None = None
+    dcr: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prdc: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
+    ms_ssim: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 def _pyplot():

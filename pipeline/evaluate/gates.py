@@ -2,37 +2,72 @@
 
 A gate fails when any of its checks fails, passes when every check it could evaluate passes, and
 is ``not_run`` when none could be evaluated (e.g. too few held-out images for the privacy baseline).
-Each check carries a sentence saying what it means, for report.html.
+Each check carries a sentence saying what it means, for report.html. :func:`decide_gates` turns the
+four metric sections into the report's ``gates`` (:class:`pipeline.contracts.report.Gates`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from pipeline.contracts.report import Check, GateName, Gates, GateStatus
 from pipeline.evaluate.config import GateThresholds
 
-__all__ = ["Check", "gate_status", "fidelity_checks", "diversity_checks", "privacy_checks", "utility_checks"]
+__all__ = [
+    "Check",
+    "gate_status",
+    "decide_gates",
+    "fidelity_checks",
+    "diversity_checks",
+    "privacy_checks",
+    "utility_checks",
+]
 
-Status = Literal["pass", "fail", "not_run"]
 
+def decide_gates(
+    sections: dict[GateName, dict[str, Any]], thresholds: GateThresholds, holdout_reason: str | None
+) -> Gates:
+    """Every gate's checks and status from the four metric sections.
 
-@dataclass(frozen=True)
-class Check:
-    """One comparison of a measured value with its threshold (``passed`` None: not measurable)."""
-
-    name: str
-    value: float | None
-    comparison: Literal[">=", "<="]
-    threshold: float | None
-    passed: bool | None
-    meaning: str
-    reason: str | None = None
-
-    def record(self) -> dict[str, Any]:
-        """Plain dict for report.json."""
-        return asdict(self)
+    Args:
+        sections: the ``fidelity``, ``diversity``, ``privacy`` and ``utility`` sections.
+        thresholds: the ``evaluate.gates`` config section.
+        holdout_reason: why there is no usable held-out baseline (None: there is); checks that need
+            the baseline are then not measurable, with this reason.
+    """
+    fidelity, diversity, privacy, utility = (sections[gate] for gate in GateName)
+    ratios = fidelity["ratios"]
+    checks = {
+        GateName.FIDELITY: fidelity_checks(ratios, thresholds, holdout_reason),
+        GateName.DIVERSITY: diversity_checks(
+            ratios,
+            diversity.get("ms_ssim_excess"),
+            thresholds,
+            holdout_reason,
+            diversity.get("ms_ssim_excess_reason"),
+        ),
+        GateName.PRIVACY: privacy_checks(
+            privacy.get("memorization_rate"),
+            privacy.get("mia_auc"),
+            privacy.get("epsilon"),
+            thresholds,
+            holdout_reason,
+            privacy.get("mia_attacks"),
+        ),
+        GateName.UTILITY: utility_checks(
+            utility.get("synthetic_label_accuracy_ratio"),
+            utility.get("augmentation_gain_ci_high"),
+            thresholds,
+            utility.get("synthetic_label_accuracy_ratio_reason"),
+            utility.get("augmentation_gain_ci_high_reason"),
+        ),
+    }
+    return Gates(
+        **{gate.value: gate_status(found) for gate, found in checks.items()},
+        thresholds=thresholds.model_dump(mode="json"),
+        checks={gate.value: found for gate, found in checks.items()},
+    )
 
 
 def _check(
@@ -44,12 +79,22 @@ def _check(
     reason: str | None = None,
 ) -> Check:
     if value is None:
-        return Check(name, None, comparison, threshold, None, meaning, reason or "not measurable")
+        return Check(
+            name=name,
+            value=None,
+            comparison=comparison,
+            threshold=threshold,
+            passed=None,
+            meaning=meaning,
+            reason=reason or "not measurable",
+        )
     passed = value >= threshold if comparison == ">=" else value <= threshold
-    return Check(name, float(value), comparison, threshold, bool(passed), meaning)
+    return Check(
+        name=name, value=float(value), comparison=comparison, threshold=threshold, passed=bool(passed), meaning=meaning
+    )
 
 
-def gate_status(checks: list[Check]) -> Status:
+def gate_status(checks: list[Check]) -> GateStatus:
     """fail if any check failed; pass if at least one ran and all that ran passed; else not_run."""
     ran = [check for check in checks if check.passed is not None]
     if not ran:
@@ -150,14 +195,14 @@ def privacy_checks(
         if epsilon is None:
             checks.append(
                 Check(
-                    "epsilon",
-                    None,
-                    "<=",
-                    thresholds.max_epsilon,
-                    False,
-                    "Differential-privacy budget of the generator's training; a threshold is set, so a model "
-                    "without a DP guarantee fails.",
-                    "no DP epsilon available",
+                    name="epsilon",
+                    value=None,
+                    comparison="<=",
+                    threshold=thresholds.max_epsilon,
+                    passed=False,
+                    meaning="Differential-privacy budget of the generator's training; a threshold is set, so a "
+                    "model without a DP guarantee fails.",
+                    reason="no DP epsilon available",
                 )
             )
         else:
@@ -194,13 +239,13 @@ def _mia_check(
         return check
     evidence = ", ".join(f"{name} {attack['auc']:.3f} [{attack['auc_ci_low']:.3f}, {attack['auc_ci_high']:.3f}]" for name, attack in over.items())
     return Check(
-        "mia_auc",
-        check.value,
-        "<=",
-        thresholds.max_mia_auc,
-        True,
-        meaning,
-        f"inconclusive: above the limit, but every such attack's 95% interval includes chance (0.5): {evidence}. "
+        name="mia_auc",
+        value=check.value,
+        comparison="<=",
+        threshold=thresholds.max_mia_auc,
+        passed=True,
+        meaning=meaning,
+        reason=f"inconclusive: above the limit, but every such attack's 95% interval includes chance (0.5): {evidence}. "
         "Too few held-out subjects to tell leakage from noise; more held-out subjects would decide "
         "(gates.mia_requires_significance)",
     )

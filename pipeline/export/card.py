@@ -2,9 +2,9 @@
 
 :func:`build_facts` collects every number the card shows from the datasets, the report, the model
 and the environment (it is also written as ``export.json``); :func:`render_card` renders the
-template with them. The template ships inside the package (``pipeline/export/templates/``) and
-``data_cards/data_card.md.j2`` is the same file (a test keeps them identical);
-``data_cards/README.md`` explains every field.
+template with them. The template ships inside the package (``pipeline/export/templates/``;
+``medsynth card-template`` prints it, ``export.card.template`` replaces it); ``data_cards/README.md``
+explains every field.
 
 The template is rendered with ``StrictUndefined``: a field it names that the facts lack is an
 error, never an empty string, so the card cannot silently hold a placeholder.
@@ -16,6 +16,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,17 @@ from pipeline.contracts.dataset import Dataset
 from pipeline.core.errors import InputError
 from pipeline.export.report import GATES, figure_rows
 from pipeline.export.config import ExportConfig
+from pipeline.export.facts import ModelFacts
 
 __all__ = [
     "TEMPLATE_NAME",
     "HEADLINE_KEYS",
     "template_text",
     "packaged_template",
+    "CardInputs",
+    "CardGates",
+    "CardExport",
+    "CardProvenance",
     "build_facts",
     "card_environment",
     "render_card",
@@ -243,32 +249,95 @@ def _descrip_example(augmented: Dataset) -> str:
     return descrip_of(augmented.image_path(rows.iloc[0]))
 
 
+@dataclass(frozen=True)
+class CardInputs:
+    """What the export read: the stages' outputs the card describes.
+
+    Attributes:
+        real: the real dataset (``medsynth ingest``).
+        synthetic: the synthetic dataset (``medsynth generate``).
+        report: the parsed ``report.json`` (``medsynth evaluate``).
+        model: the generator's facts, None when no MODEL_DIR was given.
+        ingest: what ingest did (:func:`pipeline.export.facts.ingest_facts`).
+    """
+
+    real: Dataset
+    synthetic: Dataset
+    report: Mapping[str, Any]
+    model: ModelFacts | None
+    ingest: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class CardGates:
+    """The report's gate verdicts as the export applied them.
+
+    Attributes:
+        gates: gate name -> ``pass``, ``fail`` or ``not_run``.
+        privacy_gate: the privacy gate's verdict (the one that blocks an export).
+        overridden: the export went ahead although the privacy gate did not pass.
+    """
+
+    gates: Mapping[str, str]
+    privacy_gate: str
+    overridden: bool
+
+
+@dataclass(frozen=True)
+class CardExport:
+    """What the export wrote and how.
+
+    Attributes:
+        augmented: the augmented dataset as written (real + kept synthetic images).
+        excluded: the ``excluded.csv`` table (left-out synthetic and real images, with reasons).
+        preprocessing: the ``preprocessing.json`` record (what was done to the real images).
+        composition: counts per split x label x origin.
+        modality: CT, MR or the manifests' modality.
+        flagged: synthetic images the privacy audit flagged.
+        filter_how: how the privacy filter decided (the report's flags or a distance threshold).
+        warnings: notes for the reader of the card.
+        out_name: the output folder's name (never its full path).
+    """
+
+    augmented: Dataset
+    excluded: pd.DataFrame
+    preprocessing: Mapping[str, Any]
+    composition: list[dict[str, Any]]
+    modality: str
+    flagged: int
+    filter_how: str
+    warnings: list[str]
+    out_name: str
+
+
+@dataclass(frozen=True)
+class CardProvenance:
+    """Where the export came from: runs, software and code.
+
+    Attributes:
+        links: MLflow run ids of the stages behind the inputs, keyed by stage.
+        export_run_id: this export's MLflow run id (None without tracking).
+        versions: tool versions (:func:`pipeline.export.facts.tool_versions`).
+        commit: the medsynth git commit (:func:`pipeline.export.facts.git_commit`).
+    """
+
+    links: Mapping[str, str]
+    export_run_id: str | None
+    versions: Mapping[str, str]
+    commit: str
+
+
 def build_facts(
-    *,
-    real: Dataset,
-    synthetic: Dataset,
-    augmented: Dataset,
-    report: Mapping[str, Any],
-    model: Mapping[str, Any] | None,
+    inputs: CardInputs,
+    gate_outcome: CardGates,
+    export: CardExport,
+    provenance: CardProvenance,
     config: ExportConfig,
-    excluded: pd.DataFrame,
-    preprocessing: Mapping[str, Any],
-    composition: list[dict[str, Any]],
-    gates: Mapping[str, str],
-    privacy_gate: str,
-    gates_overridden: bool,
-    links: Mapping[str, str],
-    export_run_id: str | None,
-    modality: str,
-    ingest: Mapping[str, Any],
-    versions: Mapping[str, str],
-    commit: str,
-    warnings: list[str],
-    flagged: int,
-    out_name: str,
-    filter_how: str,
 ) -> dict[str, Any]:
     """Every fact the data card shows, as plain JSON-serialisable data (written as ``export.json``)."""
+    real, synthetic, report, model = inputs.real, inputs.synthetic, inputs.report, inputs.model
+    gates, privacy_gate, gates_overridden = gate_outcome.gates, gate_outcome.privacy_gate, gate_outcome.overridden
+    augmented, excluded, preprocessing, modality = export.augmented, export.excluded, export.preprocessing, export.modality
     manifest = augmented.manifest
     labels = sorted(set(manifest["label"]))
     real_rows = manifest[manifest["origin"] == "real"]
@@ -331,21 +400,22 @@ def build_facts(
 
     model_block: dict[str, Any] | None = None
     if model is not None:
+        meta = model.meta
         model_block = {
-            "spatial_dims": model.get("spatial_dims"),
-            "image_size": model.get("image_size"),
-            "spacing": model.get("spacing"),
-            "labels": model.get("labels"),
-            "latent_dim": model.get("latent_dim"),
-            "seed": model.get("seed"),
-            "steps": model.get("steps"),
-            "dp": model.get("dp"),
-            "config_hash": model.get("config_hash"),
-            "checkpoint_sha256": model.get("checkpoint_sha256"),
-            "train_dataset_digest": model.get("train_dataset_digest"),
-            "loss": (model.get("config") or {}).get("loss"),
-            "g_width": (model.get("config") or {}).get("g_width"),
-            "d_width": (model.get("config") or {}).get("d_width"),
+            "spatial_dims": meta.spatial_dims,
+            "image_size": meta.image_size,
+            "spacing": meta.spacing,
+            "labels": meta.labels,
+            "latent_dim": meta.latent_dim,
+            "seed": meta.seed,
+            "steps": meta.steps,
+            "dp": meta.dp,
+            "config_hash": model.config_hash,
+            "checkpoint_sha256": model.checkpoint_sha256,
+            "train_dataset_digest": meta.train_dataset_digest,
+            "loss": meta.config.get("loss"),
+            "g_width": meta.config.get("g_width"),
+            "d_width": meta.config.get("d_width"),
         }
     grid = {
         "modality": modality,
@@ -365,7 +435,7 @@ def build_facts(
     totals = {
         origin: int((manifest["origin"] == origin).sum()) for origin in ("real", "synthetic")
     }
-    source_folders = {"real": real.root.name, "synthetic": synthetic.root.name, "out": out_name}
+    source_folders = {"real": real.root.name, "synthetic": synthetic.root.name, "out": export.out_name}
     return {
         "pretty_name": pretty_name,
         "front_matter": front_matter,
@@ -381,18 +451,18 @@ def build_facts(
             "synthetic_in": len(synthetic.manifest),
             "excluded_synthetic": len(excluded_synthetic),
             "excluded_real": len(excluded_real),
-            "flagged": flagged,
+            "flagged": export.flagged,
             "subjects": int(real_rows["subject_id"].nunique()),
             "labels": labels,
             "splits": {split: int((manifest["split"] == split).sum()) for split in ("train", "val", "test")},
         },
-        "composition": composition,
+        "composition": export.composition,
         "grid": grid,
         "provenance": {
-            "ingest": {key: value for key, value in ingest.items() if key != "summary"},
-            "anonymization": _anonymization(ingest.get("summary")),
-            "versions": dict(versions),
-            "git_commit": commit,
+            "ingest": {key: value for key, value in inputs.ingest.items() if key != "summary"},
+            "anonymization": _anonymization(inputs.ingest.get("summary")),
+            "versions": dict(provenance.versions),
+            "git_commit": provenance.commit,
             "real_digest": real.digest,
             "synthetic_digest": synthetic.digest,
             "augmented_digest": augmented.digest,
@@ -407,18 +477,18 @@ def build_facts(
         },
         "evaluation": evaluation,
         "privacy_filter": {
-            "flagged": flagged,
+            "flagged": export.flagged,
             "excluded": len(excluded_synthetic),
             "thresholds": flagged_thresholds,
             "min_distance": config.min_distance,
-            "method": filter_how,
+            "method": export.filter_how,
             "memorization_threshold": privacy.get("memorization_threshold"),
             "distance": privacy.get("distance") if isinstance(privacy.get("distance"), str) else None,
             "audited": privacy.get("n_synthetic"),
             "memorization_rate": privacy.get("memorization_rate"),
         },
-        "links": dict(links),
-        "export_run_id": export_run_id,
+        "links": dict(provenance.links),
+        "export_run_id": provenance.export_run_id,
         "export_config": config.model_dump(mode="json"),
         "folders": source_folders,
         "dicom": {
@@ -426,7 +496,7 @@ def build_facts(
             "series": int((synthetic_rows["dicom_path"].str.len() > 0).sum()) if "dicom_path" in synthetic_rows else 0,
             "uid_root": config.uid_root,
         },
-        "warnings": list(warnings),
+        "warnings": list(export.warnings),
         "contact": config.card.contact,
     }
 

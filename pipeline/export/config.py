@@ -51,15 +51,15 @@ class CardConfig(Section):
     contact: str | None = Field(None, description="Who maintains the dataset (a team or role, not a patient).")
     template: Path | None = Field(
         None,
-        description="Custom Jinja2 template for the card; default: the packaged data_card.md.j2 "
-        "(the same file as data_cards/data_card.md.j2).",
+        description="Jinja2 template rendered instead of the packaged data_card.md.j2 (start from "
+        "`medsynth card-template > my_card.md.j2`; data_cards/README.md lists the fields).",
     )
 
     @field_validator("template")
     @classmethod
     def _template_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not Path(value).is_file():
-            raise ValueError(f"file {value} not found; copy data_cards/data_card.md.j2 and edit it")
+            raise ValueError(f"file {value} not found; write one with `medsynth card-template > {value}` and edit it")
         return value
 
 

@@ -1,8 +1,8 @@
 """Facts the data card reports about the inputs: ingest provenance, the model, tool versions, git.
 
 Everything here is read from files the earlier stages wrote (manifests, ``quarantine.csv``,
-``audit.jsonl``, the ingest summary, ``model.json``) or from the environment; nothing is typed in.
-Only counts, reasons and settings are kept: never a source path or a header value.
+``audit.jsonl``, the ingest summary, ``model.json`` through its contract) or from the environment;
+nothing is typed in. Only counts, reasons and settings are kept: never a source path or a header value.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 from collections import Counter
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.contracts.dataset import Dataset
-from pipeline.core.errors import InputError
+from pipeline.contracts.model import CHECKPOINT, ModelMeta, read_model_meta
 
 __all__ = [
     "TOOLS",
@@ -28,6 +29,7 @@ __all__ = [
     "tool_versions",
     "git_commit",
     "ingest_facts",
+    "ModelFacts",
     "model_facts",
 ]
 
@@ -194,37 +196,36 @@ def _int(value: Any) -> int:
         return 1
 
 
-def model_facts(model_dir: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the export and the data card know about the generator's MODEL_DIR.
+
+    Attributes:
+        meta: its ``model.json``.
+        checkpoint_sha256: SHA-256 of its ``checkpoint.pt`` (None when the folder holds none).
+        config_hash: digest of the resolved ``model:`` section the weights were trained with.
+    """
+
+    meta: ModelMeta
+    checkpoint_sha256: str | None
+    config_hash: str
+
+
+def model_facts(model_dir: str | os.PathLike[str] | None) -> ModelFacts | None:
     """``MODEL_DIR/model.json`` with the checkpoint digest and the config hash (None without a model).
 
     Raises:
-        InputError: the folder has no readable ``model.json``.
+        InputError: the folder has no readable, valid ``model.json``.
     """
     if model_dir is None:
         return None
-    from pipeline.core.section import config_digest
     from pipeline.core.files import sha256_file
+    from pipeline.core.section import config_digest
 
-    model_dir = Path(model_dir)
-    path = model_dir / "model.json"
-    info = _read_json(path)
-    if info is None:
-        raise InputError(f"{path}: missing or not valid JSON. Fix: pass a MODEL_DIR written by `medsynth train`.")
-    if not isinstance(info.get("preprocess"), dict):
-        raise InputError(f"{path}: key 'preprocess' is missing. Fix: re-run `medsynth train` with this version.")
-    # The keys the export and the card read (docs/model_interface.md), with the type they must have.
-    expected = {"spatial_dims": int, "image_size": list, "spacing": list, "labels": list, "latent_dim": int}
-    for name, kind in expected.items():
-        if not isinstance(info.get(name), kind) or isinstance(info.get(name), bool):
-            raise InputError(
-                f"{path}: key '{name}' is missing or not {'an integer' if kind is int else 'a list'}. "
-                "Fix: pass a MODEL_DIR written by `medsynth train` (re-run train if the file was edited)."
-            )
-    for name in ("config", "dp"):
-        if info.get(name) is not None and not isinstance(info[name], dict):
-            raise InputError(f"{path}: key '{name}' must be an object or null. Fix: re-run `medsynth train`.")
-    checkpoint = model_dir / "checkpoint.pt"
-    facts = dict(info)
-    facts["checkpoint_sha256"] = sha256_file(checkpoint) if checkpoint.is_file() else None
-    facts["config_hash"] = config_digest(info["config"]) if isinstance(info.get("config"), dict) else None
-    return facts
+    meta = read_model_meta(model_dir)
+    checkpoint = Path(model_dir) / CHECKPOINT
+    return ModelFacts(
+        meta=meta,
+        checkpoint_sha256=sha256_file(checkpoint) if checkpoint.is_file() else None,
+        config_hash=config_digest(meta.config),
+    )

@@ -168,8 +168,7 @@ def measured_distances(
     report's memorization threshold.
     """
     from pipeline.imaging.images import load_image_sets
-    from pipeline.imaging.neighbours import as_vectors
-    from pipeline.evaluate.privacy import closest_records
+    from pipeline.imaging.neighbours import as_vectors, closest_records
 
     space = report["privacy"].get("memorization_space", "pixel")
     if space != "pixel":

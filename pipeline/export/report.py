@@ -1,28 +1,23 @@
 """Reading the evaluate stage's ``report.json`` for export: gates, flagged samples, figures.
 
-The report contract (DESIGN.md): sections ``fidelity``, ``diversity``, ``privacy``, ``utility``
-and ``gates``; every figure is a plain number or null with a reason beside it;
-``privacy.flagged`` lists the synthetic images closer to a training image than the held-out
-baseline allows, each as ``{sample_id, distance, nearest_train_sample_id, threshold}``.
+The file is parsed and checked by :func:`pipeline.contracts.report.read_report` (the report
+contract); export works on the checked document as written. ``privacy.flagged`` lists the synthetic
+images closer to a training image than the held-out baseline allows, each as
+``{sample_id, distance, nearest_train_sample_id, threshold}``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from pipeline.core.errors import InputError
+from pipeline.contracts.report import GateName, GateStatus, read_report, report_path
 
 __all__ = [
-    "REPORT_NAME",
-    "SECTIONS",
     "GATES",
-    "GATE_VALUES",
     "Flagged",
     "load_report",
     "report_path",
@@ -33,10 +28,8 @@ __all__ = [
     "reason_for",
 ]
 
-REPORT_NAME = "report.json"
-SECTIONS: tuple[str, ...] = ("fidelity", "diversity", "privacy", "utility", "gates")
-GATES: tuple[str, ...] = ("fidelity", "diversity", "privacy", "utility")
-GATE_VALUES: tuple[str, ...] = ("pass", "fail", "not_run")
+# The gates in card order, from the contract's one list.
+GATES: tuple[GateName, ...] = tuple(GateName)
 
 
 @dataclass(frozen=True)
@@ -49,63 +42,18 @@ class Flagged:
     nearest_train_sample_id: str
 
 
-def report_path(report: str | os.PathLike[str]) -> Path:
-    """``REPORT_DIR/report.json`` (a path to the JSON file itself is accepted too)."""
-    report = Path(report)
-    return report if report.suffix == ".json" else report / REPORT_NAME
-
-
 def load_report(report: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check ``report.json`` against the report contract.
+    """``report.json`` checked against the report contract, as the plain document it holds.
 
     Raises:
-        InputError: the file is missing, not JSON, or a section, gate or flagged entry is malformed
-            (the message names the file and the key).
+        InputError: see :func:`pipeline.contracts.report.read_report`.
     """
-    path = report_path(report)
-    if not path.is_file():
-        raise InputError(
-            f"{path}: report not found. Fix: run `medsynth evaluate --real ... --synthetic ... --out {path.parent}` first."
-        )
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({type(exc).__name__}). Fix: re-run `medsynth evaluate`.") from exc
-    if not isinstance(payload, dict):
-        raise InputError(f"{path}: the top level must be an object with keys {', '.join(SECTIONS)}.")
-    for section in SECTIONS:
-        if not isinstance(payload.get(section), dict):
-            raise InputError(
-                f"{path}: key '{section}' is missing or not an object. Fix: re-run `medsynth evaluate` "
-                "(this report was not written by it, or by an older version)."
-            )
-    gates = payload["gates"]
-    for gate in GATES:
-        value = gates.get(gate)
-        if value not in GATE_VALUES:
-            raise InputError(
-                f"{path}: key 'gates.{gate}' is {value!r}, not one of {', '.join(GATE_VALUES)}. Fix: re-run `medsynth evaluate`."
-            )
-    privacy_gate = payload["privacy"].get("gate", gates["privacy"])
-    if privacy_gate != gates["privacy"]:
-        raise InputError(
-            f"{path}: 'privacy.gate' ({privacy_gate!r}) disagrees with 'gates.privacy' ({gates['privacy']!r}). "
-            "Fix: re-run `medsynth evaluate`; do not edit the report by hand."
-        )
-    flagged = payload["privacy"].get("flagged", [])
-    if not isinstance(flagged, list):
-        raise InputError(f"{path}: key 'privacy.flagged' must be a list of objects with a 'sample_id'.")
-    for index, entry in enumerate(flagged):
-        if not isinstance(entry, dict) or not str(entry.get("sample_id", "")).strip():
-            raise InputError(
-                f"{path}: key 'privacy.flagged[{index}]' has no 'sample_id'. Fix: re-run `medsynth evaluate`."
-            )
-    return payload
+    return read_report(report).as_dict()
 
 
-def gate_status(report: Mapping[str, Any], gate: str) -> str:
+def gate_status(report: Mapping[str, Any], gate: GateName) -> GateStatus:
     """``pass``, ``fail`` or ``not_run`` for one gate."""
-    return str(report["gates"][gate])
+    return report["gates"][gate.value]
 
 
 def base_sample_id(sample_id: str) -> str:

@@ -32,9 +32,11 @@ import pandas as pd
 from pipeline.contracts.dataset import REQUIRED_COLUMNS, SPLITS, Dataset, read_dataset, write_manifest
 from pipeline.core.errors import InputError
 from pipeline.export import card as card_module
-from pipeline.export.facts import git_commit, ingest_facts, model_facts, tool_versions
+from pipeline.contracts.model import MODEL_JSON
+from pipeline.export.facts import ModelFacts, git_commit, ingest_facts, model_facts, tool_versions
 from pipeline.export.images import export_real, export_synthetic
 from pipeline.export.privacy import privacy_filter, refusal
+from pipeline.contracts.report import GateName
 from pipeline.export.report import gate_status, load_report, report_path
 from pipeline.export.config import ExportConfig
 from pipeline.core.paths import is_inside
@@ -235,9 +237,9 @@ def _composition(manifest: pd.DataFrame) -> list[dict[str, Any]]:
     return rows
 
 
-def _modality(model: Mapping[str, Any] | None, real: Dataset, synthetic: Dataset) -> str:
+def _modality(model: ModelFacts | None, real: Dataset, synthetic: Dataset) -> str:
     if model is not None:
-        return "CT" if model["preprocess"].get("intensity") == "ct" else "MR"
+        return "CT" if model.meta.preprocess.get("intensity") == "ct" else "MR"
     for dataset in (synthetic, real):
         if "modality" in dataset.manifest.columns:
             values = [value for value in dataset.manifest["modality"].str.upper() if value]
@@ -291,7 +293,7 @@ class _Inputs:
     report: dict[str, Any]
     report_file: Path
     model_dir: Path | None
-    model: dict[str, Any] | None
+    model: ModelFacts | None
     untracked: int  # synthetic images without a generator run id
 
 
@@ -318,18 +320,18 @@ def _load_inputs(
         folders["--model"] = model_dir
     _check_out(out, folders)
     model = model_facts(model_dir)
-    if model is not None:
-        _check_preprocess(model, Path(model_dir) / "model.json")  # type: ignore[arg-type]
+    if model_dir is not None and model is not None:
+        _check_preprocess(model.meta.preprocess, model_dir / MODEL_JSON)
     return _Inputs(real_ds, synthetic_ds, report_doc, where, model_dir, model, untracked)
 
 
-def _check_preprocess(model: Mapping[str, Any], where: Path) -> None:
+def _check_preprocess(spec: Mapping[str, Any], where: Path) -> None:
     """Refuse a model whose preprocessing spec cannot be applied (before anything is written)."""
     from pipeline.imaging.preprocess import Preprocessor
 
     try:
-        Preprocessor(model["preprocess"])
-        low, high = model["preprocess"]["window"]
+        Preprocessor(spec)
+        low, high = spec["window"]
         float(low), float(high)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         detail = f"missing key '{exc.args[0]}'" if isinstance(exc, KeyError) and exc.args else type(exc).__name__
@@ -395,7 +397,7 @@ def run(
     """
     out = Path(out)
     inputs = _load_inputs(Path(real), Path(synthetic), report, out, Path(model_dir) if model_dir is not None else None)
-    gates = {name: gate_status(inputs.report, name) for name in ("fidelity", "diversity", "privacy", "utility")}
+    gates = {gate.value: gate_status(inputs.report, gate) for gate in GateName}
     privacy_gate = gates["privacy"]
     allowed = allow_failed_gates or config.allow_failed_gates
     overridden = privacy_gate != "pass"
@@ -415,11 +417,11 @@ def run(
     if inputs.model is not None:
         from pipeline.imaging.preprocess import Preprocessor
 
-        preprocessor = Preprocessor(inputs.model["preprocess"])
+        preprocessor = Preprocessor(inputs.model.meta.preprocess)
     modality = _modality(inputs.model, inputs.real, inputs.synthetic)
     window = None
     if inputs.model is not None and modality == "CT":
-        low, high = inputs.model["preprocess"]["window"]
+        low, high = inputs.model.meta.preprocess["window"]
         window = (float(low), float(high))
 
     stage_dir = _staging_dir(out)
@@ -438,12 +440,32 @@ def run(
         atomic_write_json(stage_dir / PREPROCESSING_NAME, preprocessing)
         notes = _notes(inputs, remarked, moved, preprocessor is not None)
         facts = card_module.build_facts(
-            real=inputs.real, synthetic=inputs.synthetic, augmented=read_dataset(stage_dir), report=inputs.report,
-            model=inputs.model, config=config, excluded=excluded, preprocessing=preprocessing,
-            composition=_composition(manifest), gates=gates, privacy_gate=privacy_gate, gates_overridden=overridden,
-            links=_links(links or {}, inputs.model, inputs.synthetic, inputs.report), export_run_id=tracker.run_id,
-            modality=modality, ingest=ingest_facts(inputs.real), versions=tool_versions(), commit=git_commit(),
-            warnings=notes, flagged=len(flagged), out_name=out.name, filter_how=filter_how,
+            card_module.CardInputs(
+                real=inputs.real,
+                synthetic=inputs.synthetic,
+                report=inputs.report,
+                model=inputs.model,
+                ingest=ingest_facts(inputs.real),
+            ),
+            card_module.CardGates(gates=gates, privacy_gate=privacy_gate, overridden=overridden),
+            card_module.CardExport(
+                augmented=read_dataset(stage_dir),
+                excluded=excluded,
+                preprocessing=preprocessing,
+                composition=_composition(manifest),
+                modality=modality,
+                flagged=len(flagged),
+                filter_how=filter_how,
+                warnings=notes,
+                out_name=out.name,
+            ),
+            card_module.CardProvenance(
+                links=_links(links or {}, inputs.model, inputs.synthetic, inputs.report),
+                export_run_id=tracker.run_id,
+                versions=tool_versions(),
+                commit=git_commit(),
+            ),
+            config,
         )
         atomic_write_json(stage_dir / FACTS_NAME, facts)
         atomic_write_text(stage_dir / CARD_NAME, card_module.render_card(facts, config.card.template))
@@ -477,12 +499,12 @@ def run(
 
 
 def _links(
-    links: Mapping[str, str], model: Mapping[str, Any] | None, synthetic: Dataset, report: Mapping[str, Any]
+    links: Mapping[str, str], model: ModelFacts | None, synthetic: Dataset, report: Mapping[str, Any]
 ) -> dict[str, str]:
     """MLflow run ids of the stages behind the inputs: the orchestrator's, else what the inputs record."""
     found: dict[str, str] = {}
-    if model is not None and model.get("mlflow_run_id"):
-        found["train"] = str(model["mlflow_run_id"])
+    if model is not None and model.meta.mlflow_run_id:
+        found["train"] = str(model.meta.mlflow_run_id)
     generator_runs = sorted(set(synthetic.manifest["generator_run_id"]) - {""})
     if len(generator_runs) == 1:
         found["generate"] = generator_runs[0]
@@ -495,7 +517,7 @@ def _links(
     return {stage: found[stage] for stage in (*LINK_STAGES, *sorted(set(found) - set(LINK_STAGES))) if stage in found}
 
 
-def _preprocessing_record(preprocessor: Any | None, model: Mapping[str, Any] | None) -> dict[str, Any]:
+def _preprocessing_record(preprocessor: Any | None, model: ModelFacts | None) -> dict[str, Any]:
     if preprocessor is None:
         return {
             "real": "none: real images copied unchanged (native grid, modality units); no --model was given",
@@ -514,7 +536,7 @@ def _preprocessing_record(preprocessor: Any | None, model: Mapping[str, Any] | N
         "synthetic": "generated on the model grid (as written by medsynth generate); copied unchanged",
         "spec": spec,
         "steps": list(preprocessor.describe()),
-        "model_checkpoint_sha256": model.get("checkpoint_sha256") if model else None,
+        "model_checkpoint_sha256": model.checkpoint_sha256 if model else None,
     }
 
 

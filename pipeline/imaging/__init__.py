@@ -1,7 +1,13 @@
 """Image computations shared by several stages (below the stages, above the contracts).
 
-- :mod:`pipeline.imaging.preprocess`: the model's preprocessing (``model.json``'s spec), applied by
-  train, generate, evaluate and export alike.
-- :mod:`pipeline.imaging.images`: real and synthetic datasets onto one grid and intensity scale.
-- :mod:`pipeline.imaging.neighbours`: nearest neighbours and distances to closest records.
+Modules:
+    preprocess  the model's preprocessing (``model.json``'s spec), applied by train, generate,
+                evaluate and export alike.
+    images      real and synthetic datasets onto one grid and intensity scale.
+    neighbours  nearest neighbours and distances to closest records.
+    gan         the conditional generator and projection discriminator (2D or 3D).
+    levels      how many times the networks halve their grid (torch-free: the config checks it).
+    model_dir   loading a trained MODEL_DIR's networks and checkpoint; sampling the generator.
+
+Compute only: nothing here imports MLflow tracking, click or progress (``lint-imports`` checks it).
 """

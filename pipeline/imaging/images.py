@@ -21,7 +21,6 @@ range (scaled value > -0.5), which drops air-only slices.
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,9 +330,11 @@ def _image_set(images, labels, ids, subjects, splits, spatial_dims: int) -> Imag
 
 
 def _model_sets(real: Dataset, synthetic: Dataset, model_dir: Path) -> tuple[ImageSet, ImageSet, dict[str, Any]]:
+    from pipeline.contracts.model import read_model_meta
     from pipeline.imaging.preprocess import Preprocessor
 
-    preprocessor = Preprocessor.from_model_dir(model_dir)
+    model = read_model_meta(model_dir)
+    preprocessor = Preprocessor(model.preprocess)
     sets = []
     for dataset, origin in ((real, "real"), (synthetic, "synthetic")):
         rows = dataset.subset(origin=origin)
@@ -351,15 +352,13 @@ def _model_sets(real: Dataset, synthetic: Dataset, model_dir: Path) -> tuple[Ima
                 splits=np.asarray(splits, dtype=object),
             )
         )
-    model = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
-    spatial_dims = int(model.get("spatial_dims", sets[0].images.ndim - 2))
     record = {
         "kind": "model",
         "description": "the model's own preprocessing (pipeline.imaging.preprocess.Preprocessor from model.json)",
-        "spatial_dims": spatial_dims,
+        "spatial_dims": model.spatial_dims,
         "image_size": list(sets[0].images.shape[2:]),
-        "spacing_mm": model.get("spacing"),
-        "spec": model.get("preprocess"),
+        "spacing_mm": model.spacing,
+        "spec": model.preprocess,
     }
     return sets[0], sets[1], record
 

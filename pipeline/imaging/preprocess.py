@@ -14,11 +14,9 @@ mapped back linearly.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import nibabel as nib
@@ -27,12 +25,12 @@ import pandas as pd
 import torch
 
 from pipeline.contracts.dataset import Dataset
+from pipeline.contracts.model import read_model_meta
 from pipeline.core.errors import InputError
 from pipeline.core.files import read_nifti
 
-__all__ = ["Preprocessor", "build_spec", "grid_affine", "FOREGROUND_LEVEL", "MODEL_JSON"]
+__all__ = ["Preprocessor", "build_spec", "grid_affine", "FOREGROUND_LEVEL"]
 
-MODEL_JSON = "model.json"
 # A pixel counts as foreground above this level in [-1, 1] (2.5 % of the intensity range above the
 # floor): for a CT soft-tissue window that is fat and denser tissue, never air.
 FOREGROUND_LEVEL = -0.95
@@ -108,11 +106,12 @@ class Preprocessor:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | os.PathLike[str]) -> Preprocessor:
-        """The preprocessor a trained model was trained with."""
-        path = Path(model_dir) / MODEL_JSON
-        if not path.is_file():
-            raise InputError(f"{path}: not found. Fix: pass a MODEL_DIR written by `medsynth train`.")
-        return cls(json.loads(path.read_text(encoding="utf-8"))["preprocess"])
+        """The preprocessor a trained model was trained with (the ``preprocess`` spec of its ``model.json``).
+
+        Raises:
+            InputError: the folder has no readable, valid ``model.json``.
+        """
+        return cls(read_model_meta(model_dir).preprocess)
 
     def _geometric_transforms(self):
         import monai.transforms as mt

@@ -1,16 +1,38 @@
-"""Ingest: read DICOM/NIfTI, anonymize (PS3.15 Table E.1-1), quarantine, split, audit for leaks.
+"""The ingest stage: read DICOM/NIfTI, anonymize (PS3.15 Table E.1-1), quarantine, split, audit for leaks.
 
-Library API (the CLI and ``medsynth run`` call these):
+Modules:
+    config      ``IngestConfig`` (the ``ingest:`` section) and its parts.
+    discover    walk the sources, classify each file, group DICOM files into series, assign labels.
+    dicomio     fast DICOM paths for the common case, each with a pydicom fallback.
+    profile     the Table E.1-1 profile and its options, resolved for one run.
+    deid        apply the profile to a pydicom dataset, recursing into every sequence.
+    keys        the pseudonymization key and everything derived from it with a keyed HMAC.
+    volume      a DICOM series as one volume in modality units with a NIfTI (RAS) affine.
+    task        the per-series work a pool worker runs.
+    pool        a process pool that reports each result as it comes and survives a dead worker.
+    split       train/val/test by subject, stratified by label.
+    audit       :func:`audit`: search a folder for source identifiers and check its structure.
+    stage       :func:`run`: sources -> anonymized real dataset, quarantine, audit log.
 
-* :func:`run` - sources → real dataset (``pipeline.ingest.stage``);
-* :func:`audit` - search a folder for source identifiers and check its structure
-  (``pipeline.ingest.audit``).
+The public names below load on first use (PEP 562): ``pipeline.config`` imports
+``pipeline.ingest.config``, which runs this file, and must not pull in pydicom or pandas.
 """
 
 from __future__ import annotations
 
-from pipeline.ingest.audit import AuditReport, Finding, audit
-from pipeline.ingest.config import IngestConfig
-from pipeline.ingest.stage import IngestSummary, default_private, run
+from pipeline.core.lazy import lazy_exports
 
 __all__ = ["run", "audit", "IngestSummary", "AuditReport", "Finding", "IngestConfig", "default_private"]
+
+# Public name -> the module that defines it, imported on first access.
+_LAZY: dict[str, str] = {
+    "run": "pipeline.ingest.stage",
+    "IngestSummary": "pipeline.ingest.stage",
+    "default_private": "pipeline.ingest.stage",
+    "audit": "pipeline.ingest.audit",
+    "AuditReport": "pipeline.ingest.audit",
+    "Finding": "pipeline.ingest.audit",
+    "IngestConfig": "pipeline.ingest.config",
+}
+
+lazy_exports(__name__, _LAZY)

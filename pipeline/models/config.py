@@ -13,20 +13,11 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.core.section import Section
+from pipeline.imaging.levels import network_levels
 
-__all__ = ["ModelConfig", "GenerateConfig", "AUGMENTATIONS", "network_levels"]
+__all__ = ["ModelConfig", "GenerateConfig", "AUGMENTATIONS"]
 
 AUGMENTATIONS: tuple[str, ...] = ("translation", "cutout", "brightness", "contrast")
-
-
-def network_levels(image_size: list[int] | tuple[int, ...]) -> int:
-    """Number of 2x up/down-sampling stages for ``image_size``: the smallest side ends at 4 to 7 voxels."""
-    smallest = min(image_size)
-    levels = 0
-    while smallest // 2 >= 4:
-        smallest //= 2
-        levels += 1
-    return max(levels, 1)
 
 
 class ModelConfig(Section):

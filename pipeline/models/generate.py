@@ -16,11 +16,12 @@ import pandas as pd
 import torch
 
 from pipeline.contracts.dataset import Dataset, read_dataset, write_manifest
+from pipeline.contracts.model import CHECKPOINT, read_model_meta
 from pipeline.core.errors import InputError
 from pipeline.core.files import sha256_file, write_nifti
 from pipeline.models.config import GenerateConfig
 from pipeline.models.grid import save_sample_grid
-from pipeline.models.model_dir import CHECKPOINT, load_generator, read_model_json, sample, select_device
+from pipeline.imaging.model_dir import load_generator, sample, select_device
 from pipeline.imaging.preprocess import Preprocessor
 from pipeline.tracking import NullTracker, Tracker
 
@@ -56,13 +57,13 @@ def run(
         The written :class:`~pipeline.contracts.dataset.Dataset` (``origin=synthetic``, ``split=train``).
     """
     model_dir, out = Path(model_dir), Path(out)
-    meta = read_model_json(model_dir)
+    meta = read_model_meta(model_dir)
     previous = _previous_synthetic_files(out)
-    preprocessor = Preprocessor(meta["preprocess"])
+    preprocessor = Preprocessor(meta.preprocess)
     device = select_device(config.device)
     generator = load_generator(model_dir, device=device)
-    labels: list[str] = list(meta["labels"])
-    run_id = meta.get("mlflow_run_id")
+    labels: list[str] = list(meta.labels)
+    run_id = meta.mlflow_run_id
     model_digest = sha256_file(model_dir / CHECKPOINT)
     tag = run_id[:8] if run_id else "local"
 

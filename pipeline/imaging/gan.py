@@ -24,7 +24,7 @@ from monai.networks.layers import Conv
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from pipeline.models.config import network_levels
+from pipeline.imaging.levels import network_levels
 
 __all__ = ["Generator", "Discriminator", "ConditionalNorm", "ema_copy", "ema_update"]
 

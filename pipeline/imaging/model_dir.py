@@ -1,12 +1,12 @@
 """MODEL_DIR: what ``train`` writes and every later stage reads.
 
-``model.json`` (metadata, resolved config, preprocessing spec, label map, MLflow run id) and
-``checkpoint.pt`` (state dicts for resuming and sampling). See docs/model_interface.md.
+``model.json`` (metadata, resolved config, preprocessing spec, label map, MLflow run id; parsed by
+:func:`pipeline.contracts.model.read_model_meta`) and ``checkpoint.pt`` (state dicts for resuming
+and sampling; :mod:`pipeline.models.checkpoint` writes it). See docs/model_interface.md.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,43 +14,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.contracts.model import CHECKPOINT, ModelMeta, read_model_meta
 from pipeline.core.errors import InputError
-from pipeline.models.networks import Discriminator, Generator
-from pipeline.imaging.preprocess import MODEL_JSON
+from pipeline.imaging.gan import Discriminator, Generator
 
 __all__ = [
-    "MODEL_JSON",
-    "CHECKPOINT",
-    "read_model_json",
     "load_checkpoint",
     "build_generator",
     "build_discriminator",
     "load_generator",
     "load_discriminator",
+    "noise",
     "sample",
     "select_device",
 ]
 
-CHECKPOINT = "checkpoint.pt"
-
-
-def read_model_json(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The parsed ``model.json`` of a MODEL_DIR.
-
-    Raises:
-        InputError: missing or unreadable file.
-    """
-    path = Path(model_dir) / MODEL_JSON
-    if not path.is_file():
-        raise InputError(f"{path}: not found. Fix: pass a MODEL_DIR written by `medsynth train`.")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not readable JSON ({type(exc).__name__}). Fix: re-run `medsynth train`.") from exc
-
 
 def load_checkpoint(model_dir: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The state dicts in ``checkpoint.pt`` (loaded with ``weights_only=True``)."""
+    """The state dicts in ``checkpoint.pt`` (loaded with ``weights_only=True``).
+
+    Raises:
+        InputError: the file is missing or not a readable checkpoint.
+    """
     path = Path(model_dir) / CHECKPOINT
     if not path.is_file():
         raise InputError(f"{path}: not found. Fix: pass a MODEL_DIR written by `medsynth train`.")
@@ -62,26 +47,26 @@ def load_checkpoint(model_dir: str | os.PathLike[str], map_location: str | torch
         ) from exc
 
 
-def build_generator(meta: dict[str, Any]) -> Generator:
+def build_generator(meta: ModelMeta) -> Generator:
     """An untrained generator with the architecture recorded in ``meta`` (model.json)."""
-    config = meta["config"]
+    config = meta.config
     return Generator(
-        spatial_dims=int(meta["spatial_dims"]),
-        image_size=list(meta["image_size"]),
-        num_classes=len(meta["labels"]),
+        spatial_dims=int(meta.spatial_dims),
+        image_size=list(meta.image_size),
+        num_classes=len(meta.labels),
         latent_dim=int(config["latent_dim"]),
         embed_dim=int(config["embed_dim"]),
         width=int(config["g_width"]),
     )
 
 
-def build_discriminator(meta: dict[str, Any]) -> Discriminator:
+def build_discriminator(meta: ModelMeta) -> Discriminator:
     """An untrained discriminator with the architecture recorded in ``meta`` (model.json)."""
     return Discriminator(
-        spatial_dims=int(meta["spatial_dims"]),
-        image_size=list(meta["image_size"]),
-        num_classes=len(meta["labels"]),
-        width=int(meta["config"]["d_width"]),
+        spatial_dims=int(meta.spatial_dims),
+        image_size=list(meta.image_size),
+        num_classes=len(meta.labels),
+        width=int(meta.config["d_width"]),
     )
 
 
@@ -98,9 +83,9 @@ def load_generator(model_dir: str | os.PathLike[str], device: str | torch.device
     """The EMA generator of a trained model, in eval mode, frozen.
 
     Call it as ``generator(noise (N, latent_dim) float32, labels (N,) int64)``; ``labels`` index
-    ``model.json['labels']``. See :func:`sample`.
+    ``ModelMeta.labels``. See :func:`sample`.
     """
-    meta = read_model_json(model_dir)
+    meta = read_model_meta(model_dir)
     state = load_checkpoint(model_dir)
     generator = build_generator(meta)
     generator.load_state_dict(state["ema"])
@@ -125,7 +110,7 @@ def load_discriminator(model_dir: str | os.PathLike[str], device: str | torch.de
     In eval mode (spectral-norm power iterations frozen), parameters frozen; for the white-box
     membership attack. Images must be preprocessed with the model's :class:`Preprocessor`.
     """
-    meta = read_model_json(model_dir)
+    meta = read_model_meta(model_dir)
     state = load_checkpoint(model_dir)
     discriminator = build_discriminator(meta)
     discriminator.load_state_dict(state["discriminator"])

@@ -1,0 +1,179 @@
+"""``MODEL_DIR/checkpoint.pt``: saving, loading, and checking that a resume continues the same run.
+
+A checkpoint holds the three networks (generator, discriminator, EMA generator), both optimizers,
+the step, the training time and images seen so far, and the process's RNG states; it is written
+atomically together with ``model.json``, so the two always describe the same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.contracts.model import CHECKPOINT, FORMAT_VERSION, MODEL_JSON, ModelMeta, write_model_meta
+from pipeline.core.errors import InputError
+from pipeline.core.files import atomic_path
+from pipeline.models.config import ModelConfig
+from pipeline.models.step import GanModules
+
+__all__ = [
+    "ARCHITECTURE_KEYS",
+    "save_checkpoint",
+    "restore_modules",
+    "check_resume_compatible",
+    "restore_rng_states",
+    "preserved_host_rng",
+    "weights_digest",
+]
+
+# Keys of ModelConfig that shape the networks or their inputs: a resumed run must keep them.
+ARCHITECTURE_KEYS = ("spatial_dims", "image_size", "latent_dim", "embed_dim", "g_width", "d_width")
+
+
+def _rng_states() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+        "numpy_pos": int(numpy_state[2]),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Set torch's, numpy's and Python's global random states to those a checkpoint saved.
+
+    Callers wrap training in :func:`pipeline.core.torch_state.preserved_torch_rng` and
+    :func:`preserved_host_rng`, so the states set here last only as long as the run.
+    """
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(("MT19937", states["numpy_keys"].numpy().astype(np.uint32), states["numpy_pos"], 0, 0.0))
+    python = states["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+@contextlib.contextmanager
+def preserved_host_rng() -> Iterator[None]:
+    """Restore numpy's and Python's global random states on exit (a resume sets them from the checkpoint)."""
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    try:
+        yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+def weights_digest(*modules: nn.Module) -> str:
+    """SHA-256 of the modules' state dicts (names and float32 values): equal digests, equal weights."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict with contiguous CPU tensors (channels-last and CUDA tensors saved portably)."""
+    return {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
+
+
+def save_checkpoint(
+    out: Path, meta: ModelMeta, step: int, gan: GanModules, train_seconds: float, images_seen: int
+) -> None:
+    """Write ``checkpoint.pt``, then ``model.json`` updated to the same step (both atomically).
+
+    Args:
+        out: the MODEL_DIR.
+        meta: the model's metadata; its ``steps``, ``train_seconds`` and ``images_seen`` are
+            updated in place before it is written.
+        step: optimizer steps done.
+        gan: the networks (saved as plain CPU state dicts, unwrapped from DDP) and optimizers.
+        train_seconds: wall-clock training time so far, summed over resumes.
+        images_seen: real images shown to the discriminator so far.
+    """
+    state = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "generator": _plain_state(gan.generator),
+        "discriminator": _plain_state(gan.discriminator),
+        "ema": _plain_state(gan.ema),
+        "opt_g": gan.opt_g.state_dict(),
+        "opt_d": gan.opt_d.state_dict(),
+        "train_seconds": train_seconds,
+        "images_seen": images_seen,
+        "rng": _rng_states(),
+    }
+    with atomic_path(out / CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+    meta.steps, meta.train_seconds, meta.images_seen = step, round(train_seconds, 3), images_seen
+    write_model_meta(out, meta)
+
+
+def check_resume_compatible(previous: ModelMeta, current: ModelMeta, config: ModelConfig, out: Path) -> None:
+    """Refuse to resume when the run would silently change what the checkpoint was trained on.
+
+    Args:
+        previous: ``model.json`` of the checkpoint being resumed.
+        current: the metadata this run computed (seed, labels, preprocessing, dataset digest).
+        config: this run's ``model:`` section.
+        out: the MODEL_DIR (named in the messages).
+
+    Raises:
+        InputError: an architecture key, the seed, the labels, the preprocessing or the training
+            data differ; the message names what differs and how to proceed.
+    """
+    where = out / MODEL_JSON
+    for key in ARCHITECTURE_KEYS:
+        before = previous.config.get(key)
+        now = getattr(config, key)
+        if before != now:
+            raise InputError(
+                f"{where}: the checkpoint was trained with model.{key} = {before!r}, the config now says {now!r}. "
+                "Fix: resume with the original value, or train into a new --out folder."
+            )
+    if previous.seed != current.seed:
+        raise InputError(
+            f"{where}: the checkpoint was trained with seed {previous.seed!r}, this run says {current.seed!r}; "
+            "a different seed would silently change the noise and data order mid-run. "
+            "Fix: resume with the original --seed, or train into a new --out folder."
+        )
+    if previous.labels != current.labels:
+        raise InputError(
+            f"{where}: the checkpoint's labels {previous.labels} differ from the dataset's {current.labels}. "
+            "Fix: resume on the same dataset, or train into a new --out folder."
+        )
+    if previous.preprocess != current.preprocess:
+        raise InputError(
+            f"{where}: the preprocessing changed since the checkpoint was written. "
+            "Fix: resume with the original preprocessing keys, or train into a new --out folder."
+        )
+    if previous.train_dataset_digest != current.train_dataset_digest:
+        raise InputError(
+            f"{where}: the training data changed since the checkpoint was written (digest differs). "
+            "Fix: resume on the same dataset, or train into a new --out folder."
+        )
+
+
+def restore_modules(state: dict[str, Any], gan: GanModules) -> None:
+    """Load a checkpoint's networks and optimizers (as :func:`save_checkpoint` wrote them) into ``gan``."""
+    gan.generator.load_state_dict(state["generator"])
+    gan.discriminator.load_state_dict(state["discriminator"])
+    gan.ema.load_state_dict(state["ema"])
+    gan.opt_g.load_state_dict(state["opt_g"])
+    gan.opt_d.load_state_dict(state["opt_d"])
