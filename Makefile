@@ -7,14 +7,19 @@ STAMP  := $(VENV)/.installed
 # satisfied and never pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test install notebook clean
 
+# pip prints each package it collects: the first install takes minutes and should be seen to move.
 $(STAMP): pyproject.toml
+	@echo "[install 1/3] virtual environment $(VENV) and a current pip"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	@echo "[install 2/3] $(TORCH) (CPU build)"
+	$(BIN)/python -m pip install --progress-bar on $(TORCH)
+	@echo "[install 3/3] medsynth and its dependencies, with the dev extra (a few minutes the first time)"
+	$(BIN)/python -m pip install --progress-bar on -e ".[dev]"
 	touch $(STAMP)
+	@echo "installed: run tools as .venv/bin/medsynth, or 'source .venv/bin/activate' first"
 
 install: $(STAMP)
 
@@ -28,6 +33,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; \
 	exit $$rc
+
+# Re-execute the walkthrough in place (smoke config, 12 phantom subjects) so it ships with its outputs;
+# tests/test_notebook.py checks those outputs for errors, machine paths and planted PHI.
+notebook: $(STAMP)
+	cd notebooks && ../$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+		--ExecutePreprocessor.timeout=900 walkthrough.ipynb
+	rm -rf notebooks/runs
 
 clean:
 	rm -rf runs mlruns mlflow.db .pytest_cache

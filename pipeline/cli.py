@@ -179,6 +179,23 @@ def export_command(
     _echo_lines(_run_stage("export", config, paths).lines)
 
 
+@cli.command("ui")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="Port; 0 picks a free one.")
+def ui_command(port: int) -> None:
+    """Open the MLflow UI on this folder's tracking store (MLFLOW_TRACKING_URI or ./mlflow.db), on 127.0.0.1."""
+    from pipeline import tracking
+
+    process, url = tracking.start_ui(port)
+    click.echo(f"MLflow UI: {url}  (store: {tracking.tracking_uri()})")
+    click.echo("  each experiment's runs are under its 'Runs' tab; Ctrl-C stops the UI.")
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait(timeout=10)
+        click.echo("MLflow UI stopped.")
+
+
 @cli.command("card-template")
 def card_template_command() -> None:
     """Print the packaged data card template (Jinja2), e.g. to start your own: > my_card.md.j2.

@@ -43,7 +43,7 @@ class MedsynthConfig(BaseModel):
 
     name: str = Field("medsynth", description="Project name: run root `runs/<name>` and MLflow experiment.")
     run_root: Path | None = Field(None, description="Where `medsynth run` writes; default runs/<name>.")
-    experiment: str | None = Field(None, description="MLflow experiment name; default medsynth-<name>.")
+    experiment: str | None = Field(None, description="MLflow experiment name; default: the name.")
     seed: int = Field(0, ge=0, description="Global seed; stages derive theirs from it unless set.")
     sources: list[Path] = Field(default_factory=list, description="Source folders for `medsynth run`.")
     labels: Path | None = Field(None, description="labels CSV (key,label) for ingest.")
@@ -67,8 +67,8 @@ class MedsynthConfig(BaseModel):
 
     @property
     def experiment_name(self) -> str:
-        """The MLflow experiment: ``experiment`` or ``medsynth-<name>``."""
-        return self.experiment or f"medsynth-{self.name}"
+        """The MLflow experiment: ``experiment``, else the run's name (the demo's runs are under ``demo``)."""
+        return self.experiment or self.name
 
 
 def default_config() -> MedsynthConfig:

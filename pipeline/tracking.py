@@ -35,6 +35,8 @@ __all__ = [
     "get_run",
     "list_runs",
     "logging_quiet",
+    "start_ui",
+    "ui_url",
 ]
 
 STAGE_TAG = "medsynth.stage"
@@ -265,3 +267,58 @@ def list_runs(experiment: str) -> list[Any]:
     if found is None:
         return []
     return client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000)
+
+
+def ui_url(host: str, port: int, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """The MLflow UI's address, optionally of one experiment or one run."""
+    url = f"http://{host}:{port}"
+    if experiment_id is not None and run_id is not None:
+        return f"{url}/#/experiments/{experiment_id}/runs/{run_id}"
+    if experiment_id is not None:
+        return f"{url}/#/experiments/{experiment_id}"
+    return url
+
+
+def start_ui(port: int = 0, host: str = "127.0.0.1", timeout: float = 120.0) -> tuple[Any, str]:
+    """Start ``mlflow ui`` on this project's tracking store; return the process and its address once it answers.
+
+    Listens on ``host`` only (loopback by default: the store may hold a study's figures). Port 0
+    picks a free port. The caller stops the process.
+
+    Raises:
+        InputError: there is no local store yet, or the UI did not answer within ``timeout`` seconds.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise InputError(
+            f"no MLflow store at {uri} yet. Fix: run a stage (e.g. `medsynth demo`) in this folder first, "
+            "or set MLFLOW_TRACKING_URI to the store to browse."
+        )
+    if port == 0:
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = ui_url(host, port)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = (process.stderr.read() if process.stderr else "").strip().splitlines()[-1:]
+            raise InputError(f"the MLflow UI stopped at start ({' '.join(tail) or 'no message'}). Fix: re-run with --port.")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return process, url
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    process.terminate()
+    raise InputError(f"the MLflow UI did not answer at {url} within {timeout:.0f} s. Fix: re-run; check the port.")

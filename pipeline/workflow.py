@@ -25,6 +25,7 @@ from pipeline.core.errors import CheckFailed, InputError
 from pipeline.core.paths import is_inside
 from pipeline.core.section import config_digest, flatten
 from pipeline.registry import STAGES, Stage, StageContext
+from pipeline.tracking import Tracker
 
 __all__ = [
     "StageOutcome",
@@ -71,8 +72,8 @@ class RunSummary:
             out.append(f"  augmented dataset  {self.paths.export}")
             out.append(f"  data card          {self.paths.export / 'data_card.md'}")
         out.append(f"  private (never share) {self.paths.private}")
-        out.append(f"MLflow: parent run {self.parent_run_id}; browse with:")
-        out.append(f"  mlflow ui --backend-store-uri {self.tracking_uri}")
+        out.append(f"MLflow: parent run {self.parent_run_id} in {self.tracking_uri}; browse with:")
+        out.append("  medsynth ui      (or .venv/bin/medsynth ui outside the activated environment)")
         return out
 
 
@@ -156,7 +157,7 @@ def run_all(
             echo(f"[{entry.name}] done in {outcome.seconds:.1f} s")
         parent.set_tags({f"medsynth.{stage}_run_id": run_id for stage, run_id in run_ids.items()})
         report = _load_report(paths.report)
-        parent.log_metrics(_parent_metrics(report))
+        _track_outcome(parent, paths, report)
         return RunSummary(
             paths=paths, parent_run_id=parent.run_id, tracking_uri=tracking.tracking_uri(), outcomes=outcomes,
             report=report, exported=(paths.export / "manifest.csv").is_file(),
@@ -256,10 +257,18 @@ def _load_report(report_dir: Path) -> Report | None:
     return read_report(path) if path.is_file() else None
 
 
-def _parent_metrics(report: Report | None) -> dict[str, float]:
-    if report is None:
-        return {}
-    return {name: value for name, value in headline_figures(report).items() if value is not None}
+def _track_outcome(parent: Tracker, paths: RunPaths, report: Report | None) -> None:
+    """The parent run carries what a reader of the run list wants first: verdicts, figures, report and card."""
+    if report is not None:
+        parent.set_tags({f"gate.{gate}": status for gate, status in report.gates.statuses().items()})
+        parent.log_metrics({name: value for name, value in headline_figures(report).items() if value is not None})
+    for path, folder in (
+        (paths.report / REPORT_JSON, "report"),
+        (paths.report / "report.html", "report"),
+        (paths.export / "data_card.md", "export"),
+    ):
+        if path.is_file():
+            parent.log_artifact(path, artifact_path=folder)
 
 
 def default_demo_config() -> Path:

@@ -39,7 +39,7 @@ def test_run_logs_no_source_or_labels_path_to_mlflow(tmp_path: Path, mlflow_stor
         run_all(config, where="leak.yaml", progress=False)
     assert not any(marker in str(refused.value).lower() for marker in MARKERS)
     assert scan_for_markers(mlflow_store, MARKERS) == []
-    parent = next(run for run in tracking.list_runs("medsynth-leak") if run.data.tags.get("medsynth.stage") == "run")
+    parent = next(run for run in tracking.list_runs("leak") if run.data.tags.get("medsynth.stage") == "run")
     assert parent.data.params["sources.count"] == "1" and parent.data.params["labels.given"] == "True"
     assert "sources" not in parent.data.params and "labels" not in parent.data.params
 

@@ -56,7 +56,7 @@ def test_run_succeeds_and_prints_where_things_are(smoke_run) -> None:
     first = smoke_run["first"]
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Traceback" not in first.stderr
-    assert "mlflow ui --backend-store-uri" in first.stdout
+    assert "medsynth ui" in first.stdout and smoke_run["uri"] in first.stdout
     assert "data_card.md" in first.stdout and "report.html" in first.stdout
 
 
@@ -93,7 +93,7 @@ def test_mlflow_holds_parent_and_nested_stage_runs_with_lineage(smoke_run) -> No
     mlflow.set_tracking_uri(smoke_run["uri"])
     try:
         client = MlflowClient()
-        experiment = client.get_experiment_by_name("medsynth-smoke")
+        experiment = client.get_experiment_by_name("smoke")
         runs = client.search_runs([experiment.experiment_id], max_results=100)
         parents = [r for r in runs if r.data.tags.get("medsynth.stage") == "run"]
         assert len(parents) == 2  # two `medsynth run` invocations
@@ -108,7 +108,13 @@ def test_mlflow_holds_parent_and_nested_stage_runs_with_lineage(smoke_run) -> No
         assert "output" in contexts["ingest"]
         assert "output" in contexts["export"] and len(stages["export"].inputs.dataset_inputs) >= 3
         assert stages["train"].data.params  # the resolved config
-        assert "mia_auc" in stages["evaluate"].data.metrics or "mia_auc" in first_parent.data.metrics
+        assert "mia_auc" in stages["evaluate"].data.metrics and "mia_auc" in first_parent.data.metrics
+        # The parent run alone answers "did it pass, and where is the evidence".
+        report = json.loads((smoke_run["root"] / "report" / "report.json").read_text())
+        for gate in ("fidelity", "diversity", "privacy", "utility"):
+            assert first_parent.data.tags[f"gate.{gate}"] == report["gates"][gate]
+        logged = {f.path for folder in ("report", "export") for f in client.list_artifacts(first_parent.info.run_id, folder)}
+        assert {"report/report.json", "report/report.html", "export/data_card.md"} <= logged
     finally:
         mlflow.set_tracking_uri(None)
 
