@@ -99,7 +99,7 @@ def test_three_dimensional_volumes_are_evaluated_as_volumes(tmp_path: Path) -> N
         ms_ssim_pairs=10,
         match_repeats=1,
         min_holdout=6,
-        min_test=4,
+        min_test_subjects=4,
         utility_seeds=1,
         num_threads=1,
         k_nearest=3,

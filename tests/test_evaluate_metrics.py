@@ -12,6 +12,7 @@ from pipeline.evaluate.diversity import (
     same_class_pairs,
 )
 from pipeline.evaluate.fidelity import fid, kid, prdc, standardize
+from pipeline.evaluate.config import GateThresholds
 from pipeline.evaluate.gates import Check, gate_status
 from pipeline.imaging.neighbours import kth_neighbour_radius, nearest
 from pipeline.evaluate.privacy import (
@@ -195,33 +196,131 @@ def test_gate_status_rules() -> None:
     missing = Check(
         name="c", value=None, comparison=">=", threshold=0.5, passed=None, meaning="", reason="too few images"
     )
-    assert gate_status([passed, missing]) == "pass"
-    assert gate_status([passed, failed]) == "fail"
+    unsure = Check(name="d", value=0.6, comparison="<=", threshold=0.65, verdict="inconclusive", meaning="")
+    assert gate_status([passed]) == "pass"
+    # A mandatory check that did not run, or could not tell, keeps the gate from passing.
+    assert gate_status([passed, missing]) == "inconclusive"
+    assert gate_status([passed, unsure]) == "inconclusive"
+    assert gate_status([passed, failed, unsure]) == "fail"
     assert gate_status([missing]) == "not_run"
+    assert unsure.passed is None and passed.verdict == "pass" and failed.verdict == "fail"
 
 
-def test_mia_check_fails_on_evidence_and_reads_inconclusive_on_noise() -> None:
+def _attack(auc: float, se: float, *, gated: bool = True, powered: bool = True) -> dict:
+    """An attack's figures as attack_figures writes them (bounds from the standard error)."""
+    return {
+        "auc": auc, "auc_ci_low": auc - 1.96 * se, "auc_ci_high": auc + 1.96 * se, "auc_se": se,
+        "auc_lower": auc - 1.96 * se, "auc_upper": auc + 1.645 * se, "tpr_at_1pct_fpr": 0.0,
+        "tpr_at_10pct_fpr": 0.1, "detectable_auc": 0.65 + 0.84 * se, "powered": powered,
+        "subjects_needed": 60, "gated": gated,
+    }
+
+
+def _mia(attacks: dict, **limits) -> list[Check]:
     from pipeline.evaluate.config import GateThresholds
     from pipeline.evaluate.gates import privacy_checks
 
-    def attack(auc: float, low: float, gated: bool = True) -> dict:
-        return {"auc": auc, "auc_ci_low": low, "auc_ci_high": min(1.0, 2 * auc - low), "gated": gated}
+    section = {"memorization_excess": None, "memorization_excess_reason": "not in this test", "mia_attacks": attacks,
+               "n_holdout_subjects": 32}
+    return privacy_checks(section, GateThresholds(**limits), None)[1:]
 
-    def mia(attacks: dict, **limits) -> Check:
-        strongest = max(a["auc"] for a in attacks.values() if a["gated"])
-        return privacy_checks(0.0, strongest, None, GateThresholds(**limits), None, attacks)[1]
 
-    noisy = {"blackbox_pixel": attack(0.62, 0.43), "whitebox_discriminator": attack(0.55, 0.36)}
-    check = mia(noisy)
-    assert check.passed is True and check.value == pytest.approx(0.62) and "inconclusive" in check.reason
-    assert mia(noisy, mia_requires_significance=False).passed is False  # the point estimate alone
-    # A second attack below the strongest but with its interval above chance is evidence: fail.
-    leaking = {"blackbox_pixel": attack(0.70, 0.45), "whitebox_discriminator": attack(0.66, 0.56)}
-    assert mia(leaking).passed is False and mia(leaking).reason is None
-    # No finite interval (too few subjects to bootstrap): no evidence either way, so the limit decides.
-    assert mia({"blackbox_pixel": {"auc": 0.7, "auc_ci_low": None, "auc_ci_high": None, "gated": True}}).passed is False
-    # Ungated cross-check attacks never decide; a low AUC passes without a note.
-    assert mia({"blackbox_pixel": attack(0.52, 0.40), "blackbox_feature_x": attack(0.9, 0.8, gated=False)}).reason is None
+def test_mia_check_fails_on_evidence_passes_with_power_else_inconclusive() -> None:
+    # Above the limit but the interval includes chance: inconclusive, never a pass.
+    (check,) = _mia({"blackbox_pixel": _attack(0.70, 0.12, powered=False)})
+    assert check.verdict == "inconclusive" and check.passed is None and "about 60 held-out subjects" in check.power
+    # Above the limit and above chance: fail on evidence.
+    (check,) = _mia({"blackbox_pixel": _attack(0.75, 0.05)})
+    assert check.verdict == "fail" and check.passed is False and "tells training patients" in check.finding
+    # Within the limit with power: pass; the same estimate without power: inconclusive.
+    assert _mia({"blackbox_pixel": _attack(0.52, 0.03)})[0].verdict == "pass"
+    assert _mia({"blackbox_pixel": _attack(0.52, 0.03, powered=False)})[0].verdict == "inconclusive"
+    # Powered but the upper bound crosses the limit: inconclusive.
+    assert _mia({"blackbox_pixel": _attack(0.62, 0.03)})[0].verdict == "inconclusive"
+    # Each gated attack is its own check; ungated cross-checks never decide.
+    checks = _mia({"blackbox_pixel": _attack(0.5, 0.03), "whitebox_discriminator": _attack(0.8, 0.05),
+                   "blackbox_feature_x": _attack(0.95, 0.02, gated=False)})
+    assert [(c.name, c.verdict) for c in checks] == [
+        ("mia_auc_blackbox_pixel", "pass"), ("mia_auc_whitebox_discriminator", "fail")
+    ]
+    # No interval (the bootstrap gave no spread): it ran but cannot tell.
+    no_spread = {"auc": 0.7, "auc_ci_low": None, "auc_ci_high": None, "auc_se": None, "gated": True}
+    assert _mia({"blackbox_pixel": no_spread})[0].verdict == "inconclusive"
+    # No gated attack at all: not run.
+    assert _mia({})[0].verdict == "not_run"
+
+
+def _cohort(rng: np.random.Generator, subjects: int, slices: int, dim: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Images of subjects: a subject centre plus per-slice noise (slices of one subject are correlated)."""
+    centres = rng.normal(0.0, 1.0, (subjects, dim))
+    owner = np.repeat(np.arange(subjects), slices)
+    return (centres[owner] + rng.normal(0.0, 0.5, (owner.size, dim))).astype(np.float32), owner
+
+
+def test_memorization_test_reads_no_excess_on_honest_draws_and_fails_planted_copies() -> None:
+    from pipeline.evaluate.config import EvaluateConfig
+    from pipeline.evaluate.gates import privacy_checks
+    from pipeline.evaluate.privacy import memorization_test
+    from pipeline.evaluate.sections.privacy import memorization_figures
+
+    config = EvaluateConfig()
+    verdicts = {"honest": [], "copies": []}
+    excess = {"honest": [], "copies": []}
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        train, _ = _cohort(rng, 60, 6)
+        holdout, owner = _cohort(rng, 40, 6)
+        honest, _ = _cohort(rng, 200, 1)
+        copies = honest.copy()
+        copies[:60] = train[rng.choice(train.shape[0], 60, replace=False)] + rng.normal(0, 0.05, (60, 64))
+        holdout_dcr = closest_records(holdout, train).distance
+        for name, synthetic in (("honest", honest), ("copies", copies)):
+            test = memorization_test(closest_records(synthetic, train).distance, holdout_dcr, owner, None, 5.0, 0.05)
+            section = {**memorization_figures(test, config), "mia_attacks": {}, "n_holdout_subjects": 40}
+            verdicts[name].append(privacy_checks(section, config.gates, None)[0].verdict)
+            excess[name].append(test.excess)
+            # The null rate is measured, not assumed: held-out images below their leave-one-out thresholds.
+            assert 0.0 <= test.null_rate <= 0.3 and test.excess_ci[0] <= test.excess <= test.excess_ci[1]
+    assert "fail" not in verdicts["honest"] and abs(np.mean(excess["honest"])) < 0.03
+    assert verdicts["copies"] == ["fail"] * 12 and np.mean(excess["copies"]) > 0.25
+
+
+def test_memorization_power_states_a_detectable_excess_that_shrinks_with_held_out_subjects() -> None:
+    from pipeline.evaluate.privacy import memorization_power, memorization_test
+
+    rng = np.random.default_rng(3)
+    train, _ = _cohort(rng, 90, 6)
+    synthetic, _ = _cohort(rng, 200, 1)
+    synthetic_dcr = closest_records(synthetic, train).distance
+    stated = {}
+    for subjects in (10, 80):
+        holdout, owner = _cohort(rng, subjects, 6)
+        test = memorization_test(synthetic_dcr, closest_records(holdout, train).distance, owner, None, 5.0, 0.05)
+        stated[subjects] = memorization_power(test, 0.07)
+    assert stated[80].detectable < stated[10].detectable
+    assert not stated[10].powered and stated[10].subjects_needed > 10
+    assert stated[80].powered or stated[80].subjects_needed > 80
+
+
+def test_attack_figures_report_tpr_at_low_fpr_as_brute_force_counts(rng: np.random.Generator) -> None:
+    from pipeline.evaluate.config import EvaluateConfig
+    from pipeline.evaluate.sections.privacy import attack_figures
+
+    members, nonmembers = rng.normal(0.8, 1.0, 150), rng.normal(0.0, 1.0, 200)
+    groups = np.concatenate([np.repeat(np.arange(50), 3), 100 + np.repeat(np.arange(50), 4)]).astype(str)
+    weights = bootstrap_weights(groups, 200, rng)
+    figures = attack_figures(members, nonmembers, weights, 50, 50, EvaluateConfig())
+    for key, fpr in (("tpr_at_1pct_fpr", 0.01), ("tpr_at_10pct_fpr", 0.10)):
+        # Brute force: every threshold; the best TPR among those whose FPR stays within the budget.
+        best = max(
+            float((members > t).mean())
+            for t in np.concatenate([nonmembers, members, [np.inf]])
+            if (nonmembers > t).mean() <= fpr + 1e-12
+        )
+        assert figures[key] == pytest.approx(best)
+    assert figures["auc"] == pytest.approx(auc(members, nonmembers))
+    assert figures["auc_lower"] < figures["auc"] < figures["auc_upper"]
+    assert figures["detectable_auc"] > GateThresholds().max_mia_auc and isinstance(figures["powered"], bool)
 
 
 def test_classifiers_trained_side_by_side_match_sequential_training(rng: np.random.Generator) -> None:

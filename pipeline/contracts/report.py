@@ -45,6 +45,7 @@ __all__ = [
     "GateName",
     "GateStatus",
     "GATE_STATUSES",
+    "Verdict",
     "Check",
     "Gates",
     "Figures",
@@ -79,15 +80,20 @@ class GateName(StrEnum):
     UTILITY = "utility"
 
 
-GateStatus = Literal["pass", "fail", "not_run"]
+# A gate or a check: ``pass`` only when everything it needs ran and passed; ``fail`` on evidence;
+# ``inconclusive`` when it ran but could not tell (too few subjects, or a mandatory check missing);
+# ``not_run`` when nothing could be measured. Reports written before ``inconclusive`` existed hold
+# the other three and read unchanged.
+GateStatus = Literal["pass", "fail", "inconclusive", "not_run"]
 GATE_STATUSES: tuple[str, ...] = get_args(GateStatus)
+Verdict = GateStatus
 
 
-class Figures(BaseModel):
-    """A block of report.json: declared keys typed, every other key kept, in the order written.
+class _Written(BaseModel):
+    """A model that writes back exactly the keys it was given, in the order given.
 
     Keys the document did not hold are not written back (a declared default is for readers only),
-    so ``Figures.model_validate(d).as_dict() == d`` for any block that validates.
+    so ``Model.model_validate(d).as_dict() == d`` for any block that validates.
     """
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
@@ -111,24 +117,44 @@ class Figures(BaseModel):
         """The block as plain JSON-ready data, keys in written order (numpy scalars left as they are)."""
         return self.model_dump(by_alias=True)
 
+
+class Figures(_Written):
+    """A block of report.json: declared keys typed, every other key kept, in the order written."""
+
     def reason(self, key: str) -> str | None:
         """The ``<key>_reason`` written beside a null figure, if any."""
         value = (self.model_extra or {}).get(f"{key}_reason")
         return str(value) if value else None
 
 
-class Check(BaseModel):
-    """One comparison of a measured value with its threshold (``passed`` None: not measurable)."""
+class Check(_Written):
+    """One comparison of a measured value with its threshold, and its verdict.
 
-    model_config = ConfigDict(frozen=True, extra="allow")
+    ``passed`` is True only for ``pass`` and False only for ``fail`` (None otherwise), so readers that
+    only ask "did it fail" keep working. A check read from a report written before ``verdict``
+    existed gets its verdict from ``passed`` (None: ``not_run``) and is written back as it was read.
+    ``finding`` says what the measurement shows, in the direction it was found; ``power`` what the
+    check could have detected at this sample size (privacy checks).
+    """
 
     name: str
     value: float | None
     comparison: Literal[">=", "<="]
     threshold: float | None
-    passed: bool | None
+    passed: bool | None = None
     meaning: str
     reason: str | None = None
+    verdict: Verdict | None = None
+    finding: str | None = None
+    power: str | None = None
+
+    @model_validator(mode="after")
+    def _verdict_and_passed_agree(self) -> Check:
+        if self.verdict is None:
+            self.__dict__["verdict"] = "pass" if self.passed is True else "fail" if self.passed is False else "not_run"
+        elif self.passed is None and self.verdict in ("pass", "fail"):
+            self.__dict__["passed"] = self.verdict == "pass"
+        return self
 
 
 class Gates(Figures):
@@ -374,8 +400,8 @@ def _finite(value: Any) -> float | None:
 def headline_figures(report: Report) -> dict[str, float | None]:
     """The figures a run is summarised by, flat and named as MLflow metrics (``metrics.mia_auc < 0.6``).
 
-    Each gate adds ``gate_<name>_pass``: 1.0 pass, 0.0 fail, None not run. None means not measured;
-    a tracker leaves such a metric out.
+    Each gate adds ``gate_<name>_pass``: 1.0 pass, 0.0 fail or inconclusive (never a pass), None not
+    run. None means not measured; a tracker leaves such a metric out.
     """
     fidelity, diversity, privacy, utility = report.fidelity, report.diversity, report.privacy, report.utility
     figures: dict[str, Any] = {
@@ -394,9 +420,13 @@ def headline_figures(report: Report) -> dict[str, float | None]:
         "ms_ssim": diversity.ms_ssim,
         "ms_ssim_real": diversity.ms_ssim_real,
         "memorization_rate": privacy.memorization_rate,
+        "memorization_null_rate": (privacy.model_extra or {}).get("memorization_null_rate"),
+        "memorization_excess": (privacy.model_extra or {}).get("memorization_excess"),
         "dcr_synthetic_to_train": privacy.dcr_synthetic_to_train,
         "dcr_holdout_to_train": privacy.dcr_holdout_to_train,
         "mia_auc": privacy.mia_auc,
+        "mia_tpr_at_1pct_fpr": (privacy.model_extra or {}).get("mia_tpr_at_1pct_fpr"),
+        "mia_tpr_at_10pct_fpr": (privacy.model_extra or {}).get("mia_tpr_at_10pct_fpr"),
         "epsilon": privacy.epsilon,
         "delta": privacy.delta,
         "synthetic_label_accuracy": utility.synthetic_label_accuracy,

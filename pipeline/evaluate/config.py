@@ -11,15 +11,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.core.section import Section
 
 __all__ = ["GateThresholds", "EvaluateConfig"]
 
 
+# Keys of earlier versions whose meaning changed: a config that still sets them is told what replaced them.
+_REPLACED_GATE_KEYS = {
+    "max_memorization_rate": "max_memorization_excess (the rate above what held-out subjects read by chance; "
+    "default 0.07)",
+    "mia_requires_significance": "privacy_alpha and privacy_power (an attack fails only on significant "
+    "evidence and passes only with power; otherwise it is inconclusive)",
+}
+
+
 class GateThresholds(Section):
     """Pass/fail thresholds of the four gates (defaults documented in docs/evaluate.md)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, replacement in _REPLACED_GATE_KEYS.items():
+                if key in data:
+                    raise ValueError(f"'{key}' was replaced by {replacement}; remove '{key}' from evaluate.gates")
+        return data
 
     min_precision_ratio: float = Field(
         0.5,
@@ -46,25 +66,40 @@ class GateThresholds(Section):
         ge=0.0,
         description="Diversity: mean same-class MS-SSIM of synthetic pairs may exceed that of real pairs by at most this.",
     )
-    max_memorization_rate: float = Field(
-        0.10,
-        ge=0.0,
+    max_memorization_excess: float = Field(
+        0.07,
+        gt=0.0,
         le=1.0,
-        description="Privacy: share of synthetic images closer to training than the held-out percentile.",
+        description=(
+            "Privacy: the memorization excess (share of synthetic images below the held-out percentile, minus "
+            "the share a fresh held-out subject reads at the same leave-one-subject-out thresholds) that counts "
+            "as a meaningful leak. Fail: significant at privacy_alpha and above this; pass: the one-sided upper "
+            "bound is at or below it and the test has privacy_power to detect it; else inconclusive."
+        ),
     )
     max_mia_auc: float = Field(
-        0.60,
+        0.65,
         ge=0.5,
         le=1.0,
-        description="Privacy: AUC of the strongest membership-inference attack run.",
-    )
-    mia_requires_significance: bool = Field(
-        True,
         description=(
-            "Privacy: an attack fails the gate only when its AUC exceeds max_mia_auc and its 95% interval lies "
-            "above chance (0.5). An AUC above the limit whose interval includes 0.5 is reported as inconclusive "
-            "(the check passes, with that reason): with few held-out subjects, an honest generator's AUC swings "
-            "past the limit by chance. false: the point estimate alone decides."
+            "Privacy: AUC of a gated membership-inference attack that counts as a meaningful leak. Fail: the "
+            "AUC is above this and significantly above chance (0.5); pass: the one-sided upper bound is at or "
+            "below it and the attack's interval is narrow enough to detect it; else inconclusive."
+        ),
+    )
+    privacy_alpha: float = Field(
+        0.05,
+        gt=0.0,
+        lt=0.5,
+        description="Privacy: one-sided level of the privacy tests (evidence of a leak, and the upper bounds a pass needs).",
+    )
+    privacy_power: float = Field(
+        0.8,
+        gt=0.5,
+        lt=1.0,
+        description=(
+            "Privacy: power a check must have to detect an effect at its limit before it may pass; the report "
+            "states the effect each check detects with this power and the held-out subjects a pass would need."
         ),
     )
     max_epsilon: float | None = Field(
@@ -111,8 +146,8 @@ class EvaluateConfig(Section):
         2,
         ge=1,
         description=(
-            "Training seeds per utility arm; intervals bootstrap over test subjects and seeds, so a single "
-            "unlucky training run does not read as a gain or loss."
+            "Training seeds per utility arm; every figure (and each bootstrap resample of its interval) is "
+            "the mean over the seeds, so a single unlucky training run does not read as a gain or loss."
         ),
     )
     classifier_lr: float = Field(2e-3, gt=0.0)
@@ -124,9 +159,12 @@ class EvaluateConfig(Section):
         description="Subset size for KID; capped at the smaller set's size (small data).",
     )
     match_repeats: int = Field(
-        5,
+        20,
         ge=1,
-        description="Random equal-size subsamples averaged when recall/coverage are compared with the reference.",
+        description=(
+            "Draws averaged for the size-matched comparison (fidelity.matched): each takes one image per "
+            "held-out subject and as many synthetic images; recall, coverage and FID ratios are read there."
+        ),
     )
     ms_ssim_pairs: int = Field(100, ge=1, description="Random same-class pairs per class for MS-SSIM diversity.")
     memorization_percentile: float = Field(
@@ -143,7 +181,14 @@ class EvaluateConfig(Section):
             "subjects, not slices, because slices of one volume are not independent."
         ),
     )
-    min_test: int = Field(6, ge=2, description="Fewest real test images needed for the utility comparison.")
+    min_test_subjects: int = Field(
+        10,
+        ge=2,
+        description=(
+            "Fewest real test subjects needed for the augmentation comparison (the harm check): with fewer, "
+            "the balanced-accuracy interval is too wide to show harm, and the check is not run (with the reason)."
+        ),
+    )
     bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples (by subject) for 95% intervals.")
     max_images: int = Field(
         20000,
@@ -155,8 +200,22 @@ class EvaluateConfig(Section):
         ge=1,
         description="CPU threads for torch during evaluation (null: torch's default); restored afterwards.",
     )
+    reid_steps: int = Field(
+        200,
+        ge=1,
+        description=(
+            "Optimizer steps of the re-identification attack's siamese network (same- vs different-patient "
+            "pairs of real training images)."
+        ),
+    )
+    reid_width: int = Field(32, ge=8, le=256, description="Embedding width of the re-identification network.")
+    reid_batch_size: int = Field(32, ge=4, description="Image pairs per step of the re-identification network.")
     flagged_pairs_shown: int = Field(8, ge=1, description="Closest synthetic-training pairs shown in report.html.")
     grid_per_class: int = Field(8, ge=1, description="Images per class in the real/synthetic grids of report.html.")
+    mlflow_ui_url: str = Field(
+        "http://127.0.0.1:5000",
+        description="MLflow UI that report.html links run ids to (`medsynth ui` prints the address it serves on).",
+    )
     gates: GateThresholds = Field(default_factory=GateThresholds)
 
     @field_validator("feature_weights")

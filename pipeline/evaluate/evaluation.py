@@ -23,8 +23,11 @@ from pipeline.evaluate.figures import Evidence
 from pipeline.evaluate.gates import decide_gates
 from pipeline.evaluate.networks import ConvNet, embed
 from pipeline.evaluate.sections.diversity import diversity_section
+from pipeline.evaluate.sections.common import single_threaded
 from pipeline.evaluate.sections.fidelity import SpaceFeatures, fidelity_in_space
-from pipeline.evaluate.sections.privacy import PrivacyInputs, privacy_section
+from pipeline.evaluate.sections.privacy import GATED_ATTACKS, PrivacyInputs, attack_figures, privacy_section
+from pipeline.evaluate.sections.reidentification import ATTACK_NAME as REID_ATTACK
+from pipeline.evaluate.sections.reidentification import reidentification_block
 from pipeline.evaluate.sections.utility import train_all, utility_section
 from pipeline.evaluate.seeds import purpose_seed
 from pipeline.imaging.images import ImageSet
@@ -41,16 +44,24 @@ class Evaluation:
 
 
 class _Steps:
-    """Progress over the evaluation's phases (see :mod:`pipeline.core.progress`; silent unless asked)."""
+    """Progress over the evaluation's phases (see :mod:`pipeline.core.progress`; silent unless asked).
+
+    Each phase's label says what it is doing, with its counts; the count advances when a phase ends.
+    """
 
     def __init__(self, enabled: bool, total: int) -> None:
         self.bar = progress_bar(total, "evaluate", "step", enabled)
+        self.started = False
 
-    def next(self, label: str) -> None:
+    def phase(self, label: str) -> None:
+        if self.started:
+            self.bar.update(1)
+        self.started = True
         self.bar.set_postfix_str(label)
-        self.bar.update(1)
 
     def close(self) -> None:
+        if self.started:
+            self.bar.update(1)
         self.bar.close()
 
 
@@ -77,45 +88,61 @@ def evaluate_sets(
         The report sections (``fidelity``, ``diversity``, ``privacy``, ``utility``, ``gates``,
         ``feature_spaces``) and the evidence arrays for report.html.
     """
-    steps = _Steps(progress, total=6)
+    steps = _Steps(progress, total=8)
     train, holdout, test = real.split("train"), real.split("val", "test"), real.split("test")
     holdout_reason = _holdout_reason(holdout, config)
     classes = sorted(set(train.labels.tolist()))
+    steps.phase(
+        f"classifiers: {config.utility_seeds} seed(s) x {config.classifier_steps} steps on {_n(len(train))} "
+        f"training images (+ as many with {_n(len(synthetic))} synthetic)"
+    )
     trained = train_all(classes, train, test, synthetic, config)
-    steps.next("features")
     spaces = _feature_spaces(train, trained.real[0] if trained.real else None, config)
-    features = _embed_all(spaces, {"train": train, "holdout": holdout, "synthetic": synthetic})
-    steps.next("fidelity")
+    sets = {"train": train, "holdout": holdout, "synthetic": synthetic}
+    steps.phase(
+        f"features: {len(spaces)} space(s) x {_n(len(train))} train + {_n(len(holdout))} held-out + "
+        f"{_n(len(synthetic))} synthetic images"
+    )
+    features = _embed_all(spaces, sets)
+    holdout_subjects = _subjects(holdout)
+    steps.phase(
+        f"fidelity: FID/KID/PRDC in {len(spaces)} space(s), {config.match_repeats} matched draws of "
+        f"{holdout_subjects} held-out subjects"
+    )
     evidence = Evidence(grids=_grid_evidence(train, synthetic, config))
     headline = spaces[0]
     fidelity_by_space = {}
     for space in spaces:
         space_features = features[space.name]
-        section, bars = fidelity_in_space(
-            SpaceFeatures(
-                train=space_features["train"],
-                synthetic=space_features["synthetic"],
-                holdout=space_features.get("holdout") if holdout_reason is None else None,
-                train_labels=train.labels,
-                synthetic_labels=synthetic.labels,
-                train_groups=train.subject_ids,
-                holdout_groups=holdout.subject_ids if holdout_reason is None else None,
-            ),
-            config,
-            holdout_reason,
-        )
+        with single_threaded():
+            section, bars = fidelity_in_space(
+                SpaceFeatures(
+                    train=space_features["train"],
+                    synthetic=space_features["synthetic"],
+                    holdout=space_features.get("holdout") if holdout_reason is None else None,
+                    train_labels=train.labels,
+                    synthetic_labels=synthetic.labels,
+                    train_groups=train.subject_ids,
+                    holdout_groups=holdout.subject_ids if holdout_reason is None else None,
+                ),
+                config,
+                holdout_reason,
+            )
         section["feature_space"] = space.name
         fidelity_by_space[space.name] = section
         evidence.prdc[space.name] = bars
     fidelity = fidelity_by_space[headline.name]
     fidelity["cross_checks"] = {name: section for name, section in fidelity_by_space.items() if name != headline.name}
     fidelity["n_holdout"], fidelity["n_synthetic"] = len(holdout), len(synthetic)
-    steps.next("diversity")
+    steps.phase(f"diversity: MS-SSIM of up to {config.ms_ssim_pairs} same-class pairs x {len(classes)} class(es)")
     diversity, evidence.ms_ssim = diversity_section(train, synthetic, config)
     diversity["feature_space"] = headline.name
     for key in ("recall", "coverage"):
         diversity[f"{key}_ratio"] = fidelity["ratios"].get(key)
-    steps.next("privacy")
+    steps.phase(
+        f"privacy: distances of {_n(len(holdout) + len(synthetic))} images to {_n(len(train))} training images, "
+        f"attacks with {_n(config.bootstrap)} bootstrap resamples"
+    )
     privacy, privacy_evidence = privacy_section(
         PrivacyInputs(
             train=train,
@@ -135,9 +162,14 @@ def evaluate_sets(
     evidence.closest_pairs = privacy_evidence.closest_pairs
     evidence.baseline_pair = privacy_evidence.baseline_pair
     evidence.dcr = privacy_evidence.dcr
-    steps.next("utility")
+    steps.phase(
+        f"re-identification: siamese network, {config.reid_steps} steps on {_n(len(train))} images of "
+        f"{_subjects(train)} training subjects; scoring {_n(len(synthetic))} synthetic + {_n(len(holdout))} held-out"
+    )
+    _add_reidentification(privacy, evidence, train, holdout, synthetic, config, holdout_reason)
+    steps.phase(f"utility: {len(trained.real) + len(trained.augmented)} classifier(s) on {_n(len(test))} test images")
     utility = utility_section(trained, classes, train, holdout, test, synthetic, config)
-    steps.next("gates")
+    steps.phase("gates")
     sections = {
         GateName.FIDELITY: fidelity,
         GateName.DIVERSITY: diversity,
@@ -155,6 +187,47 @@ def evaluate_sets(
         },
         evidence=evidence,
     )
+
+
+def _n(count: int) -> str:
+    """A count with thousands separators, as progress labels show them."""
+    return f"{count:,}"
+
+
+def _subjects(images: ImageSet) -> int:
+    return int(np.unique(images.subject_ids.astype(str)).size)
+
+
+def _add_reidentification(
+    privacy: dict[str, Any],
+    evidence: Evidence,
+    train: ImageSet,
+    holdout: ImageSet,
+    synthetic: ImageSet,
+    config: EvaluateConfig,
+    holdout_reason: str | None,
+) -> None:
+    """``privacy.reidentification``, its entry in ``privacy.mia_attacks`` and its image pairs for report.html.
+
+    The attack's entry is built by the privacy section's own :func:`attack_figures`, so it carries
+    every figure the other attacks carry (interval, TPR at low FPR, power); whether it is gated is
+    the privacy section's :data:`GATED_ATTACKS`.
+    """
+    result = reidentification_block(train, holdout, synthetic, config, holdout_reason)
+    privacy["reidentification"] = result.block
+    evidence.reid_pairs = result.pairs
+    if result.synthetic_scores is None or result.holdout_scores is None or result.weights is None:
+        return
+    attack = attack_figures(
+        result.synthetic_scores,
+        result.holdout_scores,
+        result.weights,
+        len(synthetic),
+        _subjects(holdout),
+        config,
+    )
+    attack["gated"] = REID_ATTACK in GATED_ATTACKS
+    privacy.setdefault("mia_attacks", {})[REID_ATTACK] = attack
 
 
 def _holdout_reason(holdout: ImageSet, config: EvaluateConfig) -> str | None:

@@ -17,12 +17,14 @@ All functions take ``real`` and ``fake`` feature arrays of shape (N, D) and retu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from pipeline.imaging.neighbours import distance_chunks, kth_neighbour_radius
 
-__all__ = ["fid", "kid", "prdc", "standardize"]
+__all__ = ["GaussianFit", "gaussian_fit", "fid", "kid", "prdc", "standardize"]
 
 
 def standardize(reference: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
@@ -43,23 +45,42 @@ def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
     return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
 
 
-def fid(real: np.ndarray, fake: np.ndarray) -> float:
+@dataclass(frozen=True)
+class GaussianFit:
+    """Mean, covariance and covariance square root of one feature set (FID's real side, reusable)."""
+
+    mean: np.ndarray
+    cov: np.ndarray
+    root: np.ndarray
+
+
+def gaussian_fit(features: np.ndarray) -> GaussianFit:
+    """The Gaussian fit of ``features`` (N >= 2), with the square root FID needs."""
+    features = np.asarray(features, dtype=np.float64)
+    cov = np.atleast_2d(np.cov(features, rowvar=False))
+    return GaussianFit(mean=features.mean(axis=0), cov=cov, root=_sqrt_psd(cov))
+
+
+def fid(real: np.ndarray, fake: np.ndarray, real_fit: GaussianFit | None = None) -> float:
     """Fréchet distance between the Gaussian fits of ``real`` and ``fake`` (>= 0).
+
+    Args:
+        real: (N, D) features.
+        fake: (M, D) features.
+        real_fit: :func:`gaussian_fit` of ``real``, when one real set is compared with many fake ones.
 
     Raises:
         ValueError: a set has fewer than 2 vectors.
     """
     if real.shape[0] < 2 or fake.shape[0] < 2:
         raise ValueError("FID needs at least 2 vectors per set")
-    real = np.asarray(real, dtype=np.float64)
+    fit = real_fit if real_fit is not None else gaussian_fit(real)
     fake = np.asarray(fake, dtype=np.float64)
-    mu_r, mu_f = real.mean(axis=0), fake.mean(axis=0)
-    cov_r = np.atleast_2d(np.cov(real, rowvar=False))
+    mu_f = fake.mean(axis=0)
     cov_f = np.atleast_2d(np.cov(fake, rowvar=False))
-    root_r = _sqrt_psd(cov_r)
-    middle = root_r @ cov_f @ root_r
+    middle = fit.root @ cov_f @ fit.root
     trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2.0), 0.0, None)).sum()
-    value = float(((mu_r - mu_f) ** 2).sum() + np.trace(cov_r) + np.trace(cov_f) - 2.0 * trace_sqrt)
+    value = float(((fit.mean - mu_f) ** 2).sum() + np.trace(fit.cov) + np.trace(cov_f) - 2.0 * trace_sqrt)
     return max(value, 0.0)
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "image_uri",
     "class_grids",
     "closest_pairs",
+    "reid_pairs",
     "dcr_histograms",
     "prdc_bars",
     "ms_ssim_histograms",
@@ -34,6 +35,9 @@ class Evidence:
     dcr: dict[str, dict[str, Any]] = field(default_factory=dict)
     prdc: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
     ms_ssim: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    # Re-identification attack's closest matches: dicts with "synthetic", "train" (2D/3D arrays in
+    # [-1, 1]), "synthetic_id", "train_id", "score" (higher = more confidently the same patient).
+    reid_pairs: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _pyplot():
@@ -101,6 +105,20 @@ def closest_pairs(pairs: list[dict[str, Any]], baseline: dict[str, Any] | None) 
             }
         )
     return rows
+
+
+def reid_pairs(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The re-identification attack's closest matches: (synthetic, matched training image) data URIs with ids and score."""
+    return [
+        {
+            "query_id": pair["synthetic_id"],
+            "train_id": pair["train_id"],
+            "score": pair.get("score"),
+            "query": image_uri(pair["synthetic"]),
+            "train": image_uri(pair["train"]),
+        }
+        for pair in pairs
+    ]
 
 
 def dcr_histograms(dcr: dict[str, dict[str, Any]]) -> str | None:

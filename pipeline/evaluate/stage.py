@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.contracts.dataset import Dataset, read_dataset
-from pipeline.contracts.model import ModelMeta, read_model_meta
+from pipeline.contracts.model import ModelMeta, read_model_meta, training_record
 from pipeline.contracts.report import SCHEMA, GateName, Report, headline_figures
 from pipeline.core.torch_state import torch_threads
 from pipeline.evaluate.config import EvaluateConfig
@@ -75,6 +75,12 @@ def run(
                 "synthetic": _counts(synthetic_dataset, "synthetic", synthetic_set),
                 "model": _model_inputs(model, model_dir, real_dataset),
             },
+            # How the evaluated generator's training went (steps done/planned, early stop, loss curves).
+            **(
+                {"training": training_record(model_dir, model)}
+                if model is not None and model_dir is not None
+                else {"training": None, "training_reason": "evaluated without --model: no training record"}
+            ),
             "preprocessing": preprocessing,
             "mlflow": {
                 "run_id": tracker.run_id,

@@ -167,6 +167,7 @@ def measured_distances(
     in pixel space, the report's ``privacy.memorization_space``), so the numbers compare with the
     report's memorization threshold.
     """
+    from pipeline.core.seeds import stream_seed
     from pipeline.imaging.images import load_image_sets
     from pipeline.imaging.neighbours import as_vectors, closest_records
 
@@ -176,7 +177,9 @@ def measured_distances(
             f"{where}: 'privacy.memorization_space' is {space!r}; export can re-measure distances only in the pixel "
             "space. Fix: remove export.min_distance, or re-run `medsynth evaluate` with this version."
         )
-    seed = int((report.get("config") or {}).get("seed", 0))
+    # The evaluate stage's "subsample" seed stream (pipeline.evaluate.seeds.purpose_seed), so the
+    # default preprocessing samples the same voxels for its intensity mapping as the report did.
+    seed = stream_seed(int((report.get("config") or {}).get("seed", 0)), "subsample", 0)
     real_set, synthetic_set, _ = load_image_sets(real, synthetic, model_dir=model_dir, seed=seed, max_images=None)
     train = real_set.split("train")
     train_vectors = as_vectors(train.images)

@@ -52,7 +52,7 @@ def load_report(report: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def gate_status(report: Mapping[str, Any], gate: GateName) -> GateStatus:
-    """``pass``, ``fail`` or ``not_run`` for one gate."""
+    """``pass``, ``fail``, ``inconclusive`` or ``not_run`` for one gate."""
     return report["gates"][gate.value]
 
 

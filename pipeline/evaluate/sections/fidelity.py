@@ -1,8 +1,9 @@
 """The ``fidelity`` section: synthetic vs real training images in one feature space.
 
 FID, KID and precision/recall/density/coverage of the synthetic set, the same figures for the
-held-out real images (the real-vs-real reference), recall and coverage at matched sizes, the ratios
-the gates read, and the figures per class.
+held-out real images (the real-vs-real reference), the same figures again with both sides drawn at
+one size counted in held-out subjects (``matched``), the ratios the gates read, and the figures per
+class.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.evaluate.fidelity import fid, kid, prdc
+from pipeline.evaluate.fidelity import fid, gaussian_fit, kid, prdc
 from pipeline.evaluate.sections.common import put, number, ratio, units
 from pipeline.evaluate.seeds import purpose_seed
 from pipeline.imaging.neighbours import kth_neighbour_radius
@@ -69,12 +70,15 @@ def fidelity_in_space(
     ratios: dict[str, Any] = {}
     for key in ("precision", "density"):
         put(ratios, key, ratio(result.get(key), reference.get(key)), holdout_reason or f"reference {key} is 0")
-    for key in ("recall", "coverage"):
+    # Recall, coverage and FID depend on the number and independence of the compared images: they
+    # are read at matched size (see _matched). Precision and density are means over the compared
+    # images, so the full sets give the same expectation with less noise.
+    for key in ("recall", "coverage", "fid"):
         put(
             ratios,
             key,
             ratio(matched.get(key), matched.get(f"reference_{key}")),
-            holdout_reason or f"reference {key} is 0",
+            holdout_reason or matched.get(f"reference_{key}_reason") or f"matched reference {key} is 0",
         )
     result["ratios"] = ratios
     per_class: dict[str, Any] = {}
@@ -140,33 +144,73 @@ def _fill_distribution(
             put(target, key, None, reason)
 
 
+def _one_per_subject(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One randomly chosen image index per subject, subjects in a random order."""
+    _, codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    order = rng.permutation(codes.size)  # the first image of each subject in a random order is a random one
+    _, first = np.unique(codes[order], return_index=True)
+    return rng.permutation(order[first])
+
+
 def _matched(
     features: SpaceFeatures, config: EvaluateConfig, radii: np.ndarray | None, holdout_reason: str | None
 ) -> dict[str, Any]:
-    """Recall and coverage grow with the compared set's size: compare at one size, averaged over draws."""
+    """Synthetic and held-out real images against the training split at one size, counted in subjects.
+
+    FID, KID, recall and coverage depend on how many images are compared, and on how independent
+    they are: the slices of one volume are near-copies of each other, so all slices of 30 held-out
+    subjects span less of the real distribution than 30 x 16 independent images would. A generator
+    draws each image independently; the real draw that matches it is one image per subject. So each
+    repeat takes one random image of every held-out subject (n = the number of held-out subjects)
+    and n random synthetic images, and the figures are averaged over ``match_repeats`` repeats. A
+    perfect generator then reads exactly like the reference, in expectation.
+    """
     train, holdout, synthetic = features.train, features.holdout, features.synthetic
-    train_groups, holdout_groups = features.train_groups, features.holdout_groups
+    train_groups = features.train_groups
+    holdout_groups = features.holdout_groups
     k = config.k_nearest
     result: dict[str, Any] = {}
-    n = min(synthetic.shape[0], holdout.shape[0]) if holdout is not None else 0
+    subjects = units(holdout, holdout_groups) if holdout is not None else 0
+    n = min(subjects, synthetic.shape[0])
     result["n"] = int(n)
-    too_few = holdout is None or min(units(train, train_groups), units(holdout, holdout_groups)) <= k
+    result["n_holdout_subjects"] = int(subjects)
+    result["repeats"] = config.match_repeats
+    result["rule"] = (
+        "per repeat: one random image of each held-out subject and as many random synthetic images, "
+        "both against all training images; figures averaged over the repeats"
+    )
+    keys = ("fid", "kid", "precision", "recall", "density", "coverage")
+    too_few = holdout is None or units(train, train_groups) <= k
     if too_few or n <= k or radii is None:
-        reason = holdout_reason or f"needs more than k={k} images in each compared set"
-        for key in ("recall", "coverage", "reference_recall", "reference_coverage"):
+        reason = holdout_reason or (
+            f"needs more than k={k} held-out subjects and synthetic images (held-out subjects {subjects}, "
+            f"synthetic images {synthetic.shape[0]})"
+        )
+        for key in keys:
             put(result, key, None, reason)
+            put(result, f"reference_{key}", None, reason)
         return result
+    groups = holdout_groups if holdout_groups is not None else np.arange(holdout.shape[0])
     rng = np.random.default_rng(purpose_seed(config, "matched"))
-    sums = {"recall": 0.0, "coverage": 0.0, "reference_recall": 0.0, "reference_coverage": 0.0}
-    for _ in range(config.match_repeats):
-        fake = prdc(train, synthetic[rng.choice(synthetic.shape[0], n, replace=False)], k, radii, train_groups)
-        pick = rng.choice(holdout.shape[0], n, replace=False)
-        groups = holdout_groups[pick] if holdout_groups is not None else None
-        ref = prdc(train, holdout[pick], k, radii, train_groups, groups)
-        sums["recall"] += fake["recall"]
-        sums["coverage"] += fake["coverage"]
-        sums["reference_recall"] += ref["recall"]
-        sums["reference_coverage"] += ref["coverage"]
+    train_fit = gaussian_fit(train)
+    # KID's subsets are spread over the repeats: as many kernel evaluations as one full KID. At
+    # n <= kid_subset_size one subset is the whole draw, and more would repeat it.
+    subsets = 1 if n <= config.kid_subset_size else max(1, -(-config.kid_subsets // config.match_repeats))
+    sums = dict.fromkeys([*keys, *(f"reference_{key}" for key in keys)], 0.0)
+    for repeat in range(config.match_repeats):
+        pick_real = _one_per_subject(groups, rng)[:n]
+        pick_fake = rng.choice(synthetic.shape[0], n, replace=False)
+        for prefix, compared in (("", synthetic[pick_fake]), ("reference_", holdout[pick_real])):
+            sums[f"{prefix}fid"] += fid(train, compared, train_fit)
+            sums[f"{prefix}kid"] += kid(
+                train,
+                compared,
+                subsets=subsets,
+                subset_size=config.kid_subset_size,
+                seed=purpose_seed(config, "kid", repeat + 1),
+            )[0]
+            for key, value in prdc(train, compared, k, radii, train_groups).items():
+                sums[f"{prefix}{key}"] += value
     for key, total in sums.items():
         put(result, key, total / config.match_repeats, None)
     return result

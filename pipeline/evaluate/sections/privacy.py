@@ -3,7 +3,10 @@
 Distances are measured in pixel space (RMS difference of preprocessed images), the headline feature
 space repeats them as a cross-check. The held-out real images are the baseline: a synthetic image
 closer to a training image than all but a few percent of held-out images are counts as memorized,
-and the attacks try to tell training patients from held-out ones.
+and the memorization test compares that share with what held-out subjects read at the same
+thresholds (:func:`pipeline.evaluate.privacy.memorization_test`). The attacks try to tell training
+patients from held-out ones; each reports its AUC, its bounds, its true-positive rate at 1% and 10%
+false-positive rate and its power at this held-out size, which the gates decide from.
 """
 
 from __future__ import annotations
@@ -19,20 +22,42 @@ import torch
 from pipeline.contracts.model import ModelMeta
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.fidelity import standardize
-from pipeline.evaluate.privacy import auc, closest_records, distance_attack_scores, memorization
+from pipeline.evaluate.attacks import tpr_at_fpr
+from pipeline.evaluate.privacy import (
+    MemorizationTest,
+    auc,
+    auc_power,
+    closest_records,
+    distance_attack_scores,
+    memorization,
+    memorization_power,
+    memorization_test,
+)
 from pipeline.evaluate.sections.common import number, put
 from pipeline.evaluate.seeds import purpose_seed
 from pipeline.evaluate.utility import bootstrap_weights, interval, roc_auc
 from pipeline.imaging.images import ImageSet
 from pipeline.imaging.neighbours import as_vectors
 
-__all__ = ["PrivacyInputs", "PrivacyEvidence", "privacy_section", "GATED_ATTACKS"]
+__all__ = [
+    "PrivacyInputs",
+    "PrivacyEvidence",
+    "privacy_section",
+    "memorization_figures",
+    "attack_figures",
+    "GATED_ATTACKS",
+    "LOW_FPRS",
+]
 
 # Gated: the pixel-space distance attack (GAN-Leaks' full black-box setting) and, with a model, the
 # discriminator (LOGAN). Feature-space attacks are reported as cross-checks only: their AUC under no
 # leakage spreads about twice as wide (sd ~0.08 vs ~0.04 at 100 members, measured on the controlled
 # cohort), and taking the maximum of many noisy attacks inflates the figure.
 GATED_ATTACKS: tuple[str, ...] = ("blackbox_pixel", "whitebox_discriminator")
+# False-positive rates at which each attack's true-positive rate is reported: what an attacker gets
+# when they may wrongly accuse only a few patients (Carlini et al. 2022, "Membership inference
+# attacks from first principles").
+LOW_FPRS: tuple[tuple[str, float], ...] = (("tpr_at_1pct_fpr", 0.01), ("tpr_at_10pct_fpr", 0.10))
 
 
 @dataclass(frozen=True)
@@ -98,7 +123,7 @@ def privacy_section(inputs: PrivacyInputs, config: EvaluateConfig) -> tuple[dict
     feature_block: dict[str, Any] = {"feature_space": inputs.space_name}
     put(feature_block, "dcr_synthetic_to_train", float(np.median(synthetic_close_f.distance)), None)
     if inputs.holdout_reason is not None:
-        for key in ("memorization_rate", "memorization_threshold", "dcr_holdout_to_train", "mia_auc"):
+        for key in ("memorization_rate", "memorization_threshold", "memorization_excess", "dcr_holdout_to_train", "mia_auc"):
             put(result, key, None, inputs.holdout_reason)
         for key in ("memorization_rate", "dcr_holdout_to_train", "mia_auc"):
             put(feature_block, key, None, inputs.holdout_reason)
@@ -110,14 +135,18 @@ def privacy_section(inputs: PrivacyInputs, config: EvaluateConfig) -> tuple[dict
 
     holdout_v = as_vectors(holdout.images)
     holdout_close = closest_records(holdout_v, train_v, scale)
-    rate, threshold, flags = memorization(
-        synthetic_close.distance, holdout_close.distance, config.memorization_percentile
+    test = memorization_test(
+        synthetic_close.distance,
+        holdout_close.distance,
+        holdout.subject_ids,
+        synthetic.subject_ids,
+        config.memorization_percentile,
+        config.gates.privacy_alpha,
     )
-    put(result, "memorization_rate", rate, None)
-    put(result, "memorization_threshold", threshold, None)
+    result.update(memorization_figures(test, config))
+    threshold, flags = test.threshold, test.flags
     put(result, "dcr_holdout_to_train", float(np.median(holdout_close.distance)), None)
     result["dcr_holdout_to_train_p05"] = number(np.percentile(holdout_close.distance, 5))
-    result["memorization_baseline_rate"] = config.memorization_percentile / 100.0
     flagged_index = np.flatnonzero(flags)
     flagged_index = flagged_index[np.argsort(synthetic_close.distance[flagged_index], kind="stable")]
     result["flagged"] = [
@@ -160,11 +189,100 @@ def privacy_section(inputs: PrivacyInputs, config: EvaluateConfig) -> tuple[dict
     put(result, "mia_auc", attacks[strongest]["auc"], None)
     result["mia_auc_ci_low"] = attacks[strongest]["auc_ci_low"]
     result["mia_auc_ci_high"] = attacks[strongest]["auc_ci_high"]
+    for key, _ in LOW_FPRS:
+        result[f"mia_{key}"] = attacks[strongest][key]
     result["mia_attack"] = strongest
     result["mia_attacks"] = attacks
     result["feature"] = feature_block
     _dp_record(inputs.model, result)
     return result, evidence
+
+
+def memorization_figures(test: MemorizationTest, config: EvaluateConfig) -> dict[str, Any]:
+    """The memorization test's figures for the report (what the gate decides from), with its power.
+
+    ``memorization_rate`` is the share of synthetic images below the held-out percentile;
+    ``memorization_null_rate`` what a fresh held-out subject reads at this held-out size;
+    ``memorization_excess`` the difference at matched thresholds, the figure the gate judges.
+    """
+    gates = config.gates
+    power = memorization_power(test, gates.max_memorization_excess, gates.privacy_alpha, gates.privacy_power)
+    figures = {
+        "memorization_rate": number(test.rate),
+        "memorization_rate_ci_low": number(test.rate_ci[0]),
+        "memorization_rate_ci_high": number(test.rate_ci[1]),
+        "memorization_threshold": number(test.threshold),
+        "memorization_null_rate": number(test.null_rate),
+        "memorization_excess": number(test.excess),
+        "memorization_excess_se": number(test.excess_se),
+        "memorization_excess_ci_low": number(test.excess_ci[0]),
+        "memorization_excess_ci_high": number(test.excess_ci[1]),
+        "memorization_excess_upper": number(test.excess_upper),
+        "memorization_p_value": number(test.p_value),
+        "memorization_detectable_excess": number(power.detectable),
+        "memorization_powered": power.powered,
+    }
+    _put_count(figures, "memorization_subjects_needed", power.subjects_needed, power.limiting)
+    return figures
+
+
+def attack_figures(
+    member_scores: np.ndarray,
+    nonmember_scores: np.ndarray,
+    weights: np.ndarray,
+    n_member_subjects: int,
+    n_holdout_subjects: int,
+    config: EvaluateConfig,
+) -> dict[str, Any]:
+    """One membership-inference attack: AUC with its bootstrap interval, bounds, power and TPR at low FPR.
+
+    Args:
+        member_scores: scores of the training images (higher = "member").
+        nonmember_scores: scores of the held-out images.
+        weights: (resamples, members + non-members) subject-bootstrap image weights.
+        n_member_subjects: training subjects.
+        n_holdout_subjects: held-out subjects.
+        config: the evaluate section (bootstrap, alpha, power, the limit).
+    """
+    from scipy import stats
+
+    gates = config.gates
+    value = auc(member_scores, nonmember_scores)
+    truth = np.concatenate([np.ones(member_scores.size, int), np.zeros(nonmember_scores.size, int)])
+    scores = np.concatenate([member_scores, nonmember_scores])
+    samples = roc_auc(truth, np.stack([-scores, scores], axis=1), np.array([0, 1]), weights)
+    low, high = interval(samples)
+    finite = samples[np.isfinite(samples)]
+    se = float(finite.std(ddof=1)) if finite.size > 1 else float("nan")
+    figures: dict[str, Any] = {"auc": value, "auc_ci_low": low, "auc_ci_high": high}
+    for key, fpr in LOW_FPRS:
+        figures[key] = tpr_at_fpr(member_scores, nonmember_scores, fpr)
+    figures["n_members"], figures["n_nonmembers"] = int(member_scores.size), int(nonmember_scores.size)
+    if not math.isfinite(se) or se <= 0.0:
+        put(figures, "auc_se", None, "the subject bootstrap gave no spread (too few subjects)")
+        return figures
+    z_two = float(stats.norm.ppf(1.0 - gates.privacy_alpha / 2.0))
+    z = float(stats.norm.ppf(1.0 - gates.privacy_alpha))
+    power = auc_power(se, n_member_subjects, n_holdout_subjects, gates.max_mia_auc, gates.privacy_alpha, gates.privacy_power)
+    figures.update(
+        {
+            "auc_se": se,
+            "auc_lower": value - z_two * se,
+            "auc_upper": value + z * se,
+            "p_value": float(stats.norm.sf((value - 0.5) / se)),
+            "detectable_auc": power.detectable,
+            "powered": power.powered,
+        }
+    )
+    _put_count(figures, "subjects_needed", power.subjects_needed, power.limiting)
+    return figures
+
+
+def _put_count(target: dict[str, Any], key: str, value: int | None, reason: str | None) -> None:
+    """A count (an int, not a float like :func:`put` writes), or null with ``<key>_reason`` beside it."""
+    target[key] = value
+    if value is None:
+        target[f"{key}_reason"] = reason or "not reachable"
 
 
 def _pair(images: ImageSet, index: int, train: ImageSet, train_index: int, distance: float) -> dict[str, Any]:
@@ -211,16 +329,12 @@ def _attacks(
     rng = np.random.default_rng(purpose_seed(config, "mia_bootstrap"))
     groups = np.concatenate([inputs.train.subject_ids, inputs.holdout.subject_ids])
     weights = bootstrap_weights(groups, config.bootstrap, rng)
+    n_members = int(np.unique(inputs.train.subject_ids.astype(str)).size)
+    n_holdout = int(np.unique(inputs.holdout.subject_ids.astype(str)).size)
     attacks: dict[str, dict[str, Any]] = {}
     for name, (member_scores, nonmember_scores) in members.items():
-        value = auc(member_scores, nonmember_scores)
-        truth = np.concatenate([np.ones(member_scores.size, int), np.zeros(nonmember_scores.size, int)])
-        scores = np.concatenate([member_scores, nonmember_scores])
-        samples = roc_auc(truth, np.stack([-scores, scores], axis=1), np.array([0, 1]), weights)
-        low, high = interval(samples)
-        attacks[name] = {"auc": value, "auc_ci_low": low, "auc_ci_high": high}
-    for name, attack in attacks.items():
-        attack["gated"] = name in GATED_ATTACKS
+        attacks[name] = attack_figures(member_scores, nonmember_scores, weights, n_members, n_holdout, config)
+        attacks[name]["gated"] = name in GATED_ATTACKS
     return attacks
 
 
