@@ -8,6 +8,13 @@ GPU utilisation. Without CUDA it says so and reports CPU figures (fewer steps).
     .venv/bin/python benchmarks/train_throughput.py [--steps 60] [--out runs/bench-throughput]
 
 Under ``torchrun --nproc_per_node N`` each setting runs data-parallel (figures are for all ranks).
+
+``--threads`` measures instead what the thread count does on a shared CPU: the default (CPU-sized)
+recipe trained with 1 and 2 torch threads, on a quiet machine and with ``--busy N`` CPU-bound
+processes beside it (started with ``nice -n 0``, killed after), and which count ``model.num_threads:
+auto`` picks (docs/models.md, "Threads")::
+
+    .venv/bin/python benchmarks/train_throughput.py --threads [--steps 60] [--busy 4]
 """
 
 from __future__ import annotations
@@ -144,12 +151,61 @@ def measure(setting: Setting, work: Path, steps: int, cuda: bool) -> dict:
     }
 
 
+def _busy_processes(count: int) -> list[subprocess.Popen]:
+    """``count`` CPU-bound processes at normal priority (the other work of a shared machine)."""
+    return [
+        subprocess.Popen(["nice", "-n", "0", sys.executable, "-c", "while True: pass"]) for _ in range(count)
+    ]
+
+
+def thread_table(work: Path, steps: int, busy: int) -> list[dict]:
+    """images/s of the default recipe with 1 and 2 threads, quiet and with ``busy`` CPU-bound processes."""
+    from pipeline.models import train
+    from pipeline.models.budget import choose_threads
+
+    setting = SETTINGS[0]
+    data = phantom_set(work / "data" / setting.name.replace(" ", "_"), setting)
+    base = ModelConfig(spacing=setting.spacing, sample_every=0, log_every=10_000, checkpoint_every=10_000_000,
+                       log_model=False, device="cpu")
+    auto = choose_threads(base)
+    rows = []
+    for load in ("quiet", "busy"):
+        workers = _busy_processes(busy) if load == "busy" else []
+        try:
+            time.sleep(1.0 if workers else 0.0)
+            for threads in (1, 2):
+                out = work / "model"
+                shutil.rmtree(out, ignore_errors=True)
+                config = base.model_copy(update={"num_threads": threads, "max_steps": steps})
+                summary = train.run(data, out, config, seed=0)
+                rows.append({"load": load, "busy_processes": len(workers), "threads": threads,
+                             "auto_choice": auto is not None and auto == threads,
+                             "images_per_s": round(summary.images_per_second, 1),
+                             "load_average": round(os.getloadavg()[0], 2)})
+                print(f"{load:5s} ({len(workers)} busy processes): {threads} thread(s): "
+                      f"{rows[-1]['images_per_s']:7.1f} images/s{'  <- auto' if rows[-1]['auto_choice'] else ''}",
+                      flush=True)
+        finally:
+            for worker in workers:
+                worker.kill()
+                worker.wait()
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="Measured steps per setting (default 60 CUDA, 6 CPU).")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-throughput")
     parser.add_argument("--only", choices=[s.name for s in SETTINGS], action="append", default=None)
+    parser.add_argument("--threads", action="store_true", help="1 vs 2 CPU threads, quiet vs busy (default recipe).")
+    parser.add_argument("--busy", type=int, default=4, help="CPU-bound processes beside training for --threads.")
     args = parser.parse_args()
+    if args.threads:
+        print(f"{os.cpu_count()} CPUs, default recipe (model.num_threads: auto), {args.steps or 60} steps per figure")
+        rows = thread_table(args.out, args.steps or 60, args.busy)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "train_threads.json").write_text(json.dumps({"cpus": os.cpu_count(), "results": rows}, indent=2) + "\n")
+        return 0
     cuda = torch.cuda.is_available()
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:

@@ -8,7 +8,10 @@ the key and the fix. docs/contracts.md describes every key.
 
 from __future__ import annotations
 
+import base64
+import csv
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -25,11 +28,22 @@ __all__ = [
     "ModelMeta",
     "read_model_meta",
     "write_model_meta",
+    "LOSSES_CSV",
+    "LOSSES_PNG",
+    "SAMPLES_DIR",
+    "read_losses",
+    "training_record",
 ]
 
 MODEL_JSON = "model.json"
 CHECKPOINT = "checkpoint.pt"
+# Per-step training statistics (one row per optimizer step, the same steps as the checkpoint).
+LOSSES_CSV = "losses.csv"
+LOSSES_PNG = "losses.png"
+SAMPLES_DIR = "samples"
 FORMAT_VERSION = 1
+# Points per series in the training record's loss curves (each the mean of a window of steps).
+CURVE_POINTS = 120
 
 
 class ModelMeta(BaseModel):
@@ -53,6 +67,15 @@ class ModelMeta(BaseModel):
     mlflow_run_ids: list[str] = Field(default_factory=list, description="Every MLflow run that trained it (resumes).")
     seed: int = Field(..., description="Seed of weights, data order, noise and augmentation.")
     steps: int = Field(0, ge=0, description="Optimizer steps done.")
+    steps_planned: int | None = Field(
+        None, ge=1, description="The step budget (`model.max_steps`) of the run that wrote the file; null: time budget only."
+    )
+    stopped_early: bool = Field(
+        False,
+        description="True when the weights are not the planned result: training stopped (time cap, Ctrl-C, "
+        "divergence) or has not finished before `steps_planned`. Later stages must not use them silently.",
+    )
+    stop_reason: str | None = Field(None, description="Why training stopped short of the plan (null when it did not).")
     images_seen: int = Field(0, ge=0, description="Real images shown to the discriminator.")
     train_seconds: float = Field(0.0, ge=0, description="Wall-clock training time, summed over resumes.")
     world_size: int = Field(1, ge=1, description="Processes that trained it (DDP).")
@@ -66,6 +89,11 @@ class ModelMeta(BaseModel):
     def label_index(self) -> dict[str, int]:
         """Class name -> label id (the generator's and discriminator's integer input)."""
         return {label: index for index, label in enumerate(self.labels)}
+
+    @property
+    def steps_done(self) -> int:
+        """Optimizer steps done (the ``steps`` key)."""
+        return self.steps
 
 
 def read_model_meta(model_dir: str | os.PathLike[str]) -> ModelMeta:
@@ -105,3 +133,77 @@ def read_model_meta(model_dir: str | os.PathLike[str]) -> ModelMeta:
 def write_model_meta(model_dir: str | os.PathLike[str], meta: ModelMeta) -> Path:
     """Write ``MODEL_DIR/model.json`` atomically."""
     return atomic_write_json(Path(model_dir) / MODEL_JSON, meta.model_dump(mode="json"))
+
+
+def read_losses(model_dir: str | os.PathLike[str]) -> dict[str, list[float]]:
+    """``MODEL_DIR/losses.csv`` as columns (``step`` first); empty when the file is absent or unreadable.
+
+    Written by train (one row per step, appended at every checkpoint); a model trained before the
+    file existed simply has no loss curves.
+    """
+    path = Path(model_dir) / LOSSES_CSV
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return {}
+    if not rows:
+        return {}
+    columns: dict[str, list[float]] = {name: [] for name in rows[0]}
+    for row in rows:
+        try:
+            values = {name: float(row[name]) for name in columns}
+        except (TypeError, ValueError):
+            continue  # a line cut short by a crash while appending
+        for name, value in values.items():
+            columns[name].append(value)
+    return columns
+
+
+def _windowed(steps: list[float], values: list[float], points: int) -> tuple[list[int], list[float | None]]:
+    """Means of ``values`` over ``points`` equal windows of steps (non-finite values left out)."""
+    size = max(1, math.ceil(len(values) / points))
+    out_steps: list[int] = []
+    out_values: list[float | None] = []
+    for start in range(0, len(values), size):
+        window = [value for value in values[start : start + size] if math.isfinite(value)]
+        out_steps.append(int(steps[min(start + size, len(steps)) - 1]))
+        out_values.append(round(sum(window) / len(window), 5) if window else None)
+    return out_steps, out_values
+
+
+def training_record(model_dir: str | os.PathLike[str], meta: ModelMeta | None = None) -> dict[str, Any]:
+    """How a model's training went, as the report and the data card show it.
+
+    Args:
+        model_dir: the MODEL_DIR.
+        meta: its ``model.json`` (read when not given).
+
+    Returns:
+        ``steps_done``, ``steps_planned``, ``stopped_early``, ``stop_reason``, ``train_seconds``,
+        ``loss_curves`` (``step`` and one list per loss, each point the mean of a window of steps;
+        empty without ``losses.csv``) and ``sample_grid`` (the last grid's file name inside the
+        MODEL_DIR and its PNG as a data URI, or None).
+    """
+    model_dir = Path(model_dir)
+    meta = meta if meta is not None else read_model_meta(model_dir)
+    losses = read_losses(model_dir)
+    curves: dict[str, list[Any]] = {}
+    if losses.get("step"):
+        for name in ("loss_d", "loss_g"):
+            if name in losses:
+                curves["step"], curves[name] = _windowed(losses["step"], losses[name], CURVE_POINTS)
+    grids = sorted((model_dir / SAMPLES_DIR).glob("step_*.png"))
+    grid = None
+    if grids:
+        encoded = base64.b64encode(grids[-1].read_bytes()).decode("ascii")
+        grid = {"file": f"{SAMPLES_DIR}/{grids[-1].name}", "data_uri": f"data:image/png;base64,{encoded}"}
+    return {
+        "steps_done": meta.steps,
+        "steps_planned": meta.steps_planned,
+        "stopped_early": meta.stopped_early,
+        "stop_reason": meta.stop_reason,
+        "train_seconds": meta.train_seconds,
+        "loss_curves": curves,
+        "sample_grid": grid,
+    }

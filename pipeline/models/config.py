@@ -4,6 +4,10 @@
 preprocessing (how real volumes become network inputs), network (sizes of the generator and
 discriminator), training (losses, optimizers, augmentation, EMA), budget (steps and/or minutes),
 bookkeeping (checkpoints, logging, sample grids) and hardware. See ``docs/models.md`` for every key.
+
+The defaults are a CPU-sized recipe (the one ``configs/demo.yaml`` tunes for the phantom cohort):
+a run without ``-c`` finishes in minutes on a laptop, not hours. Larger networks and images are
+a config away (``docs/models.md``, "Sizing a run").
 """
 
 from __future__ import annotations
@@ -57,52 +61,63 @@ class ModelConfig(Section):
     )
 
     # --- network ---
-    latent_dim: int = Field(128, ge=4, le=1024, description="Length of the generator's noise vector z.")
-    embed_dim: int = Field(32, ge=1, le=512, description="Class embedding joined to z in the generator.")
-    g_width: int = Field(32, ge=4, le=512, description="Generator channels at full resolution (doubling per level, max x8).")
-    d_width: int = Field(32, ge=4, le=512, description="Discriminator channels at full resolution (doubling per level, max x8).")
+    latent_dim: int = Field(64, ge=4, le=1024, description="Length of the generator's noise vector z.")
+    embed_dim: int = Field(16, ge=1, le=512, description="Class embedding joined to z in the generator.")
+    g_width: int = Field(8, ge=4, le=512, description="Generator channels at full resolution (doubling per level, max x8).")
+    d_width: int = Field(8, ge=4, le=512, description="Discriminator channels at full resolution (doubling per level, max x8).")
 
     # --- training ---
-    batch_size: int = Field(64, ge=1, le=4096, description="Images per step and per process (DDP: x world size).")
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per step and per process (DDP: x world size).")
     loss: Literal["hinge", "nonsaturating"] = Field("hinge", description="Adversarial loss.")
-    lr_g: float = Field(2e-4, gt=0.0, description="Generator learning rate (Adam).")
-    lr_d: float = Field(4e-4, gt=0.0, description="Discriminator learning rate (Adam); TTUR: usually > lr_g.")
-    betas: list[float] = Field(default_factory=lambda: [0.0, 0.99], description="Adam betas [beta1, beta2].")
+    lr_g: float = Field(5e-4, gt=0.0, description="Generator learning rate (Adam).")
+    lr_d: float = Field(1e-3, gt=0.0, description="Discriminator learning rate (Adam); TTUR: usually > lr_g.")
+    betas: list[float] = Field(default_factory=lambda: [0.5, 0.99], description="Adam betas [beta1, beta2].")
     ema_decay: float = Field(
-        0.999, ge=0.0, lt=1.0, description="Generator EMA decay (warm-up: min(decay, (1+t)/(10+t)))."
+        0.995, ge=0.0, lt=1.0, description="Generator EMA decay (warm-up: min(decay, (1+t)/(10+t)))."
     )
     cls_weight: float = Field(
-        0.0,
+        1.0,
         ge=0.0,
         description="Weight of the auxiliary classifier loss (AC-GAN on real images; G is pushed to make "
         "fakes classifiable as their label); 0 switches it off.",
     )
     diversity_weight: float = Field(
-        0.0,
+        0.1,
         ge=0.0,
         description="Weight of the mode-seeking term (Mao et al. 2019): same label, different z must give "
         "different images; counters mode collapse. 0 switches it off.",
     )
-    r1_gamma: float = Field(0.0, ge=0.0, description="R1 penalty weight on real images; 0 switches it off.")
+    r1_gamma: float = Field(1.0, ge=0.0, description="R1 penalty weight on real images; 0 switches it off.")
     r1_every: int = Field(16, ge=1, description="Lazy R1: apply the penalty every N steps (scaled by N).")
+    # CT intensities are absolute (HU): brightness/contrast jitter would teach D wrong intensities.
     augment: list[str] = Field(
-        default_factory=lambda: list(AUGMENTATIONS),
+        default_factory=lambda: ["translation", "cutout"],
         description="Differentiable augmentations applied to real and fake before D (DiffAugment): "
         "translation, cutout, brightness, contrast; [] switches it off.",
     )
-    translation: float = Field(0.125, ge=0.0, le=0.5, description="DiffAugment: max shift as a fraction of each side.")
+    translation: float = Field(0.0625, ge=0.0, le=0.5, description="DiffAugment: max shift as a fraction of each side.")
     cutout: float = Field(0.25, ge=0.0, le=0.9, description="DiffAugment: cutout box side as a fraction of each side.")
 
     # --- budget ---
-    max_steps: int | None = Field(2000, ge=1, description="Stop after this many steps (null: no step limit).")
+    max_steps: int | None = Field(
+        1200, ge=1, description="The step budget: the plan (null: no step limit, the time budget is the plan)."
+    )
     max_minutes: float | None = Field(
-        None, gt=0.0, description="Stop after this many minutes of training (summed over resumes; null: no limit)."
+        None,
+        gt=0.0,
+        description="Safety cap in minutes of training (summed over resumes; null: none). When it stops "
+        "training before max_steps, model.json marks the model stopped_early.",
+    )
+    accept_early_stop: bool = Field(
+        False,
+        description="Accept a model that stopped before max_steps (time cap, Ctrl-C, divergence): `medsynth run` "
+        "then goes on with it instead of stopping with exit 1.",
     )
 
     # --- bookkeeping ---
     checkpoint_every: int = Field(200, ge=1, description="Write checkpoint.pt every N steps (and at the end).")
     log_every: int = Field(10, ge=1, description="Log losses and images/s every N steps.")
-    sample_every: int = Field(500, ge=0, description="Log a per-class sample grid every N steps (0: only at the end).")
+    sample_every: int = Field(300, ge=0, description="Log a per-class sample grid every N steps (0: only at the end).")
     sample_per_class: int = Field(8, ge=1, le=64, description="Images per class in a sample grid.")
     log_model: bool = Field(True, description="Log the EMA generator with mlflow.pytorch.log_model at the end.")
 
@@ -110,7 +125,12 @@ class ModelConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU.")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
     channels_last: bool = Field(True, description="Channels-last memory format (CPU and CUDA; faster convolutions on CUDA).")
-    num_threads: int | None = Field(None, ge=1, description="CPU threads per process (null: torch's default).")
+    num_threads: int | Literal["auto"] | None = Field(
+        "auto",
+        description="torch CPU threads per process. auto: 1 for CPU-sized models, torch's default above "
+        "(pipeline.models.budget.choose_threads); null: torch's default. The count changes the floating-point "
+        "order of CPU convolutions, so it is part of what reproduces a run.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -142,6 +162,8 @@ class ModelConfig(Section):
         unknown = [name for name in self.augment if name not in AUGMENTATIONS]
         if unknown:
             raise ValueError(f"unknown augmentation {unknown[0]!r}; allowed: {', '.join(AUGMENTATIONS)}")
+        if isinstance(self.num_threads, int) and self.num_threads < 1:
+            raise ValueError("num_threads must be at least 1, 'auto' or null")
         if self.max_steps is None and self.max_minutes is None:
             raise ValueError("set max_steps and/or max_minutes (training needs a budget)")
         return self

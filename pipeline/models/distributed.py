@@ -83,19 +83,26 @@ def wrap_ddp(module: nn.Module, device: torch.device, ddp: DistContext) -> nn.Mo
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def reduce_stats(stats: dict[str, torch.Tensor], time_up: bool, ddp: DistContext) -> dict[str, float]:
-    """Average the step's statistics over ranks (one small all-reduce; also agrees on stopping).
+def reduce_stats(stats: dict[str, torch.Tensor], flags: dict[str, bool], ddp: DistContext) -> dict[str, float]:
+    """Average the step's statistics over ranks and agree on stopping (one small all-reduce).
+
+    Args:
+        stats: the step's statistics (0-d tensors), averaged over ranks.
+        flags: reasons to stop (time budget spent, Ctrl-C seen), summed over ranks so that every
+            rank stops at the same step when any rank raised one.
+        ddp: the process group.
 
     Returns:
-        The averaged statistics as floats, plus ``time_up`` > 0 when any rank's time budget ran out.
+        The averaged statistics as floats, and each flag as the number of ranks that raised it.
     """
-    keys = list(stats)
-    values = torch.stack([stats[key].float() for key in keys] + [torch.tensor(float(time_up), device=stats[keys[0]].device)])
+    keys, names = list(stats), list(flags)
+    device = stats[keys[0]].device
+    values = torch.stack([stats[key].float() for key in keys] + [torch.tensor(float(flags[name]), device=device) for name in names])
     if ddp.enabled:
         dist.all_reduce(values)
-        values[:-1] /= ddp.world_size
+        values[: len(keys)] /= ddp.world_size
     numbers = values.cpu().tolist()
-    return {**dict(zip(keys, numbers[:-1])), "time_up": numbers[-1]}
+    return {**dict(zip(keys, numbers[: len(keys)])), **dict(zip(names, numbers[len(keys) :]))}
 
 
 def check_same_weights(digest: str, ddp: DistContext) -> None:

@@ -1,4 +1,4 @@
-"""Per-class sample grids (PNG): one row per class, in radiological display orientation."""
+"""Per-class sample grids (PNG, one row per class, radiological display orientation) and the loss plot."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from pipeline.core.files import atomic_path
 
-__all__ = ["save_sample_grid", "display_slice"]
+__all__ = ["save_sample_grid", "save_loss_plot", "display_slice"]
 
 
 def display_slice(image: np.ndarray) -> np.ndarray:
@@ -60,5 +60,38 @@ def save_sample_grid(
     target = Path(path)
     with atomic_path(target) as tmp:
         figure.savefig(tmp, format="png", dpi=dpi)
+    plt.close(figure)
+    return target
+
+
+def save_loss_plot(losses: dict[str, list[float]], path: str | os.PathLike[str]) -> Path | None:
+    """Write the discriminator's and generator's loss per step (``losses.csv`` columns) as one PNG.
+
+    Args:
+        losses: ``step`` and one list per statistic, as :func:`pipeline.contracts.model.read_losses` gives.
+        path: the PNG to write.
+
+    Returns:
+        The path, or None when there is no step to plot.
+    """
+    steps = losses.get("step") or []
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.0, 2.8), dpi=100)
+    for name in ("loss_d", "loss_g"):
+        if name in losses:
+            axes.plot(steps, losses[name], linewidth=0.8, label=name)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.legend(loc="upper right", fontsize=8)
+    figure.tight_layout()
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        figure.savefig(tmp, format="png")
     plt.close(figure)
     return target

@@ -12,14 +12,24 @@ process's RNG states, written atomically.
 
 Training changes process-wide torch state (thread count, the global RNG it seeds for the initial
 weights, the current CUDA device) only for its own duration: :func:`run` gives it back on return.
+
+Budgets (:mod:`pipeline.models.budget`): the steps are the plan; when the time cap, Ctrl-C or a
+diverged loss stops training short of it, ``model.json`` says so (``stopped_early``,
+``stop_reason``). Ctrl-C is taken at the next step boundary: the checkpoint is written for that
+step and ``KeyboardInterrupt`` raised again, so ``--resume`` continues exactly. Per-step losses
+go to ``losses.csv`` (and ``losses.png``) beside the checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import json
+import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,13 +42,23 @@ import torch
 from torch import nn
 
 from pipeline.contracts.dataset import Dataset, read_dataset
-from pipeline.contracts.model import CHECKPOINT, MODEL_JSON, ModelMeta, read_model_meta
+from pipeline.contracts.model import (
+    CHECKPOINT,
+    LOSSES_CSV,
+    LOSSES_PNG,
+    MODEL_JSON,
+    ModelMeta,
+    read_losses,
+    read_model_meta,
+    write_model_meta,
+)
 from pipeline.core.errors import CheckFailed, InputError
 from pipeline.core.seeds import stream_seed
 from pipeline.core.torch_state import preserved_torch_rng, torch_threads
 from pipeline.imaging.gan import ema_copy
 from pipeline.imaging.model_dir import build_discriminator, build_generator, load_checkpoint, select_device
 from pipeline.imaging.preprocess import Preprocessor, build_spec
+from pipeline.models.budget import ETA_PROBE_SECONDS, ETA_PROBE_STEPS, StopRecord, choose_threads, eta_warning
 from pipeline.models.checkpoint import (
     check_resume_compatible,
     preserved_host_rng,
@@ -56,11 +76,13 @@ from pipeline.models.distributed import (
     shutdown_distributed,
     wrap_ddp,
 )
-from pipeline.models.grid import save_sample_grid
+from pipeline.models.grid import save_loss_plot, save_sample_grid
 from pipeline.models.step import BatchOrder, GanModules, StepSetup, TrainingImages, train_step
 from pipeline.tracking import NullTracker, Tracker
 
 __all__ = ["run", "TrainSummary", "TrainingDiverged"]
+
+_log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(CheckFailed):
@@ -87,17 +109,27 @@ class TrainSummary:
     weights_digest: str
     losses: dict[str, float] = field(default_factory=dict)
     sample_grid: Path | None = None
+    steps_planned: int | None = None
+    stopped_early: bool = False
+    stop_reason: str | None = None
+    num_threads: int = 1
+    seconds_per_step: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        """Human-readable summary."""
+        """Human-readable summary (an early stop first, then what was done)."""
         resumed = f" (resumed at step {self.start_step})" if self.start_step else ""
         losses = ", ".join(f"{key} {value:.3f}" for key, value in self.losses.items())
-        lines = [
-            f"Trained {self.steps} steps{resumed} on {self.n_images} images from {self.n_volumes} volumes "
+        planned = f" of {self.steps_planned} planned" if self.steps_planned is not None else ""
+        lines = [f"STOPPED EARLY: {self.stop_reason}; model.json marks the model stopped_early"] if self.stopped_early else []
+        lines += [
+            f"Trained {self.steps} steps{planned}{resumed} on {self.n_images} images from {self.n_volumes} volumes "
             f"({', '.join(self.labels)}); stopped by {self.stopped_by}",
             f"  {self.session_seconds:.0f} s this session, {self.train_seconds:.0f} s in total, "
-            f"{self.images_per_second:.0f} images/s on {self.world_size} x {self.device}",
+            f"{self.images_per_second:.0f} images/s on {self.world_size} x {self.device}"
+            + (f" ({self.num_threads} thread{'s' if self.num_threads != 1 else ''})" if self.device == "cpu" else ""),
         ]
+        lines += [f"  warning: {warning}" for warning in self.warnings]
         if losses:
             lines.append(f"  last losses: {losses}")
         lines.append(f"  model: {self.model_dir}")
@@ -172,12 +204,14 @@ def _model_meta(config: ModelConfig, seed: int, train: _TrainingData, run_id: st
         mlflow_run_ids=[run_id] if run_id else [],
         seed=seed,
         steps=0,
+        steps_planned=config.max_steps,
         images_seen=0,
         train_seconds=0.0,
         world_size=world_size,
         n_train_volumes=len(train.rows),
         n_train_images=len(train.images),
-        config={**config.model_dump(mode="json"), "spacing": spacing},  # resolved
+        # resolved: the spacing used, and the thread count (it changes the CPU float order, hence the weights)
+        config={**config.model_dump(mode="json"), "spacing": spacing, "num_threads": torch.get_num_threads()},
         preprocess=train.spec,
         dp=None,
         train_dataset_digest=train.dataset.digest,
@@ -234,7 +268,7 @@ def run(
     ddp = init_distributed(config.device)
     try:
         device = select_device(config.device, ddp.local_rank)
-        with _process_state(config.num_threads, device):
+        with _process_state(choose_threads(config), device):
             return _run(data, out, config, seed, resume, tracker if ddp.main else NullTracker(), progress, ddp, device)
     finally:
         shutdown_distributed(ddp)
@@ -305,6 +339,7 @@ def _run(
         start_step = int(state["step"])
         train_seconds = float(state["train_seconds"])
         images_seen = int(state["images_seen"])
+        meta.steps, meta.train_seconds, meta.images_seen = start_step, round(train_seconds, 3), images_seen
         restore_rng_states(state["rng"])
         meta.mlflow_run_ids = [*previous.mlflow_run_ids, *([tracker.run_id] if tracker.run_id else [])]
         if tracker.run_id is None:
@@ -324,10 +359,13 @@ def _run(
     grid_y = torch.arange(len(labels)).repeat_interleave(config.sample_per_class)
     out.mkdir(parents=True, exist_ok=True)
     last_saved = start_step if checkpoint_path.exists() else None
+    loss_log = _LossLog(out / LOSSES_CSV, start_step, enabled=ddp.main)
 
-    def save(step_now: int) -> None:
+    def save(step_now: int, record: StopRecord) -> None:
         nonlocal last_saved
+        _apply_stop(meta, record)
         if ddp.main:
+            loss_log.flush()  # the rows up to the checkpoint's step, so a resume continues the file exactly
             save_checkpoint(out, meta, step_now, gan, train_seconds, images_seen)
         last_saved = step_now
 
@@ -348,70 +386,99 @@ def _run(
     throughput = 0.0
     total_images_session = 0
     session_train_seconds = 0.0
+    warnings: list[str] = []
+    eta_checked = False
     bar = _progress_bar(progress and ddp.main, config.max_steps, start_step)
     try:
-        while True:
-            if config.max_steps is not None and step >= config.max_steps:
-                stopped_by = "max_steps"
-                break
-            if config.max_minutes is not None and train_seconds >= config.max_minutes * 60.0:
-                stopped_by = "max_minutes"  # a resumed run whose time budget was already spent
-                break
-            step_start = time.perf_counter()
-            stats = train_step(step, setup, gan, images)
-            step += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # kernels run asynchronously: time the work, not its launch
-            step_seconds = time.perf_counter() - step_start
-            train_seconds += step_seconds
-            session_train_seconds += step_seconds
-            images_seen += config.batch_size * ddp.world_size
-            window_images += config.batch_size * ddp.world_size
-            total_images_session += config.batch_size * ddp.world_size
-            # Stop when one more step would overrun the time budget, so the budget is never exceeded.
-            time_up = config.max_minutes is not None and train_seconds + step_seconds > config.max_minutes * 60.0
-            stats = reduce_stats(stats, time_up, ddp)
-            losses = {key: value for key, value in stats.items() if key != "time_up"}
-            bad = [key for key in ("loss_d", "loss_g") if not math.isfinite(losses[key])]
-            if bad:
-                tracker.set_tags({"medsynth.diverged_at_step": step})
-                kept = (
-                    f"the last good checkpoint (step {last_saved}) is kept in {checkpoint_path}"
-                    if last_saved is not None
-                    else "no checkpoint had been written yet"
-                )
-                raise TrainingDiverged(
-                    f"training diverged at step {step}: {bad[0]} is {losses[bad[0]]}; {kept}. "
-                    "Fix: lower model.lr_d and model.lr_g (or set model.r1_gamma), then re-run with --resume."
-                )
-            if step % config.log_every == 0 or step == config.max_steps:
-                elapsed = time.perf_counter() - window_start
-                throughput = window_images / elapsed if elapsed > 0 else 0.0
-                tracker.log_metrics({**losses, "images_per_s": throughput}, step=step)
-                window_images, window_start = 0, time.perf_counter()
-            if bar is not None:
-                bar.set_postfix(d=f"{losses['loss_d']:.3f}", g=f"{losses['loss_g']:.3f}", ips=f"{throughput:.0f}")
-                bar.update(1)
-            if config.sample_every and step % config.sample_every == 0:
-                grid(step)
-            if step % config.checkpoint_every == 0:
-                save(step)
-            if stats["time_up"] > 0:
-                stopped_by = "max_minutes"
-                break
+        with _deferred_interrupt() as interrupt:
+            while True:
+                if config.max_steps is not None and step >= config.max_steps:
+                    stopped_by = "max_steps"
+                    break
+                if config.max_minutes is not None and train_seconds >= config.max_minutes * 60.0:
+                    stopped_by = "max_minutes"  # a resumed run whose time budget was already spent
+                    break
+                step_start = time.perf_counter()
+                stats = train_step(step, setup, gan, images)
+                step += 1
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # kernels run asynchronously: time the work, not its launch
+                step_seconds = time.perf_counter() - step_start
+                train_seconds += step_seconds
+                session_train_seconds += step_seconds
+                images_seen += config.batch_size * ddp.world_size
+                window_images += config.batch_size * ddp.world_size
+                total_images_session += config.batch_size * ddp.world_size
+                # Stop when one more step would overrun the time budget, so the budget is never exceeded.
+                time_up = config.max_minutes is not None and train_seconds + step_seconds > config.max_minutes * 60.0
+                stats = reduce_stats(stats, {"time_up": time_up, "interrupted": interrupt.is_set()}, ddp)
+                losses = {key: value for key, value in stats.items() if key not in ("time_up", "interrupted")}
+                bad = [key for key in ("loss_d", "loss_g") if not math.isfinite(losses[key])]
+                if bad:
+                    tracker.set_tags({"medsynth.diverged_at_step": step})
+                    if last_saved is not None and ddp.main:
+                        # model.json goes on describing the kept checkpoint, now marked as a stopped run.
+                        _apply_stop(meta, StopRecord.diverged(last_saved, config, step, bad[0], losses[bad[0]]))
+                        write_model_meta(out, meta)
+                    kept = (
+                        f"the last good checkpoint (step {last_saved}) is kept in {checkpoint_path}"
+                        if last_saved is not None
+                        else "no checkpoint had been written yet"
+                    )
+                    raise TrainingDiverged(
+                        f"training diverged at step {step}: {bad[0]} is {losses[bad[0]]}; {kept}. "
+                        "Fix: lower model.lr_d and model.lr_g (or set model.r1_gamma), then re-run with --resume."
+                    )
+                loss_log.add(step, losses)
+                if step % config.log_every == 0 or step == config.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    throughput = window_images / elapsed if elapsed > 0 else 0.0
+                    tracker.log_metrics({**losses, "images_per_s": throughput}, step=step)
+                    window_images, window_start = 0, time.perf_counter()
+                if bar is not None:
+                    bar.set_postfix(d=f"{losses['loss_d']:.3f}", g=f"{losses['loss_g']:.3f}", ips=f"{throughput:.0f}")
+                    bar.update(1)
+                session_steps = step - start_step
+                if not eta_checked and (session_steps >= ETA_PROBE_STEPS or session_train_seconds >= ETA_PROBE_SECONDS):
+                    eta_checked = True
+                    warning = eta_warning(config, device.type, step, session_train_seconds / session_steps, train_seconds)
+                    if warning is not None and ddp.main:
+                        warnings.append(warning)
+                        _log.warning("warning: %s", warning)
+                        tracker.set_tags({"medsynth.eta_warning": warning})
+                if stats["interrupted"] > 0:
+                    # Ctrl-C: this step is complete, so its checkpoint resumes exactly; then stop as asked.
+                    save(step, StopRecord.interrupted(step, config))
+                    raise KeyboardInterrupt
+                if config.sample_every and step % config.sample_every == 0:
+                    grid(step)
+                if step % config.checkpoint_every == 0:
+                    save(step, StopRecord.in_progress(step, config))
+                if stats["time_up"] > 0:
+                    stopped_by = "max_minutes"
+                    break
     finally:
         if bar is not None:
             bar.close()
 
     # -- finish ---------------------------------------------------------------------------------
+    record = StopRecord.finished(step, config, by_time=stopped_by == "max_minutes")
     if last_saved != step:
-        save(step)
+        save(step, record)
+    else:
+        _apply_stop(meta, record)
+        if ddp.main:
+            write_model_meta(out, meta)  # the same checkpoint, now described as finished (or stopped)
     grid_path = grid(step)
+    if ddp.main:
+        save_loss_plot(read_losses(out), out / LOSSES_PNG)
+        tracker.set_tags({"medsynth.stopped_early": str(record.stopped_early).lower()})
     weights = weights_digest(gan.generator, gan.discriminator, gan.ema)
     check_same_weights(weights, ddp)
     if ddp.main:
         _log_final(tracker, out, meta, gan.ema)
     session_seconds = time.perf_counter() - session_start
+    session_steps = step - start_step
     return TrainSummary(
         model_dir=out,
         steps=step,
@@ -429,7 +496,84 @@ def _run(
         weights_digest=weights,
         losses=losses,
         sample_grid=grid_path,
+        steps_planned=record.steps_planned,
+        stopped_early=record.stopped_early,
+        stop_reason=record.reason,
+        num_threads=torch.get_num_threads(),
+        seconds_per_step=session_train_seconds / session_steps if session_steps else 0.0,
+        warnings=warnings,
     )
+
+
+def _apply_stop(meta: ModelMeta, record: StopRecord) -> None:
+    """Copy a stop record into ``model.json``'s fields (written with the next checkpoint)."""
+    meta.steps_planned = record.steps_planned
+    meta.stopped_early = record.stopped_early
+    meta.stop_reason = record.reason
+
+
+class _LossLog:
+    """``losses.csv``: one row per step, appended at each checkpoint.
+
+    On a resume the rows after the checkpoint's step (a session that diverged or was killed after
+    it) are dropped first, so the file always ends at the step the checkpoint holds.
+    """
+
+    def __init__(self, path: Path, start_step: int, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        self.rows: list[dict[str, float]] = []
+        if not enabled:
+            return
+        kept = read_losses(path.parent) if start_step else {}
+        steps = kept.get("step", [])
+        self.path.unlink(missing_ok=True)
+        if steps:
+            keep = [index for index, value in enumerate(steps) if value <= start_step]
+            self.rows = [{name: column[index] for name, column in kept.items()} for index in keep]
+            self.flush()
+
+    def add(self, step: int, losses: dict[str, float]) -> None:
+        if self.enabled:
+            self.rows.append({"step": step, **losses})
+
+    def flush(self) -> None:
+        if not self.enabled or not self.rows:
+            return
+        new = not self.path.exists()
+        with self.path.open("a", encoding="utf-8", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]))
+            if new:
+                writer.writeheader()
+            for row in self.rows:
+                writer.writerow({key: int(value) if key == "step" else f"{value:.6g}" for key, value in row.items()})
+        self.rows = []
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[threading.Event]:
+    """Turn the first Ctrl-C (SIGINT) into a flag the loop checks after each step; a second one interrupts at once.
+
+    A ``KeyboardInterrupt`` raised in the middle of a step would leave the discriminator updated and
+    the generator not: a checkpoint of that state could not resume exactly. Outside the main thread
+    (where signal handlers cannot be set) the flag is never set and Ctrl-C behaves as usual.
+    """
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # a handler installed outside Python: give back the usual KeyboardInterrupt
+        previous = signal.default_int_handler
+
+    def handler(signum: int, frame: object) -> None:
+        flag.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _log_params(
@@ -492,6 +636,9 @@ def _log_final(tracker: Tracker, out: Path, meta: ModelMeta, ema: nn.Module) -> 
     """The EMA generator as an MLflow model (noise + label inputs) and the MODEL_DIR files as artifacts."""
     tracker.log_artifact(out / CHECKPOINT, "checkpoint")
     tracker.log_artifact(out / MODEL_JSON, "checkpoint")
+    for name in (LOSSES_CSV, LOSSES_PNG):
+        if (out / name).is_file():
+            tracker.log_artifact(out / name, "training")
     if not meta.config["log_model"] or tracker.run_id is None:
         return
     exported = build_generator(meta)
