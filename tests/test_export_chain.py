@@ -11,19 +11,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 
 from conftest import scan_for_markers
 from pipeline import evaluate, ingest
 from pipeline.demo import make_cohort
 from pipeline.contracts.dataset import read_dataset, write_manifest
-from pipeline.core.errors import CheckFailed
+from pipeline.core.errors import CheckFailed, InputError
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.export import ExportConfig, run
 from pipeline.export.card import format_number
 from pipeline.core.files import sha256_file, write_nifti
+from pipeline.ingest import audit
 from pipeline.ingest.config import IngestConfig
 from pipeline.models import generate, train
 from pipeline.models.config import GenerateConfig, ModelConfig
@@ -70,7 +73,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     generate.run(root / "model", root / "synthetic", GenerateConfig(per_class=6, seed=3))
     pairs = _add_copies(root / "synthetic", root / "real", root / "model")
     report = evaluate.run(root / "real", root / "synthetic", root / "report", EvaluateConfig(
-        classifier_steps=20, bootstrap=20, kid_subsets=5, ms_ssim_pairs=10, min_holdout=2, min_test=2,
+        classifier_steps=20, bootstrap=20, kid_subsets=5, ms_ssim_pairs=10, min_holdout=2, min_test_subjects=2,
         match_repeats=1, feature_dim=16,
     ), model_dir=root / "model")
     return {"root": root, "report": report, "pairs": pairs, "phi": cohort.planted_phi}
@@ -112,7 +115,7 @@ def test_export_of_a_real_report_excludes_the_memorized_copies(chain: dict, tmp_
             run(root / "real", root / "synthetic", root / "report", tmp_path / "refused", ExportConfig(),
                 model_dir=root / "model")
         for check in report["gates"]["checks"]["privacy"]:
-            if check["passed"] is False:
+            if check.get("verdict") == "fail":
                 assert f"{check['name'].replace('_', ' ')} {check['value']:.4g}" in str(refused.value)
     # generate ran without MLflow: the card says the images are traced by model digest and seed.
     assert "untracked (no MLflow run)" in card and "model digest and seed" in card
@@ -138,3 +141,68 @@ def test_export_measures_distances_as_the_report_does(chain: dict, tmp_path: Pat
         model_dir=root / "model", allow_failed_gates=True)
     excluded = pd.read_csv(tmp_path / "out" / "excluded.csv", dtype=str, keep_default_na=False)
     assert set(excluded["sample_id"]) == flagged
+
+
+def _raw_patient_name(raw: Path) -> tuple[str, str]:
+    """(family, given) name of a real patient of the raw cohort, as its DICOM headers hold it."""
+    first = next(path for path in sorted((raw / "dicom").rglob("*")) if path.is_file() and path.suffix == ".dcm")
+    name = pydicom.dcmread(first, stop_before_pixels=True).PatientName
+    return str(name.family_name), str(name.given_name)
+
+
+def test_the_export_passes_the_leak_audit_and_a_planted_name_is_found(chain: dict, tmp_path: Path) -> None:
+    """`medsynth audit` agrees with export: its synthetic markers are no finding, a real patient's name is."""
+    root = chain["root"]
+    out = tmp_path / "out"
+    run(root / "real", root / "synthetic", root / "report", out, ExportConfig(dicom=True), model_dir=root / "model",
+        allow_failed_gates=True)
+    sources = [root / "raw" / "dicom", root / "raw" / "nifti"]
+    clean = audit(out, sources)
+    assert clean.ok, clean.lines()
+    assert clean.files > 0 and clean.identifiers > 0
+    assert audit(out).ok  # structure only: the marker texts of a synthetic file are no finding either
+
+    family, given = _raw_patient_name(root / "raw")
+    series = sorted((out / "dicom").rglob("*.dcm"))
+    planted = pydicom.dcmread(series[0])
+    planted.SeriesDescription = f"SYNTHETIC lesion {family}"
+    planted.save_as(series[0], enforce_file_format=True)
+    synthetic_nifti = out / read_dataset(out).manifest.query("origin == 'synthetic'")["path"].iloc[0]
+    image = nib.load(synthetic_nifti)
+    header = image.header.copy()
+    header["descrip"] = f"synthetic {given} {family}".encode()
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), image.affine, header), synthetic_nifti)
+    found = audit(out, sources)
+    assert {(finding.path, finding.where, finding.kind) for finding in found.findings} == {
+        (series[0].relative_to(out).as_posix(), "(0008,103E) SeriesDescription", "person name"),
+        (synthetic_nifti.relative_to(out).as_posix(), "NIfTI descrip", "person name"),
+    }
+    shown = "\n".join(found.lines()).lower()
+    assert family.lower() not in shown and given.lower() not in shown
+
+    # Without the sources, a marker text with anything added to it is no longer a marker.
+    planted = pydicom.dcmread(series[1])
+    planted.StudyDescription = f"SYNTHETIC medsynth export of {family}"
+    planted.save_as(series[1], enforce_file_format=True)
+    structure = audit(out)
+    assert [(finding.path, finding.where) for finding in structure.findings] == [
+        (series[1].relative_to(out).as_posix(), "(0008,1030) StudyDescription")
+    ]
+
+
+def test_export_without_a_model_refuses_to_mix_grids(chain: dict, tmp_path: Path) -> None:
+    """Real volumes on their native grid beside synthetic slices on the model grid: refused unless asked for."""
+    root = chain["root"]
+    real_shapes = {nib.load(path).shape for path in (root / "real" / "images").rglob("*.nii.gz")}
+    assert all(len(shape) == 3 and shape[2] > 1 for shape in real_shapes)  # volumes; the model makes 32 x 32 slices
+    with pytest.raises(InputError) as refused:
+        run(root / "real", root / "synthetic", root / "report", tmp_path / "mixed", ExportConfig(),
+            allow_failed_gates=True)
+    message = str(refused.value)
+    assert "not on the synthetic images' grid" in message and "32x32x1 voxels" in message
+    assert "pass --model MODEL_DIR" in message and "export.real_grid: native" in message
+    assert not (tmp_path / "mixed").exists()
+    summary = run(root / "real", root / "synthetic", root / "report", tmp_path / "native",
+                  ExportConfig(real_grid="native"), allow_failed_gates=True)
+    assert summary.preprocessing == "copied unchanged"
+    assert any("no model folder" in note for note in summary.warnings)

@@ -95,7 +95,7 @@ def test_ingest_leaks_no_marker_anywhere(tmp_path: Path, mlflow_store: Path, cap
     # MLflow got counts and the dataset, nothing identifying (checked above by the scan)
     from pipeline.tracking import list_runs
 
-    run_entity = list_runs("medsynth-medsynth")[0]
+    run_entity = list_runs("medsynth")[0]
     assert run_entity.data.metrics["series_written"] == 3
     assert run_entity.data.tags["ingest.options"] == "modified_dates"
     assert run_entity.inputs.dataset_inputs, "the output dataset is logged"
@@ -431,6 +431,10 @@ def test_self_audit_stops_ingest_when_an_identifier_survives(tmp_path: Path, mon
     message = str(info.value)
     assert "(0020,4000) ImageComments: identifier or text" in message
     assert PATIENT_ID not in message
+    # What it wrote left the shareable folder for the private one, and the message says where.
+    assert not (tmp_path / "dataset").exists()
+    failed = sorted((tmp_path / "dataset.private").glob("failed-*"))
+    assert len(failed) == 1 and (failed[0] / "manifest.csv").is_file() and str(failed[0]) in message
 
 
 def test_quarantine_reasons_never_quote_an_unknown_uid(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.contracts.dataset import REQUIRED_COLUMNS, Dataset
+from pipeline.contracts.synthetic import REAL_EXPORT_DESCRIP, says_synthetic, synthetic_descrip
 from pipeline.export.dicom import SyntheticImageInfo, synthetic_uid, write_synthetic_series
 from pipeline.export.config import ExportConfig
 from pipeline.core.files import atomic_path, read_nifti, sha256_bytes, sha256_file, write_nifti
@@ -25,7 +26,6 @@ from pipeline.core.files import atomic_path, read_nifti, sha256_bytes, sha256_fi
 __all__ = ["export_real", "export_synthetic", "descrip_of"]
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
-_MARKER = "synthetic"
 
 
 def _safe(name: str) -> str:
@@ -108,7 +108,7 @@ def export_real(
             sample_id = f"{source['sample_id']}#z{index}" if two_d else str(source["sample_id"])
             name = f"{_safe(str(source['sample_id']))}_z{index:03d}" if two_d else _safe(str(source["sample_id"]))
             rel = _claim(folder / f"{name}.nii.gz", sample_id, used)
-            write_nifti(stage_dir / rel, volume, grid, descrip="real (medsynth export, model grid)")
+            write_nifti(stage_dir / rel, volume, grid, descrip=REAL_EXPORT_DESCRIP)
             rows.append({**base, "sample_id": sample_id, "path": rel.as_posix(), "sha256": sha256_file(stage_dir / rel),
                          "slice_index": str(index) if two_d else "", "preprocessing": "model-grid",
                          "spacing": _spacing_text(grid), "shape": _shape_text(volume.shape), "dtype": "float32"})
@@ -157,7 +157,7 @@ def export_synthetic(
         sample_id = str(source["sample_id"])
         run_id = str(source["generator_run_id"])
         # Every synthetic file must say so in its header; generate already writes the marker.
-        marked = _MARKER in descrip_of(path).lower()
+        marked = says_synthetic(descrip_of(path))
         suffix = _nifti_suffix(path) if marked else ".nii.gz"
         rel = _claim(Path("train") / _safe(str(source["label"])) / f"{_safe(sample_id)}{suffix}", sample_id, used)
         target = stage_dir / rel
@@ -165,7 +165,7 @@ def export_synthetic(
             _copy(path, target)
         else:
             data, affine = read_nifti(path)
-            write_nifti(target, data, affine, descrip=f"synthetic (medsynth {run_id or 'untracked'})")
+            write_nifti(target, data, affine, descrip=synthetic_descrip(run_id))
             remarked += 1
         row = {column: str(source[column]) for column in extras}
         row.update(

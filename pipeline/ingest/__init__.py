@@ -11,6 +11,7 @@ Modules:
     task        the per-series work a pool worker runs.
     pool        a process pool that reports each result as it comes and survives a dead worker.
     split       train/val/test by subject, stratified by label.
+    labels      label folders that look like patients; the rows of a labels template.
     audit       :func:`audit`: search a folder for source identifiers and check its structure.
     stage       :func:`run`: sources -> anonymized real dataset, quarantine, audit log.
 
@@ -22,12 +23,24 @@ from __future__ import annotations
 
 from pipeline.core.lazy import lazy_exports
 
-__all__ = ["run", "audit", "IngestSummary", "AuditReport", "Finding", "IngestConfig", "default_private"]
+__all__ = [
+    "run",
+    "audit",
+    "write_labels_template",
+    "IngestSummary",
+    "LabelsTemplate",
+    "AuditReport",
+    "Finding",
+    "IngestConfig",
+    "default_private",
+]
 
 # Public name -> the module that defines it, imported on first access.
 _LAZY: dict[str, str] = {
     "run": "pipeline.ingest.stage",
     "IngestSummary": "pipeline.ingest.stage",
+    "write_labels_template": "pipeline.ingest.stage",
+    "LabelsTemplate": "pipeline.ingest.stage",
     "default_private": "pipeline.ingest.stage",
     "audit": "pipeline.ingest.audit",
     "AuditReport": "pipeline.ingest.audit",

@@ -9,6 +9,11 @@ Without ``against`` it still checks structure: DICOM files must say PatientIdent
 and hold no private element and no value the profile removes; NIfTI files must have empty
 aux_file/db_name/intent_name and no header extension.
 
+An export's synthetic DICOM files (PatientName and PatientID both the synthetic pseudonym) may
+carry the marker texts export writes into descriptions the profile otherwise removes; both sides read
+them from :mod:`pipeline.contracts.synthetic`. Only the exact marker texts pass: anything else in
+those attributes is still a finding, and with ``against`` every value is still searched.
+
 Matching is case-insensitive and on token boundaries (an identifier must not be glued to other
 letters or digits), so a date never "matches" inside a long UID. Values that also occur in
 retained attributes (e.g. a manufacturer's name) or are labels are not identifiers.
@@ -31,6 +36,7 @@ from pathlib import Path, PurePosixPath
 
 import pydicom
 
+from pipeline.contracts.synthetic import MARKER_KEYWORDS, is_marker_text, is_synthetic_patient
 from pipeline.core.errors import InputError
 from pipeline.ingest.config import DeidOptions, IngestConfig
 from pipeline.ingest.deid import STOP_VALUES, DeidContext, anonymize, identifier_candidates, is_identifier, tag_text
@@ -402,20 +408,39 @@ def _scan_dicom(data: bytes, rel: str, matcher: Matcher | None, profile: Profile
 def structure_findings(ds: pydicom.Dataset, rel: str, profile: Profile) -> list[Finding]:
     """What must not be in a de-identified DICOM dataset: no identity-removed flag, private
     elements (unless the Retain Safe Private option is in force), attributes the profile removes,
-    values in attributes it empties (the pseudonymous PatientName/ID excepted)."""
+    values in attributes it empties (the pseudonymous PatientName/ID excepted, and the marker texts
+    of a synthetic file)."""
     findings: list[Finding] = []
     if str(ds.get("PatientIdentityRemoved", "")).strip().upper() != "YES":
         findings.append(Finding(rel, "(0012,0062) PatientIdentityRemoved", "not YES (file not de-identified)"))
-    return findings + _structure(ds, rel, profile, "")
+    return findings + _structure(ds, rel, profile, "", _synthetic_markers(ds))
 
 
-def _structure(ds: pydicom.Dataset, rel: str, profile: Profile, path: str) -> list[Finding]:
-    """Elements that the profile removes but that are present (private ones included)."""
+def _synthetic_markers(ds: pydicom.Dataset) -> frozenset[int]:
+    """Tags of a synthetic file that hold exactly the marker text export writes there (none in other files)."""
+    try:
+        if not is_synthetic_patient(str(ds.get("PatientName", "")), str(ds.get("PatientID", ""))):
+            return frozenset()
+        return frozenset(
+            tag for tag, keyword in _MARKER_TAGS.items() if tag in ds and is_marker_text(keyword, str(ds[tag].value or ""))
+        )
+    except Exception:  # an undecodable value is no marker: the element is then judged like any other
+        return frozenset()
+
+
+_MARKER_TAGS = {int(pydicom.datadict.tag_for_keyword(keyword)): keyword for keyword in MARKER_KEYWORDS}
+
+
+def _structure(
+    ds: pydicom.Dataset, rel: str, profile: Profile, path: str, markers: frozenset[int] = frozenset()
+) -> list[Finding]:
+    """Elements that the profile removes but that are present (private ones included); ``markers``
+    are top-level tags holding a synthetic file's own marker text."""
     findings: list[Finding] = []
     allowed_private = "safe_private" in profile.options
     for tag, raw in list(ds._dict.items()):  # pydicom 3: no tag conversion, no value decoding
         group = tag >> 16
-        if group == 0x0002:
+        if group == 0x0002 or tag in markers:
             continue
         if group & 1:
             if not allowed_private:

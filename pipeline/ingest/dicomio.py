@@ -70,6 +70,7 @@ _SCAN_TAGS = {
     0x00080016: "SOPClassUID",
     0x00080018: "SOPInstanceUID",
     0x00080060: "Modality",
+    0x00100010: "PatientName",
     0x00100020: "PatientID",
     0x0020000D: "StudyInstanceUID",
     0x0020000E: "SeriesInstanceUID",

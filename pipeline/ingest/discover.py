@@ -39,7 +39,7 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _HEAD_BYTES = 1 << 16  # enough for the tags up to SeriesInstanceUID in almost any header
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 _SCAN_TAGS = [
-    "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality",
+    "PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality",
     "DirectoryRecordSequence", "PixelData", "FloatPixelData", "DoubleFloatPixelData",
 ]
 
@@ -61,6 +61,7 @@ class ScannedFile:
     kind: str  # "dicom", "nifti", "dicomdir", "other"
     reason: str = ""  # why a file is unusable (kind "other" or a broken DICOM)
     patient_id: str = ""
+    patient_name: str = ""  # PHI: only compared with label folder names, never written
     series_uid: str = ""
     sop_uid: str = ""
 
@@ -174,6 +175,7 @@ def scan_file(file: SourceFile) -> ScannedFile:
             file=file,
             kind="dicom",
             patient_id=values.get("PatientID", ""),
+            patient_name=values.get("PatientName", ""),
             series_uid=values.get("SeriesInstanceUID", ""),
             sop_uid=values.get("SOPInstanceUID", ""),
         )
@@ -197,12 +199,15 @@ def scan_file(file: SourceFile) -> ScannedFile:
         series = str(ds.get("SeriesInstanceUID", "") or "").strip()
         sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
         patient = str(ds.get("PatientID", "") or "").strip()
+        patient_name = str(ds.get("PatientName", "") or "").strip()
     except Exception as exc:
         return ScannedFile(file=file, kind="other", reason=f"unreadable DICOM header ({type(exc).__name__})")
     if not has_preamble and not (sop_class or series or sop_uid):
         # A forced read of a non-DICOM file yields a few garbage elements, never these.
         return ScannedFile(file=file, kind="other", reason="not a DICOM or NIfTI file")
-    return ScannedFile(file=file, kind="dicom", patient_id=patient, series_uid=series, sop_uid=sop_uid)
+    return ScannedFile(
+        file=file, kind="dicom", patient_id=patient, patient_name=patient_name, series_uid=series, sop_uid=sop_uid
+    )
 
 
 def scan_files(files: list[SourceFile]) -> list[ScannedFile]:

@@ -12,6 +12,7 @@ Outputs (DATASET = ``out``)::
     PRIVATE/source_map.csv        source file → sample/subject pseudonym
     PRIVATE/quarantine.csv        quarantine ref → original source path
     PRIVATE/state/<sample>.json   per-series resume records
+    PRIVATE/failed-<UTC time>/    what a run whose leak audit failed had written in DATASET (moved there)
 
 Nothing that reaches the console, MLflow or DATASET names a source path or a header value.
 """
@@ -23,8 +24,10 @@ import io
 import json
 import os
 import re
+import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -53,6 +56,7 @@ from pipeline.ingest.discover import (
     scan_files,
     walk_sources,
 )
+from pipeline.ingest.labels import label_folder_problems, template_rows
 from pipeline.ingest.keys import file_reference, load_or_create_key, sample_pseudonym
 from pipeline.ingest.pool import pool_map
 from pipeline.ingest.profile import TABLE_EDITION, TABLE_MODULE, TABLE_PACKAGE, profile_for
@@ -61,7 +65,15 @@ from pipeline.ingest.task import SeriesResult, SeriesTask, process_series
 from pipeline.core.progress import progress as progress_bar
 from pipeline.tracking import NullTracker, Tracker
 
-__all__ = ["IngestSummary", "run", "default_private", "QUARANTINE_NAME", "AUDIT_LOG_NAME"]
+__all__ = [
+    "IngestSummary",
+    "LabelsTemplate",
+    "run",
+    "write_labels_template",
+    "default_private",
+    "QUARANTINE_NAME",
+    "AUDIT_LOG_NAME",
+]
 
 QUARANTINE_NAME = "quarantine.csv"
 # A DICOMDIR is an index, not an image: the files it lists are found and read directly.
@@ -70,6 +82,9 @@ AUDIT_LOG_NAME = "audit.jsonl"
 _SCAN_CHUNK = 64
 # Scanning a header takes ~50 us; below this many files starting a process pool costs more than it saves.
 _PARALLEL_SCAN_MIN = 1000
+PRIVATE_DIR_MODE = 0o700
+# Everything ingest writes in the dataset folder (what a failed leak audit moves out of it).
+_WRITTEN = ("images", "dicom", "manifest.csv", QUARANTINE_NAME, AUDIT_LOG_NAME, INGEST_RECORD)
 
 
 @dataclass
@@ -220,8 +235,10 @@ def run(
         An :class:`IngestSummary`.
 
     Raises:
-        InputError: bad sources/labels/locations, or nothing usable found (exit 2).
-        CheckFailed: the leak audit of the output found an identifier (exit 1).
+        InputError: bad sources/labels/locations, label folders that look like patient identifiers
+            (nothing written), or nothing usable found (exit 2).
+        CheckFailed: the leak audit of the output found an identifier (exit 1); what ingest wrote in
+            ``out`` is then in ``<private>/failed-<UTC time>/``.
     """
     sources = [Path(source) for source in sources]
     out = Path(out)
@@ -231,12 +248,15 @@ def run(
     files = walk_sources(sources)
     if not files:
         raise InputError("the source folders hold no files. Fix: point --source at folders of DICOM/NIfTI files.")
-    key = load_or_create_key(private)
     workers = max(1, int(config.workers or _default_workers()))
+    scanned = _scan(files, workers, progress)
+    if book.from_folders:
+        _refuse_identifying_label_folders(scanned)
+    # Nothing is written before this line: a refused input leaves no dataset and no private folder.
+    key = load_or_create_key(private)
     out.mkdir(parents=True, exist_ok=True)
     summary = IngestSummary(out=out, files_seen=len(files), options=list(profile_for(config).options))
 
-    scanned = _scan(files, workers, progress)
     quarantine: list[tuple[SourceFile, str, str, str]] = []  # file, reason, sample_id, format
     for item in scanned:
         if item.kind == "other":
@@ -310,12 +330,142 @@ def run(
         summary.audit_findings = len(report.findings)
         _write_record(out, config, summary)
         if not report.ok:
+            moved_to = _withdraw(out, private)
+            # After the move: the tracker gets counts and tags, never the withdrawn record or dataset.
             _track(tracker, summary, out, config)
             raise CheckFailed(
-                "\n".join(report.lines()) + "\nThe dataset may hold identifying data: do not share it; report this."
+                "\n".join(report.lines())
+                + f"\nThe dataset may hold identifying data, so ingest moved everything it wrote out of {out} into "
+                f"the private folder: {moved_to}. Do not share it. Cause: an identifying value reached the output "
+                "(the findings name file and place). Fix: if the finding is in manifest.csv, a label holds an "
+                "identifier: change it in the --labels file; otherwise report it. Then re-run ingest."
             )
     _track(tracker, summary, out, config)
     return summary
+
+
+@dataclass
+class LabelsTemplate:
+    """What :func:`write_labels_template` wrote (counts and the file's path; no key, no label)."""
+
+    path: Path
+    dicom_patients: int
+    nifti_files: int
+    filled: int
+    without_id: int
+    folders_look_like_ids: bool
+
+    def lines(self) -> list[str]:
+        rows = self.dicom_patients + self.nifti_files
+        lines = [
+            f"Wrote the labels template {self.path}: {rows} row(s) ({self.dicom_patients} DICOM PatientID(s), "
+            f"{self.nifti_files} NIfTI file(s)); {self.filled} label(s) filled from class folders, "
+            f"{rows - self.filled} left empty for you to fill in.",
+            "  It holds patient identifiers (PatientIDs, file paths): it is readable by you only; keep it private "
+            "and outside any folder you share.",
+        ]
+        if self.folders_look_like_ids:
+            lines.append("  The first-level folders look like patient identifiers, so no label was taken from them.")
+        if self.without_id:
+            lines.append(
+                f"  {self.without_id} DICOM file(s) have no PatientID: a labels file cannot name them, and ingest "
+                "quarantines them when --labels is given."
+            )
+        lines.append(f"  Next: fill in the label column, then run `medsynth ingest ... --labels {self.path}`.")
+        return lines
+
+
+def write_labels_template(
+    sources: list[Path], out: Path, workers: int | None = None, progress: bool = False
+) -> LabelsTemplate:
+    """Write a ``key,label`` labels template for ``sources`` to ``out`` (owner-only, mode 0600).
+
+    One row per DICOM PatientID and per NIfTI file (its path relative to its source), the keys
+    ``--labels`` reads; the label is the first folder when the folders are ordinary class names,
+    otherwise empty (ingest refuses empty labels, so every row must be filled in or deleted).
+
+    Args:
+        sources: the folders ingest will read.
+        out: the CSV to write; must not exist yet (a template never overwrites filled-in labels).
+        workers: processes to scan with (default: all cores).
+        progress: show a progress bar on stderr.
+
+    Raises:
+        InputError: no source, a missing source, ``out`` exists or lies inside a source, no image found.
+    """
+    sources = [Path(source) for source in sources]
+    out = Path(out)
+    if not sources:
+        raise InputError("no --source given. Fix: pass --source DIR (repeatable), the folders ingest will read.")
+    if out.exists():
+        raise InputError(
+            f"--out {out}: the file exists, and a template never overwrites labels you may have filled in. "
+            "Fix: pass a new file name, or delete the old file first."
+        )
+    for index, source in enumerate(sources, start=1):
+        if is_inside(out, source):
+            raise InputError(
+                f"--out is inside --source #{index}: ingest would then read the template as an input. "
+                "Fix: write it outside the source folders."
+            )
+    files = walk_sources(sources)
+    scanned = _scan(files, max(1, int(workers or _default_workers())), progress)
+    rows = template_rows(scanned)
+    if not rows.rows:
+        raise InputError(
+            "the source folders hold no DICOM file with a PatientID and no NIfTI file. "
+            "Fix: point --source at the folders of DICOM/NIfTI files you will ingest."
+        )
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["key", "label"])
+    writer.writerows(rows.rows)
+    atomic_write_text(out, buffer.getvalue(), PRIVATE_MODE)
+    return LabelsTemplate(
+        path=out,
+        dicom_patients=rows.dicom_patients,
+        nifti_files=rows.nifti_files,
+        filled=rows.filled,
+        without_id=rows.without_id,
+        folders_look_like_ids=rows.folders_look_like_ids,
+    )
+
+
+def _refuse_identifying_label_folders(scanned: list[ScannedFile]) -> None:
+    """Stop (exit 2, nothing written) when the label folders look like patients, not classes."""
+    problems = label_folder_problems(scanned)
+    if not problems.found:
+        return
+    # The message counts folders and never names one: the names are what must not leak.
+    raise InputError(
+        "the label folders look like patient identifiers, so ingest stopped before writing anything. Cause: "
+        "without --labels the first folder level under each source is the class label, written into manifest.csv "
+        f"and every later output; here {'; '.join(problems.reasons())}. Fix: pass --labels FILE, a CSV with the "
+        "columns key,label (key: the DICOM PatientID, or a NIfTI file's path relative to its source). "
+        "`medsynth labels-template --source DIR --out FILE` writes one with every key for you to fill in; it "
+        "holds patient identifiers, so it is written readable by you only: keep it private and outside any "
+        "folder you share."
+    )
+
+
+def _withdraw(out: Path, private: Path) -> Path:
+    """Move what ingest wrote in ``out`` into ``<private>/failed-<UTC time>/``; return that folder.
+
+    Moved, not deleted: the owner can inspect what leaked. ``out`` is removed when nothing else is left in it.
+    """
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    target = private / f"failed-{stamp}"
+    target.mkdir(parents=True, exist_ok=False)
+    os.chmod(target, PRIVATE_DIR_MODE)
+    for name in _WRITTEN:
+        path = out / name
+        if path.exists():
+            shutil.move(str(path), str(target / name))
+    for stray in out.glob(".*.tmp"):
+        stray.unlink()
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    return target
 
 
 def _scan(files: list[SourceFile], workers: int, progress: bool) -> list[ScannedFile]:
