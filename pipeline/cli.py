@@ -72,12 +72,31 @@ def _run_stage(
     with tracking.stage_run(
         name, config.experiment_name, params=flatten({entry.section: section.model_dump(mode="json")})
     ) as tracker:
-        return entry.run(StageContext(config=config, paths=roles, tracker=tracker, progress=progress, resume=resume))
+        result = entry.run(StageContext(config=config, paths=roles, tracker=tracker, progress=progress, resume=resume))
+    _echo_lines(result.lines)
+    result.raise_if_incomplete()
+    return result
 
 
 config_option = click.option(
     "-c", "--config", "config_file", type=PathArg, default=None, help="YAML config (see configs/)."
 )
+accept_early_stop_option = click.option(
+    "--accept-early-stop", is_flag=True, default=False,
+    help="Go on with a model that stopped before its step budget (model.accept_early_stop); else exit 1.",
+)
+accept_inconclusive_option = click.option(
+    "--accept-inconclusive", is_flag=True, default=False,
+    help="Export even if the privacy gate is inconclusive (export.accept_inconclusive; the card says so first).",
+)
+
+
+def _acceptances(early_stop: bool, inconclusive: bool) -> dict[str, Any]:
+    """Config overrides for the two results a user may accept knowingly (None: the config decides)."""
+    return {
+        "model.accept_early_stop": True if early_stop else None,
+        "export.accept_inconclusive": True if inconclusive else None,
+    }
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -105,15 +124,20 @@ def demo_data_command(out: Path, subjects: int, seed: int) -> None:
 @config_option
 @click.option("--force", is_flag=True, help="Re-run every stage even when its inputs are unchanged.")
 @click.option("--no-progress", is_flag=True, help="No progress (bars on a terminal, a line every 30 s in a log).")
-def run_command(config_file: Path | None, force: bool, no_progress: bool) -> None:
+@accept_early_stop_option
+@accept_inconclusive_option
+def run_command(
+    config_file: Path | None, force: bool, no_progress: bool, accept_early_stop: bool, accept_inconclusive: bool
+) -> None:
     """Run every stage (ingest, train, generate, evaluate, export) under one MLflow parent run."""
     from pipeline.workflow import run_all
 
     if config_file is None:
         raise InputError("medsynth run needs a config: pass -c FILE (e.g. -c configs/demo.yaml).")
-    config = _config(config_file, {})
+    config = _config(config_file, _acceptances(accept_early_stop, accept_inconclusive))
     summary = run_all(config, where=str(config_file), force=force, progress=not no_progress, echo=click.echo)
     _echo_lines(summary.lines())
+    _exit_on_unaccepted_gates(summary, config)
 
 
 @cli.command("demo")
@@ -123,20 +147,34 @@ def run_command(config_file: Path | None, force: bool, no_progress: bool) -> Non
 @click.option("--subjects", type=click.IntRange(4, 10_000), default=80, show_default=True, help="Phantom subjects.")
 @click.option("--force", is_flag=True, help="Re-run every stage even when its inputs are unchanged.")
 @click.option("--no-progress", is_flag=True, help="No progress (bars on a terminal, a line every 30 s in a log).")
-def demo_command(config_file: Path | None, subjects: int, force: bool, no_progress: bool) -> None:
+@accept_early_stop_option
+@accept_inconclusive_option
+def demo_command(
+    config_file: Path | None, subjects: int, force: bool, no_progress: bool, accept_early_stop: bool,
+    accept_inconclusive: bool,
+) -> None:
     """Write the phantom cohort into <run root>/raw, then run every stage with configs/demo.yaml."""
     from pipeline.contracts.stages import RunPaths
     from pipeline.demo import make_cohort
     from pipeline.workflow import default_demo_config, run_all
 
     config_file = config_file or default_demo_config()
-    config = _config(config_file, {})
+    config = _config(config_file, _acceptances(accept_early_stop, accept_inconclusive))
     paths = RunPaths(config.resolved_run_root)
     cohort = make_cohort(paths.raw, subjects=subjects, seed=config.seed)
     _use_demo_key(config, paths)
     _echo_lines(cohort.lines()[:3])
     summary = run_all(config, where=str(config_file), force=force, progress=not no_progress, echo=click.echo)
     _echo_lines(summary.lines())
+    _exit_on_unaccepted_gates(summary, config)
+
+
+def _exit_on_unaccepted_gates(summary: Any, config: MedsynthConfig) -> None:
+    from pipeline.workflow import unaccepted_gates
+
+    problem = unaccepted_gates(summary, config)
+    if problem is not None:
+        raise CheckFailed(problem)
 
 
 def _use_demo_key(config: MedsynthConfig, paths: RunPaths) -> None:
@@ -168,15 +206,20 @@ def _use_demo_key(config: MedsynthConfig, paths: RunPaths) -> None:
               help="Generator folder: real images get its preprocessing (model grid). Without it they are copied unchanged.")
 @click.option("--allow-failed-gates", is_flag=True, default=False,
               help="Export even if the privacy gate failed or did not run (the data card says so at the top).")
+@click.option("--accept-inconclusive", is_flag=True, default=False,
+              help="Export even if the privacy gate is inconclusive (never a failed one; the card says so first).")
 @config_option
 def export_command(
     real: Path, synthetic: Path, report: Path, out: Path, model_dir: Path | None, allow_failed_gates: bool,
-    config_file: Path | None,
+    accept_inconclusive: bool, config_file: Path | None,
 ) -> None:
     """Write the augmented dataset (real + synthetic in train only), excluded.csv and the data card to OUT."""
-    config = _config(config_file, {"export.allow_failed_gates": True if allow_failed_gates else None})
+    config = _config(config_file, {
+        "export.allow_failed_gates": True if allow_failed_gates else None,
+        "export.accept_inconclusive": True if accept_inconclusive else None,
+    })
     paths = {"ingested": real, "synthetic": synthetic, "report": report, "export": out, "model": model_dir}
-    _echo_lines(_run_stage("export", config, paths).lines)
+    _run_stage("export", config, paths)
 
 
 @cli.command("ui")
@@ -232,7 +275,20 @@ def ingest_command(
     if labels is not None:
         config.labels = labels
     paths = {"ingested": out, "private": private}
-    _echo_lines(_run_stage("ingest", config, paths, progress=not no_progress).lines)
+    _run_stage("ingest", config, paths, progress=not no_progress)
+
+
+@cli.command("labels-template")
+@click.option("--source", "sources", type=PathArg, multiple=True, required=True,
+              help="Folder ingest will read (repeatable).")
+@click.option("--out", "out", type=PathArg, required=True,
+              help="CSV to write (a new file, owner-only). It holds patient identifiers: keep it private.")
+@click.option("--workers", type=click.IntRange(1), default=None, help="Worker processes. Default: all cores.")
+def labels_template_command(sources: tuple[Path, ...], out: Path, workers: int | None) -> None:
+    """Write a key,label template (one row per DICOM PatientID / NIfTI path) to fill in and pass as --labels."""
+    from pipeline.ingest import write_labels_template
+
+    _echo_lines(write_labels_template(list(sources), out, workers=workers).lines())
 
 
 @cli.command("audit")
@@ -260,18 +316,22 @@ def audit_command(directory: Path, against: tuple[Path, ...]) -> None:
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Step budget (default: model.max_steps).")
 @click.option("--max-minutes", type=click.FloatRange(0, min_open=True), default=None, help="Time budget in minutes.")
 @click.option("--no-progress", is_flag=True, help="No progress (bars on a terminal, a line every 30 s in a log).")
+@accept_early_stop_option
 @config_option
 def train_command(
     data: Path, out: Path, resume: bool, seed: int | None, max_steps: int | None, max_minutes: float | None,
-    no_progress: bool, config_file: Path | None,
+    no_progress: bool, accept_early_stop: bool, config_file: Path | None,
 ) -> None:
     """Train the conditional GAN on DATASET's train split (also under `torchrun --nproc_per_node N -m pipeline train`)."""
-    config = _config(config_file, {"seed": seed, "model.max_steps": max_steps, "model.max_minutes": max_minutes})
+    config = _config(config_file, {
+        "seed": seed, "model.max_steps": max_steps, "model.max_minutes": max_minutes,
+        "model.accept_early_stop": True if accept_early_stop else None,
+    })
     paths = {"ingested": data, "model": out}
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 tracks, writes and prints
         _run_stage("train", config, paths, resume=resume, tracked=False)
         return
-    _echo_lines(_run_stage("train", config, paths, progress=not no_progress, resume=resume).lines)
+    _run_stage("train", config, paths, progress=not no_progress, resume=resume)
 
 
 @cli.command("generate")
@@ -285,7 +345,7 @@ def generate_command(
 ) -> None:
     """Write N synthetic images per class from the model's EMA generator as a dataset (origin=synthetic)."""
     config = _config(config_file, {"generate.per_class": per_class, "generate.seed": seed})
-    _echo_lines(_run_stage("generate", config, {"model": model_dir, "synthetic": out}).lines)
+    _run_stage("generate", config, {"model": model_dir, "synthetic": out})
 
 
 # --- evaluate (pipeline/evaluate) -------------------------------------------------------------
@@ -309,7 +369,6 @@ def evaluate_command(
     config = _config(config_file, {})
     paths = {"ingested": real, "synthetic": synthetic, "report": out, "model": model_dir}
     result = _run_stage("evaluate", config, paths, progress=not no_progress)
-    _echo_lines(result.lines)
     failed = [gate for gate, verdict in result.gates.items() if verdict == "fail"]
     if strict and failed:
         raise CheckFailed(f"gate(s) failed: {', '.join(failed)}. See {out / 'report.html'} for the evidence.")
@@ -325,8 +384,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         args = ["--debug", *args]
     try:
         cli.main(args=args, prog_name="medsynth", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo(
+            "Interrupted. What was written is kept: train saved a checkpoint (add --resume to continue), "
+            "`medsynth run` resumes where it stopped, ingest skips the series it finished.",
+            err=True,
+        )
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
@@ -337,9 +400,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except MedsynthError as exc:
         _report(exc, debug)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("Interrupted; the last checkpoint is kept: add --resume to the same command to continue.", err=True)
-        sys.exit(130)
     except Exception as exc:  # an unexpected failure: still one line unless --debug
         if debug:
             traceback.print_exc()

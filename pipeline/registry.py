@@ -256,7 +256,16 @@ def _run_train(ctx: StageContext) -> StageResult:
         tracker=ctx.tracker, progress=ctx.progress,
     )
     metrics = {"steps": float(summary.steps), "train_seconds": float(summary.train_seconds)}
-    return StageResult("train", summary.lines(), metrics, outputs={"model": out})
+    incomplete = None
+    if summary.stopped_early and not ctx.config.model.accept_early_stop:
+        # A model stopped far short of its plan generates noise that every later gate then fails:
+        # say so here, where the cause and the fix are known.
+        incomplete = (
+            f"the model stopped early ({summary.stop_reason}) after {summary.steps} of {summary.steps_planned} "
+            f"planned steps; {out / MODEL_JSON} marks it stopped_early. Fix: raise model.max_minutes (or free the "
+            "machine) and run again, or set model.accept_early_stop: true (--accept-early-stop) to go on with it."
+        )
+    return StageResult("train", summary.lines(), metrics, outputs={"model": out}, incomplete=incomplete)
 
 
 def _run_generate(ctx: StageContext) -> StageResult:

@@ -28,6 +28,7 @@ from pipeline.registry import STAGES, Stage, StageContext
 from pipeline.tracking import Tracker
 
 __all__ = [
+    "unaccepted_gates",
     "StageOutcome",
     "RunSummary",
     "run_all",
@@ -147,13 +148,16 @@ def run_all(
             write_stages(paths.record, record)
             echo(f"[{entry.name}] running{' (resuming)' if resume else ''} ...")
             outcome = _execute(entry, config, paths, params, digest, resume, progress, run_ids)
+            for line in outcome.result.lines if outcome.result else []:
+                echo(f"  {line}")
+            if outcome.result is not None and outcome.result.incomplete is not None:
+                # Not finished: the next run does not skip it (train resumes from its checkpoint).
+                outcome.result.raise_if_incomplete()
             record.stages[entry.name] = StageRecord(
                 digest=digest, finished=True, run_id=outcome.run_id, seconds=round(outcome.seconds, 2)
             )
             write_stages(paths.record, record)
             outcomes.append(outcome)
-            for line in outcome.result.lines if outcome.result else []:
-                echo(f"  {line}")
             echo(f"[{entry.name}] done in {outcome.seconds:.1f} s")
         parent.set_tags({f"medsynth.{stage}_run_id": run_id for stage, run_id in run_ids.items()})
         report = _load_report(paths.report)
@@ -162,6 +166,31 @@ def run_all(
             paths=paths, parent_run_id=parent.run_id, tracking_uri=tracking.tracking_uri(), outcomes=outcomes,
             report=report, exported=(paths.export / "manifest.csv").is_file(),
         )
+
+
+def unaccepted_gates(summary: RunSummary, config: MedsynthConfig) -> str | None:
+    """Why a finished run's result is not what was asked for: a failed gate, or an unaccepted inconclusive one.
+
+    The outputs stay written (the report says what went wrong); the command then exits 1, so a script
+    never mistakes a failed or undecided result for a good one. ``export.allow_failed_gates`` accepts
+    every verdict, ``export.accept_inconclusive`` the inconclusive ones.
+    """
+    if summary.report is None or config.export.allow_failed_gates:
+        return None
+    statuses = summary.report.gates.statuses()
+    failed = [gate for gate, status in statuses.items() if status == "fail"]
+    undecided = [gate for gate, status in statuses.items() if status in ("inconclusive", "not_run")]
+    if config.export.accept_inconclusive:
+        undecided = []
+    if not failed and not undecided:
+        return None
+    parts = [f"gate(s) failed: {', '.join(failed)}"] if failed else []
+    parts += [f"gate(s) inconclusive or not run: {', '.join(undecided)}"] if undecided else []
+    return (
+        f"{'; '.join(parts)}. The outputs are written; {summary.paths.report / 'report.html'} says which check "
+        "missed and which way. Fix: act on the report (more data, more steps, another recipe); or, knowingly, set "
+        "export.accept_inconclusive (undecided gates) or export.allow_failed_gates (any gate): the card says so."
+    )
 
 
 def _skip(

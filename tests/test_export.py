@@ -165,7 +165,24 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "report": _write_report(root / "report", _report()),
         "failed": _write_report(root / "report-failed", _report("fail")),
         "not_run": _write_report(root / "report-not-run", _report("not_run", flagged=())),
+        "inconclusive": _write_report(root / "report-inconclusive", _inconclusive_report()),
     }
+
+
+def _inconclusive_report() -> dict:
+    """A report whose privacy gate could not tell: its memorization test had too few held-out subjects."""
+    report = _report("inconclusive", flagged=())
+    power = ("with 12 held-out subjects, an excess above 0.18 would be detected with 80% power; "
+             "about 40 held-out subjects would be needed for a pass")
+    report["gates"]["checks"] = {
+        "privacy": [
+            {"name": "memorization_excess", "value": 0.01, "comparison": "<=", "threshold": 0.07, "verdict": "inconclusive",
+             "meaning": "memorization beyond the held-out null", "reason": "too few held-out subjects", "power": power},
+            {"name": "mia_auc_blackbox_pixel", "value": 0.52, "comparison": "<=", "threshold": 0.65, "passed": True,
+             "verdict": "pass", "meaning": "distance attack", "power": "with 12 held-out subjects, ..."},
+        ]
+    }
+    return report
 
 
 @pytest.fixture(scope="module")
@@ -360,7 +377,7 @@ def test_3d_model_exports_one_volume_per_real_image_on_the_model_grid(inputs: di
 
 
 def test_without_model_real_images_are_copied_unchanged(inputs: dict, tmp_path: Path) -> None:
-    summary = run(inputs["real"], inputs["synthetic"], inputs["report"], tmp_path / "out", ExportConfig())
+    summary = run(inputs["real"], inputs["synthetic"], inputs["report"], tmp_path / "out", ExportConfig(real_grid="native"))
     manifest = read_dataset(tmp_path / "out").manifest
     real = manifest[manifest["origin"] == "real"]
     source = read_dataset(inputs["real"]).manifest
@@ -406,6 +423,40 @@ def test_allow_failed_gates_exports_and_the_card_says_so_first(inputs: dict, tmp
     run(inputs["real"], inputs["synthetic"], inputs["failed"], tmp_path / "out2", ExportConfig(allow_failed_gates=True),
         model_dir=inputs["model"])
     assert "WARNING: the privacy gate FAILED" in (tmp_path / "out2" / "data_card.md").read_text().splitlines()[1]
+
+
+def test_inconclusive_privacy_gate_is_refused_like_a_failure(inputs: dict, tmp_path: Path) -> None:
+    with pytest.raises(CheckFailed) as caught:
+        run(inputs["real"], inputs["synthetic"], inputs["inconclusive"], tmp_path / "out", ExportConfig(),
+            model_dir=inputs["model"])
+    message = str(caught.value)
+    assert message.startswith("export refused: the privacy gate of") and "is inconclusive, which is not a pass" in message
+    assert "about 40 held-out subjects would be needed" in message and "--accept-inconclusive" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_accept_inconclusive_exports_and_the_card_says_so_first(inputs: dict, tmp_path: Path) -> None:
+    summary = run(inputs["real"], inputs["synthetic"], inputs["inconclusive"], tmp_path / "out",
+                  ExportConfig(accept_inconclusive=True), model_dir=inputs["model"])
+    assert summary.gates_overridden and summary.privacy_gate == "inconclusive"
+    assert any("INCONCLUSIVE" in line and "WARNING" in line for line in summary.lines())
+    assert "privacy INCONCLUSIVE" in "\n".join(summary.lines())
+    card = (tmp_path / "out" / "data_card.md").read_text()
+    lines = card.splitlines()
+    assert lines[0] == "---" and lines[1].startswith("# WARNING: the privacy gate was INCONCLUSIVE, which is not a pass")
+    assert "--accept-inconclusive / export.accept_inconclusive" in lines[1]
+    body = card.split("---\n", 2)[2].lstrip().splitlines()
+    assert body[0].startswith("> **WARNING: the privacy gate was INCONCLUSIVE")
+    front = _front_matter(card)
+    assert front["medsynth"]["privacy_gate"] == "inconclusive" and "privacy-gate-inconclusive" in front["tags"]
+    # The gate table shows the three states distinctly, and each gated figure's space.
+    assert "| privacy | **INCONCLUSIVE** (not a pass) |" in card
+    assert "| privacy | memorization_excess | pixel (pixel: RMS distance of preprocessed images) |" in card
+    assert "| privacy | mia_auc_blackbox_pixel | pixel (distance to the nearest synthetic image) |" in card
+    # Accepting inconclusive does not accept a failure.
+    with pytest.raises(CheckFailed, match="--allow-failed-gates"):
+        run(inputs["real"], inputs["synthetic"], inputs["failed"], tmp_path / "out2",
+            ExportConfig(accept_inconclusive=True), model_dir=inputs["model"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -726,6 +777,6 @@ def test_cli_export_success_refusal_and_override(
     assert "WARNING" in out
     code, out, err = _cli([*base, "--report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "report not found" in err
-    runs = tracking.list_runs("medsynth-medsynth")
+    runs = tracking.list_runs("medsynth")
     assert {r.data.tags.get("medsynth.refused") for r in runs} >= {"privacy gate fail"}
     assert {r.info.status for r in runs} == {"FINISHED", "FAILED"}

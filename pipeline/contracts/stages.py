@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.core.errors import InputError
+from pipeline.core.errors import CheckFailed, InputError
 from pipeline.core.files import atomic_write_json
 
 __all__ = [
@@ -99,8 +99,10 @@ class StageResult:
         stage: the stage's registry name.
         lines: the summary the CLI prints.
         metrics: headline figures (also logged to the stage's MLflow run by the stage itself).
-        gates: gate name -> ``pass`` | ``fail`` | ``not_run``, for stages that judge (evaluate, export).
+        gates: gate name -> ``pass`` | ``fail`` | ``inconclusive`` | ``not_run``, for stages that judge.
         outputs: what it wrote, by kind (``dataset``, ``model``, ``report``, ``card``).
+        incomplete: why the outputs fall short of what was planned and were not accepted as they are
+            (a model stopped before its step budget): the stage is not finished, the command exits 1.
     """
 
     stage: str
@@ -108,6 +110,12 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     gates: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, Path] = field(default_factory=dict)
+    incomplete: str | None = None
+
+    def raise_if_incomplete(self) -> None:
+        """Stop the command with exit 1 when the outputs fall short of the plan (after they were written)."""
+        if self.incomplete is not None:
+            raise CheckFailed(f"{self.stage}: {self.incomplete}")
 
 
 class StageRecord(BaseModel):

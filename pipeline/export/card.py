@@ -121,7 +121,26 @@ def _yaml(value: Any) -> str:
 
 
 def _gate(status: str) -> str:
-    return {"pass": "pass", "fail": "**FAIL**", "not_run": "not run"}.get(status, status)
+    return {"pass": "pass", "fail": "**FAIL**", "inconclusive": "**INCONCLUSIVE** (not a pass)", "not_run": "not run"}.get(
+        status, status
+    )
+
+
+def _check_space(gate: str, name: str, report: Mapping[str, Any]) -> str:
+    """The space a gated figure is measured in, for the card (pixel, feature or model space)."""
+    if name.startswith("memorization"):
+        return f"pixel ({(report.get('privacy') or {}).get('memorization_space', 'pixel')}: RMS distance of preprocessed images)"
+    if name.startswith("mia_auc_whitebox"):
+        return "the generator's discriminator output"
+    if name.startswith("mia_auc"):
+        return "pixel (distance to the nearest synthetic image)"
+    if name == "epsilon":
+        return "training (DP accountant)"
+    if name == "ms_ssim_excess":
+        return "pixel (MS-SSIM)"
+    if gate in ("fidelity", "diversity"):
+        return f"feature space {(report.get('fidelity') or {}).get('feature_space') or 'n/a'}"
+    return "classifier trained on real pixels"
 
 
 def _section_tables(section: Mapping[str, Any], headline: tuple[str, ...]) -> dict[str, Any]:
@@ -148,8 +167,8 @@ def _feature_space(section: Mapping[str, Any]) -> list[str]:
     return [str(space)]
 
 
-def _checks(checks: Any) -> list[dict[str, Any]]:
-    """The report's gate checks (``gates.checks``) as table rows."""
+def _checks(checks: Any, report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The report's gate checks (``gates.checks``) as table rows, each with the space it is measured in."""
     rows: list[dict[str, Any]] = []
     if not isinstance(checks, dict):
         return rows
@@ -158,8 +177,10 @@ def _checks(checks: Any) -> list[dict[str, Any]]:
             if not isinstance(check, dict):
                 continue
             passed = check.get("passed")
-            result = "pass" if passed is True else "fail" if passed is False else "not_run"
+            result = check.get("verdict") or ("pass" if passed is True else "fail" if passed is False else "not_run")
             rows.append({
+                "space": _check_space(gate, str(check.get("name", "")), report),
+                "power": str(check.get("power") or ""),
                 "gate": gate,
                 "name": str(check.get("name", "")),
                 "value": check.get("value"),
@@ -235,6 +256,38 @@ def _anonymization(record: Any) -> dict[str, Any] | None:
     }
 
 
+# Rows of the card's loss table: a handful of points along the run reads as a curve in text.
+_LOSS_ROWS = 6
+
+
+def _training(report: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The report's ``training`` record (how the generator's training went) as the card shows it.
+
+    None when the report has none (evaluated without ``--model``, or by an older medsynth). The
+    sample grid is named by its file in the model folder (the card is text; export.json stays small).
+    """
+    record = report.get("training")
+    if not isinstance(record, dict):
+        return None
+    curves = record.get("loss_curves") or {}
+    steps = curves.get("step") or []
+    picks = sorted({round(index * (len(steps) - 1) / (_LOSS_ROWS - 1)) for index in range(_LOSS_ROWS)}) if steps else []
+    grid = record.get("sample_grid")
+    return {
+        "steps_done": record.get("steps_done"),
+        "steps_planned": record.get("steps_planned"),
+        "stopped_early": bool(record.get("stopped_early")),
+        "stop_reason": record.get("stop_reason"),
+        "train_seconds": float(record.get("train_seconds") or 0.0),
+        "loss_curve": [
+            {"step": steps[i], "loss_d": (curves.get("loss_d") or [None] * len(steps))[i],
+             "loss_g": (curves.get("loss_g") or [None] * len(steps))[i]}
+            for i in picks
+        ],
+        "sample_grid": grid.get("file") if isinstance(grid, dict) else None,
+    }
+
+
 def _distinct(series: pd.Series) -> list[str]:
     return sorted({str(value) for value in series if str(value).strip()})
 
@@ -273,14 +326,16 @@ class CardGates:
     """The report's gate verdicts as the export applied them.
 
     Attributes:
-        gates: gate name -> ``pass``, ``fail`` or ``not_run``.
+        gates: gate name -> ``pass``, ``fail``, ``inconclusive`` or ``not_run``.
         privacy_gate: the privacy gate's verdict (the one that blocks an export).
         overridden: the export went ahead although the privacy gate did not pass.
+        accepted_by: what let an inconclusive privacy gate through (the flag or config key), for the card.
     """
 
     gates: Mapping[str, str]
     privacy_gate: str
     overridden: bool
+    accepted_by: str = "--accept-inconclusive / export.accept_inconclusive"
 
 
 @dataclass(frozen=True)
@@ -354,7 +409,9 @@ def build_facts(
     tags = ["medical-imaging", modality.lower(), "synthetic", "gan", "medsynth"]
     if spatial_dims is not None:
         tags.append(f"{spatial_dims}d")
-    tags.append("privacy-gate-" + {"pass": "passed", "fail": "failed", "not_run": "not-run"}[privacy_gate])
+    tags.append(
+        "privacy-gate-" + {"pass": "passed", "fail": "failed", "inconclusive": "inconclusive", "not_run": "not-run"}[privacy_gate]
+    )
     annotations = [config.card.real_annotations]
     if "machine-generated" not in annotations:
         annotations.append("machine-generated")
@@ -368,21 +425,41 @@ def build_facts(
         "annotations_creators": annotations,
     }
     banner: list[str] = []
-    if gates_overridden:
+    if gates_overridden and privacy_gate == "inconclusive":
+        banner.append(
+            "WARNING: the privacy gate was INCONCLUSIVE, which is not a pass: the evaluation had too few held-out "
+            "subjects (or a privacy check did not run) to show that the synthetic images do not reproduce training "
+            "patients. This dataset was exported only because an inconclusive verdict was accepted"
+            f" ({gate_outcome.accepted_by}). Do not share it beyond the people allowed to see the real images."
+        )
+    elif gates_overridden:
         what = "FAILED" if privacy_gate == "fail" else "DID NOT RUN"
         banner.append(
             f"WARNING: the privacy gate {what}; this dataset was exported only because failed gates were allowed "
             "(--allow-failed-gates / export.allow_failed_gates). Its synthetic images may reproduce training "
             "patients: do not share it beyond the people allowed to see the real images."
         )
+    training = _training(report)
+    if training is not None and training["stopped_early"]:
+        banner.append(
+            f"WARNING: the generator stopped early ({training['stop_reason']}); its synthetic images are not "
+            "those of the planned training run."
+        )
     failed_other = [name for name in GATES if name != "privacy" and gates.get(name) == "fail"]
     if failed_other:
         banner.append(f"Note: the {', '.join(failed_other)} gate(s) failed; see the evaluation section before using the synthetic images.")
+    open_other = [name for name in GATES if name != "privacy" and gates.get(name) in ("inconclusive", "not_run")]
+    if open_other:
+        banner.append(
+            f"Note: the {', '.join(open_other)} gate(s) did not pass (inconclusive or not run); see the evaluation "
+            "section before relying on those properties."
+        )
 
     evaluation: dict[str, Any] = {
         "gates": [{"name": name, "status": gates[name]} for name in GATES],
         "thresholds": [{"name": key, "value": value} for key, value in thresholds.items() if not isinstance(value, dict)],
-        "checks": _checks(report["gates"].get("checks")),
+        "checks": _checks(report["gates"].get("checks"), report),
+        "sentences": {name: str(text) for name, text in (report["gates"].get("sentences") or {}).items()},
         "feature_spaces": [
             {"name": str(name), "description": str(text)}
             for name, text in (report.get("feature_spaces") or {}).items()
@@ -476,6 +553,7 @@ def build_facts(
             "descrip_example": _descrip_example(augmented),
         },
         "evaluation": evaluation,
+        "training": training,
         "privacy_filter": {
             "flagged": export.flagged,
             "excluded": len(excluded_synthetic),

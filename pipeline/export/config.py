@@ -77,11 +77,23 @@ class ExportConfig(Section):
         description="Export even when the report's privacy gate failed or did not run; the data card then "
         "says so in its first lines. Same as --allow-failed-gates.",
     )
+    accept_inconclusive: bool = Field(
+        False,
+        description="Export even when the report's privacy gate is inconclusive (too few held-out subjects to "
+        "certify privacy; never a pass); the data card then says so in its first lines. Same as "
+        "--accept-inconclusive. A failed or not-run gate still needs allow_failed_gates.",
+    )
     min_distance: float | None = Field(
         None,
         ge=0.0,
         description="Also exclude synthetic images whose distance to the nearest training image (the report's "
         "feature space) is below this value; null: exclude exactly the images the report flagged.",
+    )
+    real_grid: Literal["model", "native"] = Field(
+        "model",
+        description="Grid of the real images. model: the model's preprocessing puts them on the synthetic images' "
+        "grid (needs --model; without it export refuses real images on another grid). native: copied unchanged "
+        "on their own grid, knowingly beside synthetic images on the model grid.",
     )
     card: CardConfig = Field(default_factory=CardConfig)
 

@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.contracts.dataset import REQUIRED_COLUMNS, SPLITS, Dataset, read_dataset, write_manifest
-from pipeline.core.errors import InputError
+from pipeline.core.errors import CheckFailed, InputError
 from pipeline.export import card as card_module
 from pipeline.contracts.model import MODEL_JSON
 from pipeline.export.facts import ModelFacts, git_commit, ingest_facts, model_facts, tool_versions
@@ -110,7 +110,12 @@ class ExportSummary:
     def lines(self) -> list[str]:
         """A short human summary (the CLI echoes it)."""
         lines = [f"Augmented dataset written to {self.out}"]
-        if self.gates_overridden:
+        if self.gates_overridden and self.privacy_gate == "inconclusive":
+            lines.append(
+                "  WARNING: the privacy gate is INCONCLUSIVE (not a pass); exported only because that was accepted "
+                "(--accept-inconclusive or --allow-failed-gates). The data card says so at the top."
+            )
+        elif self.gates_overridden:
             lines.append(
                 f"  WARNING: the privacy gate is '{self.privacy_gate}'; exported only because failed gates were "
                 "allowed (--allow-failed-gates). The data card says so at the top."
@@ -131,7 +136,8 @@ class ExportSummary:
         )
         if self.dicom_series:
             lines.append(f"  DICOM: {self.dicom_series} synthetic series under {self.out / 'dicom'}")
-        lines.append("  gates: " + ", ".join(f"{name} {status}" for name, status in self.gates.items()))
+        words = {"fail": "FAIL", "inconclusive": "INCONCLUSIVE", "not_run": "not run"}
+        lines.append("  gates: " + ", ".join(f"{name} {words.get(status, status)}" for name, status in self.gates.items()))
         lines.extend(f"  note: {warning}" for warning in self.warnings)
         lines.append(f"  data card: {self.card}")
         return lines
@@ -341,6 +347,37 @@ def _check_preprocess(spec: Mapping[str, Any], where: Path) -> None:
         ) from None
 
 
+def _refuse_mixed_grids(real: Dataset, synthetic: Dataset) -> None:
+    """Refuse (exit 2, before anything is written) to copy real images that are not on the synthetic images' grid."""
+    import nibabel as nib
+    import numpy as np
+
+    def grids(dataset: Dataset) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for _, row in dataset.manifest.iterrows():
+            try:
+                header = nib.load(dataset.image_path(row)).header
+            except Exception:  # a damaged file is reported by the checksum check that follows
+                continue
+            shape = "x".join(str(int(size)) for size in header.get_data_shape())
+            spacing = "x".join(f"{float(zoom):g}" for zoom in np.round(header.get_zooms(), 3))
+            grid = f"{shape} voxels of {spacing} mm"
+            found[grid] = found.get(grid, 0) + 1
+        return found
+
+    real_grids, synthetic_grids = grids(real), grids(synthetic)
+    foreign = {grid: count for grid, count in real_grids.items() if grid not in synthetic_grids}
+    if foreign:
+        example = max(foreign, key=lambda grid: foreign[grid])
+        raise InputError(
+            f"--real {real.root}: {sum(foreign.values())} real image(s) are not on the synthetic images' grid "
+            f"(e.g. {example}; synthetic: {', '.join(sorted(synthetic_grids))}), and without --model export would copy "
+            "them unchanged, mixing grids in one dataset. Fix: pass --model MODEL_DIR so the real images get the "
+            "model's preprocessing (the synthetic images' grid), or set `export.real_grid: native` to keep them on "
+            "their native grid knowingly."
+        )
+
+
 def _notes(inputs: _Inputs, remarked: int, moved: int, preprocessed: bool) -> list[str]:
     """What a reader of the summary and the card should know about how the export went."""
     notes = []
@@ -361,6 +398,23 @@ def _notes(inputs: _Inputs, remarked: int, moved: int, preprocessed: bool) -> li
     return notes
 
 
+def _inconclusive_refusal(report: Mapping[str, Any], path: Path) -> CheckFailed:
+    """Why an inconclusive privacy gate stops the export, with what the report says would decide it."""
+    checks = (report["gates"].get("checks") or {}).get("privacy") or []
+    open_checks = [
+        f"{check.get('name')}: {check.get('power') or check.get('reason') or 'not measured'}"
+        for check in checks
+        if isinstance(check, dict) and check.get("verdict") in ("inconclusive", "not_run")
+    ]
+    detail = "; ".join(open_checks) or "see the report"
+    return CheckFailed(
+        f"export refused: the privacy gate of {path} is inconclusive, which is not a pass: the evaluation could not "
+        f"show that the synthetic images do not reproduce training patients ({detail}). Fix: evaluate with more "
+        "held-out real subjects (val + test), as the report states; or, to export anyway, pass --accept-inconclusive "
+        "(config: export.accept_inconclusive: true): the data card then says so in its first lines."
+    )
+
+
 def run(
     real: str | os.PathLike[str],
     synthetic: str | os.PathLike[str],
@@ -371,6 +425,7 @@ def run(
     tracker: Tracker = NullTracker(),
     allow_failed_gates: bool = False,
     links: Mapping[str, str] | None = None,
+    accept_inconclusive: bool = False,
 ) -> ExportSummary:
     """Export the augmented dataset (real + kept synthetic images) with its data card.
 
@@ -383,8 +438,8 @@ def run(
         model_dir: the generator's folder: real images get its preprocessing (same grid and intensity
             scale as the synthetic ones). None: real images are copied unchanged.
         tracker: where to record lineage (datasets in/out, card and manifest, links).
-        allow_failed_gates: export even if the privacy gate failed or did not run (also
-            ``config.allow_failed_gates``); the card then says so at the top.
+        allow_failed_gates: export even if the privacy gate failed, did not run or is inconclusive
+            (also ``config.allow_failed_gates``); the card then says so at the top.
         links: MLflow run ids of the other stages, keyed ``ingest``, ``train``, ``generate``,
             ``evaluate`` (the orchestrator passes them; missing ones are read from the inputs).
 
@@ -393,18 +448,36 @@ def run(
 
     Raises:
         InputError: unreadable or inconsistent inputs, or an unsafe output folder.
-        CheckFailed: the privacy gate failed (or did not run) and failed gates were not allowed.
+        CheckFailed: the privacy gate failed (or did not run) and failed gates were not allowed, or it is
+            inconclusive and that was not accepted.
     """
     out = Path(out)
     inputs = _load_inputs(Path(real), Path(synthetic), report, out, Path(model_dir) if model_dir is not None else None)
     gates = {gate.value: gate_status(inputs.report, gate) for gate in GateName}
     privacy_gate = gates["privacy"]
     allowed = allow_failed_gates or config.allow_failed_gates
+    accepted = accept_inconclusive or config.accept_inconclusive
     overridden = privacy_gate != "pass"
-    tracker.set_tags({"medsynth.privacy_gate": privacy_gate, "medsynth.allow_failed_gates": str(allowed).lower()})
-    if overridden and not allowed:
+    tracker.set_tags(
+        {
+            "medsynth.privacy_gate": privacy_gate,
+            "medsynth.allow_failed_gates": str(allowed).lower(),
+            "medsynth.accept_inconclusive": str(accepted).lower(),
+        }
+    )
+    # Inconclusive is never a pass: it is refused like a failure unless accepted explicitly (or unless
+    # failed gates are allowed, which covers it too); the card then says which.
+    if privacy_gate == "inconclusive" and not (accepted or allowed):
+        tracker.set_tags({"medsynth.refused": "privacy gate inconclusive"})
+        raise _inconclusive_refusal(inputs.report, inputs.report_file)
+    if overridden and privacy_gate != "inconclusive" and not allowed:
         tracker.set_tags({"medsynth.refused": "privacy gate " + privacy_gate})
         raise refusal(inputs.report, inputs.report_file, privacy_gate)
+    accepted_by = (
+        "--accept-inconclusive / export.accept_inconclusive"
+        if accepted
+        else "--allow-failed-gates / export.allow_failed_gates"
+    )
 
     flagged, excluded_synthetic, filter_how = privacy_filter(
         inputs.real, inputs.synthetic, inputs.model_dir, inputs.report, config, inputs.report_file
@@ -413,6 +486,8 @@ def run(
     kept = inputs.synthetic.manifest[~inputs.synthetic.manifest["sample_id"].isin(excluded_ids)]
     _verify(inputs.real, "--real")
     _verify(inputs.synthetic, "--synthetic")
+    if inputs.model is None and config.real_grid == "model":
+        _refuse_mixed_grids(inputs.real, inputs.synthetic)
     preprocessor = None
     if inputs.model is not None:
         from pipeline.imaging.preprocess import Preprocessor
@@ -447,7 +522,9 @@ def run(
                 model=inputs.model,
                 ingest=ingest_facts(inputs.real),
             ),
-            card_module.CardGates(gates=gates, privacy_gate=privacy_gate, overridden=overridden),
+            card_module.CardGates(
+                gates=gates, privacy_gate=privacy_gate, overridden=overridden, accepted_by=accepted_by
+            ),
             card_module.CardExport(
                 augmented=read_dataset(stage_dir),
                 excluded=excluded,
