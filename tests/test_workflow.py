@@ -139,3 +139,22 @@ def test_second_run_skips_unchanged_stages(smoke_run) -> None:
     second = smoke_run["second"]
     assert second.returncode == 0, second.stderr[-2000:]
     assert second.stdout.count("unchanged") >= 5
+
+
+def test_a_run_whose_gates_did_not_all_pass_exits_1_unless_accepted(smoke_run) -> None:
+    """The smoke run's gates do not all pass (12 subjects): without the smoke config's allowance, exit 1."""
+    work = smoke_run["work"]
+    report = json.loads((smoke_run["root"] / "report" / "report.json").read_text())
+    assert any(report["gates"][gate] != "pass" for gate in ("fidelity", "diversity", "privacy", "utility"))
+    config = yaml.safe_load((work / "smoke.yaml").read_text())
+    config.setdefault("export", {}).update(allow_failed_gates=False, accept_inconclusive=False)
+    strict = work / "strict.yaml"
+    strict.write_text(yaml.safe_dump(config))
+    os.environ["MLFLOW_TRACKING_URI"] = smoke_run["uri"]
+    try:
+        result = _run(["run", "-c", str(strict), "--no-progress"], cwd=work)
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "gate" in result.stderr and "Fix:" in result.stderr
