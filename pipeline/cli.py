@@ -234,8 +234,7 @@ def ui_command(port: int) -> None:
     try:
         process.wait()
     except KeyboardInterrupt:
-        process.terminate()
-        process.wait(timeout=10)
+        tracking.stop_ui(process)
         click.echo("MLflow UI stopped.")
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "list_runs",
     "logging_quiet",
     "start_ui",
+    "stop_ui",
     "ui_url",
 ]
 
@@ -308,6 +309,7 @@ def start_ui(port: int = 0, host: str = "127.0.0.1", timeout: float = 120.0) -> 
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group: stop_ui ends the server and every worker it forked
     )
     url = ui_url(host, port)
     deadline = time.monotonic() + timeout
@@ -320,5 +322,22 @@ def start_ui(port: int = 0, host: str = "127.0.0.1", timeout: float = 120.0) -> 
                 return process, url
         except (urllib.error.URLError, OSError):
             time.sleep(0.5)
-    process.terminate()
+    stop_ui(process)
     raise InputError(f"the MLflow UI did not answer at {url} within {timeout:.0f} s. Fix: re-run; check the port.")
+
+
+def stop_ui(process: Any, grace: float = 10.0) -> None:
+    """Stop a UI started by :func:`start_ui`: SIGTERM to its process group, SIGKILL after ``grace`` seconds."""
+    import signal
+    import subprocess
+
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        process.wait()

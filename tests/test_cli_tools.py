@@ -76,9 +76,10 @@ def test_ui_serves_the_projects_store_on_loopback(tmp_path: Path) -> None:
             assert answer.status == 200 and b"ui-test" in answer.read()
     finally:
         process.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         if process.poll() is None:
             process.kill()
+            process.wait()
     assert process.returncode == 0
