@@ -357,20 +357,32 @@ def generate_command(
 @click.option("--model", "model_dir", type=PathArg, default=None,
               help="Generator folder: its preprocessing, discriminator (white-box attack) and DP record. "
                    "Without it a default preprocessing is used.")
-@click.option("--strict", is_flag=True, help="Exit 1 when a gate fails.")
+@click.option("--strict", is_flag=True, help="Also exit 1 when a gate is inconclusive or did not run.")
+@click.option("--report-only", is_flag=True,
+              help="Exit 0 whatever the gates say (the report is the product, e.g. for a sweep that reads report.json).")
 @click.option("--no-progress", is_flag=True, help="No progress (bars on a terminal, a line every 30 s in a log).")
 @config_option
 def evaluate_command(
-    real: Path, synthetic: Path, out: Path, model_dir: Path | None, strict: bool, no_progress: bool,
+    real: Path, synthetic: Path, out: Path, model_dir: Path | None, strict: bool, report_only: bool, no_progress: bool,
     config_file: Path | None,
 ) -> None:
-    """Measure fidelity, diversity, privacy and utility of SYNTHETIC against REAL; write the report."""
+    """Measure fidelity, diversity, privacy and utility of SYNTHETIC against REAL; write the report.
+
+    Exit 1 when a gate fails (after the report is written): a failed result never reads as success.
+    """
     config = _config(config_file, {})
     paths = {"ingested": real, "synthetic": synthetic, "report": out, "model": model_dir}
     result = _run_stage("evaluate", config, paths, progress=not no_progress)
+    if report_only:
+        return
     failed = [gate for gate, verdict in result.gates.items() if verdict == "fail"]
-    if strict and failed:
+    undecided = [gate for gate, verdict in result.gates.items() if verdict in ("inconclusive", "not_run")]
+    if failed:
         raise CheckFailed(f"gate(s) failed: {', '.join(failed)}. See {out / 'report.html'} for the evidence.")
+    if strict and undecided:
+        raise CheckFailed(
+            f"gate(s) inconclusive or not run: {', '.join(undecided)}. See {out / 'report.html'} for what would decide them."
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -56,11 +56,13 @@ def test_cli_reports_gates_exit_codes_and_mlflow_lineage(
         "--no-progress",
     ]
 
-    assert _evaluate([*argv, "--out", str(mlflow_store / "report")]) == 0  # a failed gate is reported, not an error
+    # A failed gate: the report is written and the command exits 1; --report-only leaves the verdict to the reader.
+    assert _evaluate([*argv, "--out", str(mlflow_store / "report"), "--report-only"]) == 0
     out = capsys.readouterr().out
     assert "privacy FAIL" in out and "memorization_rate 1" in out
-    assert _evaluate([*argv, "--out", str(mlflow_store / "strict"), "--strict"]) == 1
+    assert _evaluate([*argv, "--out", str(mlflow_store / "strict")]) == 1
     assert "gate(s) failed: privacy" in capsys.readouterr().err
+    assert (mlflow_store / "strict" / "report.html").is_file()
 
     report = json.loads((mlflow_store / "strict" / "report.json").read_text())
     # Slices of 3-slice volumes: ids carry the slice, counts are per slice.
