@@ -7,6 +7,7 @@ one message that says what, where and how to fix it, and no traceback unless ``-
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -229,6 +230,11 @@ def ui_command(port: int) -> None:
     from pipeline import tracking
 
     process, url = tracking.start_ui(port)
+
+    def _stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM (a service manager, `timeout`) stops the server like Ctrl-C
+
+    signal.signal(signal.SIGTERM, _stop)
     click.echo(f"MLflow UI: {url}  (store: {tracking.tracking_uri()})")
     click.echo("  each experiment's runs are under its 'Runs' tab; Ctrl-C stops the UI.")
     try:
