@@ -552,8 +552,6 @@ def audit(
     if not directory.is_dir():
         raise InputError(f"{directory}: folder not found. Fix: pass the folder to audit (e.g. a dataset written by ingest).")
     options = options or _record_options(directory)
-
-    profile = profile_for(IngestConfig(deid=options))
     sources = list(against or [])
     if sources and identifiers is None:
         for index, source in enumerate(sources, start=1):
