@@ -64,9 +64,11 @@ def test_ui_serves_the_projects_store_on_loopback(tmp_path: Path) -> None:
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     environment = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    # A shell's background job inherits SIGINT ignored, and Python then keeps ignoring it: give the UI a
+    # default SIGINT, as a terminal's Ctrl-C would find it.
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "ui"], cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         first = process.stdout.readline()
