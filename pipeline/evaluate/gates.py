@@ -306,6 +306,46 @@ def _test_verdict(
     return "inconclusive", "the upper bound exceeds the limit"
 
 
+def _power_sentence(
+    n_holdout: Any, detectable: str, power: float, powered: bool, needed: Any, limiting: Any
+) -> str:
+    """What a privacy check would have detected at this held-out size, and what a pass would need."""
+    sentence = f"with {n_holdout} held-out subjects, {detectable} would be detected with {power:.0%} power"
+    return sentence if powered else f"{sentence}; {_needed(needed, limiting)}"
+
+
+def _tested_check(
+    name: str,
+    value: float,
+    limit: float,
+    decision: tuple[Verdict, str],
+    meaning: str,
+    power: str,
+    *,
+    failed: str,
+    evidence: str,
+    p_value: Any,
+    upper: Any,
+) -> Check:
+    """A privacy check decided by :func:`_test_verdict`, its finding worded from the verdict."""
+    verdict, rule = decision
+    finding = {"fail": f"{failed}.", "inconclusive": f"{rule}: {evidence}; {power}."}.get(verdict)
+    return _make(
+        name=name,
+        value=value,
+        comparison="<=",
+        threshold=limit,
+        passed={"pass": True, "fail": False}.get(verdict),
+        verdict=verdict,
+        meaning=meaning,
+        reason=None if verdict == "pass" else rule,
+        finding=finding,
+        power=power,
+        p_value=p_value,
+        upper=upper,
+    )
+
+
 def _memorization_check(privacy: dict[str, Any], thresholds: GateThresholds, reason: str | None) -> Check:
     limit = thresholds.max_memorization_excess
     meaning = (
@@ -330,13 +370,15 @@ def _memorization_check(privacy: dict[str, Any], thresholds: GateThresholds, rea
     upper, p_value = privacy["memorization_excess_upper"], privacy["memorization_p_value"]
     powered = bool(privacy.get("memorization_powered"))
     significant = _finite(privacy.get("memorization_excess_ci_low")) and privacy["memorization_excess_ci_low"] > 0.0
-    verdict, rule = _test_verdict(excess, upper, significant, powered, limit)
-    n = privacy.get("n_holdout_subjects")
-    power = (
-        f"with {n} held-out subjects, an excess above {_fmt(privacy.get('memorization_detectable_excess'))} "
-        f"(a memorization rate above {_fmt(privacy['memorization_null_rate'] + privacy['memorization_detectable_excess'])}) "
-        f"would be detected with {thresholds.privacy_power:.0%} power"
-        + ("" if powered else "; " + _needed(privacy.get("memorization_subjects_needed"), privacy.get("memorization_subjects_needed_reason")))
+    decision = _test_verdict(excess, upper, significant, powered, limit)
+    power = _power_sentence(
+        privacy.get("n_holdout_subjects"),
+        f"an excess above {_fmt(privacy.get('memorization_detectable_excess'))} (a memorization rate above "
+        f"{_fmt(privacy['memorization_null_rate'] + privacy['memorization_detectable_excess'])})",
+        thresholds.privacy_power,
+        powered,
+        privacy.get("memorization_subjects_needed"),
+        privacy.get("memorization_subjects_needed_reason"),
     )
     evidence = (
         f"memorization rate {_fmt(privacy.get('memorization_rate'))} against a null rate of "
@@ -344,24 +386,10 @@ def _memorization_check(privacy: dict[str, Any], thresholds: GateThresholds, rea
         f"[{_fmt(privacy.get('memorization_excess_ci_low'))}, {_fmt(privacy.get('memorization_excess_ci_high'))}], "
         f"p = {_fmt(p_value)}, upper bound {_fmt(upper)} (limit {_fmt(limit)})"
     )
-    finding = None
-    if verdict == "fail":
-        finding = f"synthetic images sit closer to training images than held-out patients do: {evidence}."
-    elif verdict == "inconclusive":
-        finding = f"{rule}: {evidence}; {power}."
-    return _make(
-        name="memorization_excess",
-        value=float(excess),
-        comparison="<=",
-        threshold=limit,
-        passed={"pass": True, "fail": False}.get(verdict),
-        verdict=verdict,
-        meaning=meaning,
-        reason=None if verdict == "pass" else rule,
-        finding=finding,
-        power=power,
-        p_value=p_value,
-        upper=upper,
+    return _tested_check(
+        "memorization_excess", float(excess), limit, decision, meaning, power,
+        failed=f"synthetic images sit closer to training images than held-out patients do: {evidence}",
+        evidence=evidence, p_value=p_value, upper=upper,
     )
 
 
@@ -387,35 +415,20 @@ def _attack_check(name: str, attack: dict[str, Any], thresholds: GateThresholds,
         )
     significant = attack["auc_lower"] > 0.5  # the two-sided interval lies above chance
     powered = bool(attack.get("powered"))
-    verdict, rule = _test_verdict(value, attack["auc_upper"], significant, powered, limit)
-    power = (
-        f"with {n_holdout} held-out subjects, an attack AUC above {_fmt(attack.get('detectable_auc'))} would be "
-        f"detected with {thresholds.privacy_power:.0%} power"
-        + ("" if powered else "; " + _needed(attack.get("subjects_needed"), attack.get("subjects_needed_reason")))
+    decision = _test_verdict(value, attack["auc_upper"], significant, powered, limit)
+    power = _power_sentence(
+        n_holdout, f"an attack AUC above {_fmt(attack.get('detectable_auc'))}", thresholds.privacy_power, powered,
+        attack.get("subjects_needed"), attack.get("subjects_needed_reason"),
     )
     evidence = (
         f"AUC {_fmt(value)} (bootstrap interval [{_fmt(attack.get('auc_ci_low'))}, {_fmt(attack.get('auc_ci_high'))}]; "
         f"lower bound {_fmt(attack['auc_lower'])}, upper bound {_fmt(attack['auc_upper'])}, limit {_fmt(limit)}); TPR "
         f"{_fmt(attack.get('tpr_at_1pct_fpr'))} at 1% and {_fmt(attack.get('tpr_at_10pct_fpr'))} at 10% FPR"
     )
-    finding = None
-    if verdict == "fail":
-        finding = f"the attack {name} tells training patients from held-out ones: {evidence}."
-    elif verdict == "inconclusive":
-        finding = f"{rule}: {evidence}; {power}."
-    return _make(
-        name=f"mia_auc_{name}",
-        value=float(value),
-        comparison="<=",
-        threshold=limit,
-        passed={"pass": True, "fail": False}.get(verdict),
-        verdict=verdict,
-        meaning=meaning,
-        reason=None if verdict == "pass" else rule,
-        finding=finding,
-        power=power,
-        p_value=attack.get("p_value"),
-        upper=attack["auc_upper"],
+    return _tested_check(
+        f"mia_auc_{name}", float(value), limit, decision, meaning, power,
+        failed=f"the attack {name} tells training patients from held-out ones: {evidence}",
+        evidence=evidence, p_value=attack.get("p_value"), upper=attack["auc_upper"],
     )
 
 
