@@ -6,6 +6,9 @@ one message that says what, where and how to fix it, and no traceback unless ``-
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 import signal
 import sys
@@ -67,13 +70,21 @@ def _run_stage(
     entry = stage(name)
     roles = {role: Path(path) for role, path in paths.items() if path is not None}
     entry.check_inputs(config, roles)
-    if not tracked:
-        return entry.run(StageContext(config=config, paths=roles, progress=progress, resume=resume))
-    section = getattr(config, entry.section)
-    with tracking.stage_run(
-        name, config.experiment_name, params=flatten({entry.section: section.model_dump(mode="json")})
-    ) as tracker:
-        result = entry.run(StageContext(config=config, paths=roles, tracker=tracker, progress=progress, resume=resume))
+    notes: list[str] = []
+    # torchrun: rank 0 writes and holds the lock; the other ranks write nothing.
+    writing = entry.writing(roles, notes) if tracked else contextlib.nullcontext()
+    with writing:
+        _echo_lines(notes)
+        if not tracked:
+            return entry.run(StageContext(config=config, paths=roles, progress=progress, resume=resume))
+        section = getattr(config, entry.section)
+        with tracking.stage_run(
+            name, config.experiment_name, params=flatten({entry.section: section.model_dump(mode="json")}),
+            owner=entry.owner(roles),
+        ) as tracker:
+            result = entry.run(
+                StageContext(config=config, paths=roles, tracker=tracker, progress=progress, resume=resume)
+            )
     _echo_lines(result.lines)
     result.raise_if_incomplete()
     return result
@@ -159,13 +170,18 @@ def demo_command(
     from pipeline.demo import make_cohort
     from pipeline.workflow import default_demo_config, run_all
 
+    from pipeline.core.locks import hold
+
     config_file = config_file or default_demo_config()
     config = _config(config_file, _acceptances(accept_early_stop, accept_inconclusive))
     paths = RunPaths(config.resolved_run_root)
-    cohort = make_cohort(paths.raw, subjects=subjects, seed=config.seed)
-    _use_demo_key(config, paths)
-    _echo_lines(cohort.lines()[:3])
-    summary = run_all(config, where=str(config_file), force=force, progress=not no_progress, echo=click.echo)
+    notes: list[str] = []
+    with hold(paths.root, notes):  # the cohort is written into the run root: the same one writer as run_all
+        _echo_lines(notes)
+        cohort = make_cohort(paths.raw, subjects=subjects, seed=config.seed)
+        _use_demo_key(config, paths)
+        _echo_lines(cohort.lines()[:3])
+        summary = run_all(config, where=str(config_file), force=force, progress=not no_progress, echo=click.echo)
     _echo_lines(summary.lines())
     _exit_on_unaccepted_gates(summary, config)
 
@@ -391,6 +407,57 @@ def evaluate_command(
         )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager, ``timeout``, ``kill``): unwinds like Ctrl-C, so MLflow runs end KILLED."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """A log file that never prints logging's own error report: an unwritable log must not break the console."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        pass
+
+
+def _capture_warnings(debug: bool) -> Path:
+    """Send Python warnings (torch, numpy, MONAI, ...) to the log file instead of the console.
+
+    A ``RuntimeWarning`` printed before ``error: ...`` breaks the promise of one line per error.
+    The log is ``MEDSYNTH_LOG`` or ``medsynth.log`` in the working directory (beside MLflow's
+    default ``mlflow.db``), created on the first warning; ``--debug`` also shows them on stderr.
+
+    Returns:
+        The log file's path.
+    """
+    path = Path(os.environ.get("MEDSYNTH_LOG") or "medsynth.log")
+    logging.captureWarnings(True)
+    logger = logging.getLogger("py.warnings")
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        if getattr(handler, "_medsynth", False):
+            logger.removeHandler(handler)
+            handler.close()
+    handlers: list[logging.Handler] = [_QuietFileHandler(path, encoding="utf-8", delay=True)]
+    if debug:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        handler._medsynth = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    return path
+
+
+def _no_space(exc: OSError) -> str:
+    # The file name is not quoted: an OSError's filename can be a source path, which may name a patient.
+    return (
+        "error: no space left on device. Fix: free space and re-run; what was finished is kept "
+        "(every file is written whole or not at all) and the re-run continues from there."
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``medsynth`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -399,9 +466,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = [arg for arg in args if arg != "--debug"]
     if debug:
         args = ["--debug", *args]
+    _capture_warnings(debug)
+    previous_term = None
+    if _main_thread():
+        previous_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(args=args, prog_name="medsynth", standalone_mode=False)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        # click turns an interrupt inside a command into Abort, keeping the interrupt as its cause.
+        if isinstance(exc, Terminated) or isinstance(exc.__cause__ or exc.__context__, Terminated):
+            click.echo("Terminated (SIGTERM). What was written is kept; re-run the command to continue.", err=True)
+            sys.exit(128 + signal.SIGTERM)
         click.echo(
             "Interrupted. What was written is kept: train saved a checkpoint (add --resume to continue), "
             "`medsynth run` resumes where it stopped, ingest skips the series it finished.",
@@ -417,15 +492,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     except MedsynthError as exc:
         _report(exc, debug)
         sys.exit(exc.exit_code)
-    except Exception as exc:  # an unexpected failure: still one line unless --debug
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            _unexpected(exc, debug)
         if debug:
             traceback.print_exc()
-        else:
-            click.echo(
-                f"error: unexpected {type(exc).__name__}. Re-run with --debug for the traceback and report it.",
-                err=True,
-            )
-        sys.exit(3)
+        click.echo(_no_space(exc), err=True)
+        sys.exit(1)
+    except Exception as exc:  # an unexpected failure: still one line unless --debug
+        _unexpected(exc, debug)
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         # A torchrun rank whose work is done and written: leave without interpreter teardown. With
         # torch 2.13 + gloo a rank aborts now and then at exit, after training finished ("terminate
@@ -435,6 +513,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.stderr.flush()
         os._exit(0)
     sys.exit(0)
+
+
+def _main_thread() -> bool:
+    """Whether this is the main thread (the only one that may set signal handlers)."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _unexpected(exc: BaseException, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    else:
+        click.echo(
+            f"error: unexpected {type(exc).__name__}. Re-run with --debug for the traceback and report it.",
+            err=True,
+        )
+    sys.exit(3)
 
 
 def _report(exc: MedsynthError, debug: bool) -> None:

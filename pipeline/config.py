@@ -105,7 +105,23 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{path}: config file not found. Fix: pass an existing YAML file with -c (see configs/).")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path}: not UTF-8 text (byte {exc.start} cannot be decoded). Fix: save the config as UTF-8."
+        ) from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__}). Fix: check the file.") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        tag = _unsupported_tag(str(exc.problem or ""))
+        raise InputError(
+            f"{path}{line}: unsupported YAML tag {tag} (tags that build Python objects are never loaded). "
+            "Fix: remove the tag and write the plain value."
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
@@ -115,6 +131,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise InputError(f"{path}: the top level must be a mapping of keys (name:, model:, ...).")
     return loaded
+
+
+def _unsupported_tag(problem: str) -> str:
+    """The tag PyYAML's safe loader refused (``!!python/object:os.system``), from its problem text."""
+    start = problem.find("'")
+    tag = problem[start + 1 : problem.rfind("'")] if start >= 0 and problem.rfind("'") > start else ""
+    tag = tag.replace("tag:yaml.org,2002:", "!!")
+    return f"'{tag}'" if tag else "(unknown)"
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

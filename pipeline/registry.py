@@ -10,8 +10,9 @@ the MLflow tracker) and returns one :class:`pipeline.contracts.stages.StageResul
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -22,6 +23,7 @@ from pipeline.contracts.report import REPORT_JSON
 from pipeline.contracts.stages import StageResult
 from pipeline.core.errors import InputError
 from pipeline.core.files import sha256_file
+from pipeline.core.locks import hold_all, lock_id
 from pipeline.core.section import config_digest
 from pipeline.tracking import NullTracker, Tracker
 
@@ -228,6 +230,28 @@ class Stage:
         """Refuse missing inputs before anything is imported, opened or written (an MLflow run included)."""
         for item in self.inputs:
             item.check(config, paths)
+
+    def output_folders(self, paths: Mapping[str, Path]) -> list[Path]:
+        """The folders this stage writes, of the roles ``paths`` gives."""
+        return [Path(paths[role]) for role in self.outputs if role in paths]
+
+    def owner(self, paths: Mapping[str, Path]) -> str | None:
+        """The id its MLflow runs carry (:func:`pipeline.core.locks.lock_id` of its first output folder)."""
+        folders = self.output_folders(paths)
+        return lock_id(folders[0]) if folders else None
+
+    @contextlib.contextmanager
+    def writing(self, paths: Mapping[str, Path], notes: list[str] | None = None) -> Iterator[None]:
+        """Hold the write lock of every output folder for the block: one writer per output.
+
+        Also checks each output location before any work (a file in the way is bad input).
+
+        Raises:
+            InputError: another live process writes one of the folders (or a folder above it),
+                or an output location cannot be a folder.
+        """
+        with hold_all(self.output_folders(paths), notes):
+            yield
 
 
 def _run_ingest(ctx: StageContext) -> StageResult:

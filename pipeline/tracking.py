@@ -30,6 +30,8 @@ __all__ = [
     "NullTracker",
     "MlflowTracker",
     "stage_run",
+    "close_stale_runs",
+    "OWNER_TAG",
     "tracking_uri",
     "STAGE_TAG",
     "get_run",
@@ -215,6 +217,9 @@ def _reach_store(experiment: str) -> str:
         ) from None
 
 
+OWNER_TAG = "medsynth.owner"
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,
@@ -222,26 +227,86 @@ def stage_run(
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, Any] | None = None,
     run_name: str | None = None,
+    owner: str | None = None,
 ) -> Iterator[MlflowTracker]:
     """Open an MLflow run for ``stage`` (nested under the active run, if any) and yield its tracker.
 
-    The run ends FAILED when the block raises, FINISHED otherwise.
+    The run ends FINISHED when the block returns, KILLED when it is interrupted (Ctrl-C, SIGTERM:
+    ``KeyboardInterrupt``) and FAILED when it raises anything else.
+
+    Args:
+        stage: the stage's name (the run's name unless ``run_name`` is given).
+        experiment: the MLflow experiment (used when no run is active).
+        params: flat params to log.
+        tags: extra tags.
+        run_name: the run's name.
+        owner: the id of the output this run writes (:func:`pipeline.core.locks.lock_id`), set as a tag.
+            The caller holds that output's lock, so a run of the same owner still RUNNING was left by
+            a process that died (``kill -9``, a power cut): it and its nested runs are ended KILLED first.
     """
     import mlflow
 
     logging_quiet()
     parent = mlflow.active_run()
     experiment_id = parent.info.experiment_id if parent is not None else _reach_store(experiment)
-    with mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=run_name or stage,
-        nested=parent is not None,
-        tags={STAGE_TAG: stage, **{key: str(value) for key, value in (tags or {}).items()}},
-    ) as run:
-        tracker = MlflowTracker(run.info.run_id, experiment_id)
+    all_tags = {STAGE_TAG: stage, **{key: str(value) for key, value in (tags or {}).items()}}
+    if owner is not None:
+        all_tags[OWNER_TAG] = owner
+        if parent is None:
+            closed = close_stale_runs(experiment_id, owner)
+            if closed:
+                all_tags["medsynth.closed_stale_runs"] = str(closed)
+    run = mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name or stage, nested=parent is not None, tags=all_tags
+    )
+    run_id = run.info.run_id
+    try:
+        tracker = MlflowTracker(run_id, experiment_id)
         if params:
             tracker.log_params(params)
         yield tracker
+    except KeyboardInterrupt:
+        _end_if_active(run_id, "KILLED")
+        raise
+    except BaseException:
+        _end_if_active(run_id, "FAILED")
+        raise
+    else:
+        _end_if_active(run_id, "FINISHED")
+
+
+def _end_if_active(run_id: str, status: str) -> None:
+    """End run ``run_id`` with ``status`` if it is the active run (a stage may have ended it already)."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        mlflow.end_run(status)
+
+
+def close_stale_runs(experiment_id: str, owner: str) -> int:
+    """End KILLED every RUNNING run tagged with ``owner``, and their RUNNING nested runs; return how many.
+
+    Only the holder of the owner's lock calls this, so no live process can still be writing them.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    stale = client.search_runs(
+        [experiment_id], f"tags.`{OWNER_TAG}` = '{owner}' and attributes.status = 'RUNNING'", max_results=1000
+    )
+    closed = 0
+    for run in stale:
+        children = client.search_runs(
+            [experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and attributes.status = 'RUNNING'",
+            max_results=1000,
+        )
+        for child in children:
+            client.set_terminated(child.info.run_id, "KILLED")
+            closed += 1
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed += 1
+    return closed
 
 
 def logging_quiet() -> None:

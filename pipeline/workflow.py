@@ -22,6 +22,7 @@ from pipeline.contracts.model import CHECKPOINT
 from pipeline.contracts.report import REPORT_JSON, GateName, Report, headline_figures, read_report
 from pipeline.contracts.stages import RunPaths, StageRecord, StageResult, read_stages, write_stages
 from pipeline.core.errors import CheckFailed, InputError
+from pipeline.core.locks import hold, lock_id
 from pipeline.core.paths import is_inside
 from pipeline.core.section import config_digest, flatten
 from pipeline.registry import STAGES, Stage, StageContext
@@ -117,11 +118,22 @@ def run_all(
         InputError: missing sources/labels, or a stage's bad input.
         CheckFailed: export refused because the privacy gate failed (after the report is written).
     """
-    from pipeline import tracking
-
     paths = RunPaths(config.resolved_run_root)
     _check_run_root(config, paths, where)
-    paths.root.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    with hold(paths.root, notes):  # one `medsynth run` per run root; stale RUNNING runs of it are closed below
+        for note in notes:
+            echo(note)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        return _run_locked(config, paths, force, progress, echo)
+
+
+def _run_locked(
+    config: MedsynthConfig, paths: RunPaths, force: bool, progress: bool, echo: Callable[[str], None]
+) -> RunSummary:
+    """:func:`run_all` once the run root's lock is held."""
+    from pipeline import tracking
+
     record = read_stages(paths.record)
     if force:
         record.stages.clear()
@@ -131,7 +143,7 @@ def run_all(
     with tracking.stage_run(
         "run", config.experiment_name, params=params,
         tags={"medsynth.config_digest": config_digest(config), "medsynth.run_root": str(paths.root)},
-        run_name=f"{config.name}",
+        run_name=f"{config.name}", owner=lock_id(paths.root),
     ) as parent:
         for entry in STAGES:
             digest = entry.digest(config, paths.roles())
@@ -218,7 +230,22 @@ def _execute(
     progress: bool,
     run_ids: dict[str, str],
 ) -> StageOutcome:
-    """Run one stage in its nested MLflow run, its outputs emptied first unless it resumes."""
+    """Run one stage in its nested MLflow run, its outputs locked, and emptied first unless it resumes."""
+    with entry.writing(paths.roles()):
+        return _execute_locked(entry, config, paths, params, digest, resume, progress, run_ids)
+
+
+def _execute_locked(
+    entry: Stage,
+    config: MedsynthConfig,
+    paths: RunPaths,
+    params: dict[str, Any],
+    digest: str,
+    resume: bool,
+    progress: bool,
+    run_ids: dict[str, str],
+) -> StageOutcome:
+    """:func:`_execute` once the stage's output folders are locked."""
     from pipeline import tracking
 
     if not resume:
@@ -227,7 +254,7 @@ def _execute(
     started = time.perf_counter()
     with tracking.stage_run(
         entry.name, config.experiment_name, params=_stage_params(params, entry.section),
-        tags={"medsynth.input_digest": digest},
+        tags={"medsynth.input_digest": digest}, owner=entry.owner(paths.roles()),
     ) as tracker:
         context = StageContext(
             config=config, paths=paths.roles(), tracker=tracker, progress=progress, resume=resume,

@@ -8,6 +8,7 @@ dataset on the model grid (as generate writes it) and a report.json with known f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -89,6 +90,11 @@ def _real_dataset(root: Path) -> None:
     (root / "ingest.json").write_text(json.dumps(record), encoding="utf-8")
 
 
+# export checks that the synthetic rows' model_digest is the --model checkpoint's SHA-256.
+CHECKPOINT_BYTES = b"stand-in checkpoint bytes"
+MODEL_DIGEST = hashlib.sha256(CHECKPOINT_BYTES).hexdigest()
+
+
 def _model_dir(root: Path, real: Path) -> dict:
     dataset = read_dataset(real)
     config = ModelConfig(image_size=[32, 32], spacing=[1.0, 1.0], max_steps=10)
@@ -104,7 +110,7 @@ def _model_dir(root: Path, real: Path) -> dict:
     }
     root.mkdir(parents=True)
     (root / "model.json").write_text(json.dumps(info), encoding="utf-8")
-    (root / "checkpoint.pt").write_bytes(b"stand-in checkpoint bytes")
+    (root / "checkpoint.pt").write_bytes(CHECKPOINT_BYTES)
     return info
 
 
@@ -122,7 +128,7 @@ def _synthetic_dataset(root: Path, spec: dict, per_class: int = 5) -> None:
             write_nifti(root / rel, image, pre.grid_affine(), descrip=f"synthetic (medsynth {GENERATOR_RUN})")
             rows.append(dict(
                 sample_id=sample_id, subject_id=sample_id, label=label, split="train", path=rel, origin="synthetic",
-                sha256=sha256_file(root / rel), generator_run_id=GENERATOR_RUN, seed="3", model_digest="abc123def456",
+                sha256=sha256_file(root / rel), generator_run_id=GENERATOR_RUN, seed="3", model_digest=MODEL_DIGEST,
             ))
     write_manifest(root, pd.DataFrame(rows))
 
@@ -240,7 +246,7 @@ def test_synthetic_files_are_marked_and_traceable(inputs: dict, exported: dict) 
     synthetic = manifest[manifest["origin"] == "synthetic"]
     assert len(synthetic) == 8  # 10 generated, 2 flagged
     assert set(synthetic["generator_run_id"]) == {GENERATOR_RUN}
-    assert set(synthetic["seed"]) == {"3"} and set(synthetic["model_digest"]) == {"abc123def456"}
+    assert set(synthetic["seed"]) == {"3"} and set(synthetic["model_digest"]) == {MODEL_DIGEST}
     source = read_dataset(inputs["synthetic"]).manifest.set_index("sample_id")
     for _, row in synthetic.iterrows():
         header = nib.load(out / row["path"]).header
@@ -348,6 +354,7 @@ def test_3d_model_exports_one_volume_per_real_image_on_the_model_grid(inputs: di
     spec = build_spec(config, real, real.subset(split="train"))
     model = tmp_path / "model3d"
     model.mkdir()
+    (model / "checkpoint.pt").write_bytes(CHECKPOINT_BYTES)
     (model / "model.json").write_text(json.dumps({**inputs["info"], "spatial_dims": 3, "image_size": [16, 16, 8],
                                                   "spacing": spec["spacing"], "preprocess": spec}))
     pre = Preprocessor(spec)
@@ -359,7 +366,7 @@ def test_3d_model_exports_one_volume_per_real_image_on_the_model_grid(inputs: di
         write_nifti(synthetic / rel, volume, pre.grid_affine(), descrip=f"synthetic (medsynth {GENERATOR_RUN})")
         rows.append(dict(sample_id=f"syn3d-{k}", subject_id=f"syn3d-{k}", label=label, split="train", path=rel,
                          origin="synthetic", sha256=sha256_file(synthetic / rel), generator_run_id=GENERATOR_RUN,
-                         seed="1", model_digest="abc"))
+                         seed="1", model_digest=MODEL_DIGEST))
     write_manifest(synthetic, pd.DataFrame(rows))
     run(inputs["real"], synthetic, _write_report(tmp_path / "r", _report(flagged=())), tmp_path / "out",
         ExportConfig(dicom=True), model_dir=model)

@@ -499,3 +499,81 @@ def test_a_folder_that_cannot_be_listed_is_quarantined_not_skipped(tmp_path: Pat
             assert next(csv.DictReader(rows))["path"].endswith(name)  # the private map says which folder
     finally:
         shutil.rmtree(source, ignore_errors=True)  # pytest's own clean-up cannot remove what it cannot name
+
+
+def _nifti(path: Path, data: np.ndarray, slope: float | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0]))
+    if slope is not None:
+        image.header.set_slope_inter(slope, 0.0)
+    nib.save(image, path)
+
+
+def test_unusable_images_are_quarantined_with_a_reason_and_2d_images_are_kept(tmp_path: Path) -> None:
+    """The NIfTI zoo of issue #14 (and a DICOM series whose RescaleSlope overflows) never reaches the manifest."""
+    source = tmp_path / "source"
+    ramp = np.arange(16 * 16 * 4, dtype=np.float32).reshape(16, 16, 4)
+    with_inf = ramp.copy()
+    with_inf[3, 4, 1] = np.inf
+    zoo = {
+        "all_nan.nii.gz": (np.full((16, 16, 4), np.nan, dtype=np.float32), None, "every voxel is NaN or infinite"),
+        "inf.nii.gz": (with_inf, None, "some voxels are NaN or infinite"),
+        "scaled.nii.gz": ((ramp + 100).astype(np.int16), 1e37, "unusable image"),
+        "four_d.nii.gz": (np.zeros((16, 16, 4, 3), dtype=np.int16), None, "4D or higher"),
+        "one_d.nii.gz": (np.arange(64, dtype=np.int16), None, "1D array"),
+        "point.nii.gz": (np.ones((1, 1, 1), dtype=np.int16), None, "too small (1x1x1 voxels"),
+        "line.nii.gz": (np.ones((64, 1, 1), dtype=np.int16), None, "too small (64x1x1 voxels"),
+    }
+    for name, (data, slope, _) in zoo.items():
+        _nifti(source / "lesion" / name, data, slope)
+    _nifti(source / "normal" / "xray.nii.gz", np.arange(64 * 48, dtype=np.int16).reshape(64, 48))  # a 2D image
+    _nifti(source / "normal" / "trailing.nii.gz", np.ones((16, 16, 4, 1), dtype=np.int16))  # 3D written as 4D
+    overflow = tmp_path / "overflow"
+    write_series(overflow, "CT_small.dcm", 2, series="overflow", who="9")
+    for path in overflow.glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.RescaleSlope = "1e37"
+        ds.save_as(path)
+    shutil.copytree(overflow, source / "lesion" / "ct")
+
+    out = tmp_path / "dataset"
+    summary = run([source], out, IngestConfig(workers=1))
+    with open(out / "quarantine.csv", newline="") as handle:
+        reasons = [row["reason"] for row in csv.DictReader(handle)]
+    with open(tmp_path / "dataset.private" / "quarantine.csv", newline="") as handle:
+        by_name = {Path(row["path"]).name: row["reason"] for row in csv.DictReader(handle)}
+    for name, (_, _, reason) in zoo.items():
+        assert reason in by_name[name], (name, by_name[name])
+        assert by_name[name].startswith("unusable image")
+    assert all(by_name[path.name].startswith("unusable image: some voxels are NaN") for path in overflow.glob("*.dcm"))
+    assert len(reasons) == len(zoo) + 2
+    manifest = read_dataset(out).manifest
+    assert summary.series_written == 2 and sorted(manifest["shape"]) == ["16x16x4", "64x48"]
+    # A re-run remembers the decisions (they are properties of the files) and changes nothing.
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    again = run([source], out, IngestConfig(workers=1))
+    assert again.series_resumed == 2 and again.quarantined == summary.quarantined
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
+def test_an_unexpected_error_is_quarantined_but_not_remembered(tmp_path: Path) -> None:
+    """Only properties of the files are remembered: a series that hit an unexpected error is tried again."""
+    source = tmp_path / "source"
+    write_series(source / "normal" / "p1", "CT_small.dcm", 2, series="u1", who="1")
+    write_series(source / "lesion" / "p2", "MR_small.dcm", 2, series="u2", who="2")
+    out = tmp_path / "dataset"
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from pipeline.ingest import IngestConfig, run, task\n"
+        "def broken(*args):\n"
+        "    raise ValueError('a bug')\n"
+        "task._dicom = broken\n"
+        "summary = run([Path(sys.argv[1])], Path(sys.argv[2]), IngestConfig(workers=1))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    broken = subprocess.run([PYTHON, "-c", script, str(source), str(out)], capture_output=True, text=True, env=env, timeout=120)
+    assert broken.returncode != 0 and "no usable image series" in broken.stderr  # every series hit the "bug"
+    assert not list((tmp_path / "dataset.private" / "state").glob("*.json"))
+    summary = run([source], out, IngestConfig(workers=1))
+    assert summary.series_written == 2 and summary.series_resumed == 0 and summary.quarantined == {}

@@ -6,12 +6,15 @@ contract"). A malformed manifest is refused with a message naming file, row and 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import stat
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import pandas as pd
 
 from pipeline.core.errors import InputError
@@ -28,6 +31,7 @@ __all__ = [
     "validate_manifest",
     "write_manifest",
     "verify_checksums",
+    "verify_files",
     "dataset_digest",
 ]
 
@@ -46,8 +50,26 @@ class Dataset:
     manifest: pd.DataFrame
 
     def image_path(self, row: pd.Series | dict) -> Path:
-        """Absolute path of the image named by a manifest row."""
-        return self.root / str(row["path"])
+        """Path of the image named by a manifest row, checked to stay inside the dataset folder.
+
+        The manifest's ``path`` is relative and has no ``..`` (:func:`validate_manifest`); this also
+        follows symlinks, so a file or folder linked to somewhere outside the dataset is refused
+        rather than read (or written through).
+
+        Raises:
+            InputError: the path resolves outside the dataset folder (the message names the row).
+        """
+        path = self.root / str(row["path"])
+        if not path.resolve().is_relative_to(self._resolved_root):
+            raise InputError(
+                f"{self.root / MANIFEST_NAME}{_row_text(row)}, column 'path': {row['path']} resolves outside the "
+                "dataset folder (a symbolic link?). Fix: put the file itself inside the dataset folder."
+            )
+        return path
+
+    @functools.cached_property
+    def _resolved_root(self) -> Path:
+        return self.root.resolve()
 
     @property
     def labels(self) -> list[str]:
@@ -104,14 +126,55 @@ def read_dataset(root: str | os.PathLike[str], *, check_files: bool = True) -> D
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise InputError(f"{manifest_path}: not a readable CSV ({exc.__class__.__name__}). Fix: re-create the manifest.") from exc
     validate_manifest(manifest, manifest_path)
+    dataset = Dataset(root=root, manifest=manifest)
     if check_files:
-        for index, rel in enumerate(manifest["path"]):
-            if not (root / rel).is_file():
+        for _, row in manifest.iterrows():
+            path = dataset.image_path(row)
+            if not path.exists():
                 raise InputError(
-                    f"{manifest_path} row {index + 2}, column 'path': file {rel} does not exist. "
+                    f"{manifest_path}{_row_text(row)}, column 'path': file {row['path']} does not exist. "
                     "Fix: restore the file or remove the row."
                 )
-    return Dataset(root=root, manifest=manifest)
+            if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or device would block or never end
+                raise InputError(
+                    f"{manifest_path}{_row_text(row)}, column 'path': {row['path']} is not a regular file. "
+                    "Fix: replace it with the image file or remove the row."
+                )
+    return dataset
+
+
+def _row_text(row: pd.Series | dict) -> str:
+    """`` row N`` as a spreadsheet counts it (header = row 1) for a manifest row read by :func:`read_dataset`."""
+    name = getattr(row, "name", None)
+    return f" row {int(name) + 2}" if isinstance(name, (int, np.integer)) else ""
+
+
+def verify_files(dataset: Dataset, rows: pd.DataFrame | None = None, flag: str = "") -> None:
+    """Require every image of ``rows`` (default: all) to match its recorded sha256 (tampering, bit rot).
+
+    Hashing costs a fraction of decoding the same files (docs/contracts.md gives the measurement), so
+    stages re-hash what they read, without a size+mtime cache that a tampered file could slip past.
+
+    Raises:
+        InputError: a file differs from its checksum (the message names the row and the file).
+    """
+    rows = dataset.manifest if rows is None else rows
+    for _, row in rows.iterrows():
+        path = dataset.image_path(row)
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            raise InputError(
+                f"{dataset.root / MANIFEST_NAME}{_row_text(row)}, column 'path': file {row['path']} cannot be read "
+                f"({exc.strerror or type(exc).__name__}). Fix: restore the file or remove the row."
+            ) from None
+        if actual != row["sha256"]:
+            given = f" of {flag}" if flag else ""
+            raise InputError(
+                f"{dataset.root / MANIFEST_NAME}{_row_text(row)}, column 'sha256': file {row['path']}{given} no longer "
+                "matches its checksum (changed or damaged since the manifest was written). Fix: restore the file, or "
+                "re-run the stage that wrote the dataset."
+            )
 
 
 def validate_manifest(manifest: pd.DataFrame, where: str | os.PathLike[str] = MANIFEST_NAME) -> None:

@@ -16,15 +16,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.core.errors import InputError
-from pipeline.core.files import atomic_write_json
+from pipeline.core.files import atomic_write_json, sha256_file
 
 __all__ = [
     "MODEL_JSON",
     "CHECKPOINT",
     "FORMAT_VERSION",
+    "MAX_IMAGE_VOXELS",
+    "PREPROCESS_KEYS",
+    "check_image_size",
     "ModelMeta",
     "read_model_meta",
     "write_model_meta",
@@ -44,6 +47,56 @@ SAMPLES_DIR = "samples"
 FORMAT_VERSION = 1
 # Points per series in the training record's loss curves (each the mean of a window of steps).
 CURVE_POINTS = 120
+# The largest generator output a model may describe: 2^26 voxels (8192 x 8192, or 406^3) of float32
+# is 256 MiB per image, before the network's feature maps multiply it. Checked before anything is
+# allocated: a size far beyond any scanner's otherwise dies deep in torch after minutes.
+MAX_IMAGE_VOXELS = 1 << 26
+# The keys of ``preprocess`` that pipeline.imaging.preprocess.Preprocessor reads, and their kinds.
+PREPROCESS_KEYS: dict[str, str] = {
+    "spatial_dims": "int",
+    "orientation": "str",
+    "spacing": "numbers",
+    "image_size": "ints",
+    "slice_spacing": "number",
+    "intensity": "str",
+    "window": "pair",
+    "percentiles": "pair",
+    "min_foreground": "number",
+}
+
+
+def check_image_size(size: list[int], spatial_dims: int | None = None) -> str | None:
+    """Why ``size`` cannot be a generator's output grid (None when it can).
+
+    Args:
+        size: voxels per axis.
+        spatial_dims: 2 or 3, when known: the number of axes must match.
+    """
+    if not size or any(not isinstance(side, int) or isinstance(side, bool) or side < 1 for side in size):
+        return "must list positive whole numbers of voxels"
+    if spatial_dims is not None and len(size) != spatial_dims:
+        return f"has {len(size)} axes, spatial_dims says {spatial_dims}"
+    voxels = math.prod(size)
+    if voxels > MAX_IMAGE_VOXELS:
+        return f"is {voxels} voxels per image, above the limit of {MAX_IMAGE_VOXELS} (2^26)"
+    return None
+
+
+def _check_kind(value: Any, kind: str) -> bool:
+    def number(item: Any) -> bool:
+        return isinstance(item, (int, float)) and not isinstance(item, bool) and math.isfinite(item)
+
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str) and bool(value)
+    if kind == "number":
+        return number(value)
+    if kind == "pair":
+        return isinstance(value, list) and len(value) == 2 and all(number(item) for item in value)
+    if kind == "ints":
+        return isinstance(value, list) and bool(value) and all(isinstance(item, int) and not isinstance(item, bool) for item in value)
+    return isinstance(value, list) and bool(value) and all(number(item) for item in value)  # "numbers"
 
 
 class ModelMeta(BaseModel):
@@ -85,6 +138,36 @@ class ModelMeta(BaseModel):
     preprocess: dict[str, Any] = Field(..., description="Preprocessing spec (grid, orientation, intensity mapping).")
     dp: dict[str, Any] | None = Field(None, description="Differential-privacy record, None without DP.")
     train_dataset_digest: str | None = Field(None, description="Digest of the dataset it was trained on.")
+    checkpoint_sha256: str | None = Field(
+        None, description="SHA-256 of the checkpoint.pt this file describes (null: written before the first checkpoint)."
+    )
+
+    @field_validator("image_size")
+    @classmethod
+    def _size_is_allocatable(cls, value: list[int]) -> list[int]:
+        problem = check_image_size(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("preprocess")
+    @classmethod
+    def _preprocess_is_complete(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key, kind in PREPROCESS_KEYS.items():
+            if key not in value:
+                raise ValueError(f"missing key '{key}'")
+            if not _check_kind(value[key], kind):
+                raise ValueError(f"key '{key}' is not a valid {kind.replace('ints', 'list of whole numbers')}")
+        problem = check_image_size(value["image_size"], value["spatial_dims"])
+        if problem is not None:
+            raise ValueError(f"key 'image_size' {problem}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_grid(self) -> "ModelMeta":
+        if len(self.image_size) != self.spatial_dims:
+            raise ValueError(f"image_size has {len(self.image_size)} axes, spatial_dims is {self.spatial_dims}")
+        return self
 
     def label_index(self) -> dict[str, int]:
         """Class name -> label id (the generator's and discriminator's integer input)."""
@@ -123,7 +206,8 @@ def read_model_meta(model_dir: str | os.PathLike[str]) -> ModelMeta:
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        problem = "is missing" if first["type"] == "missing" else f"is not valid ({first['msg']})"
+        message = str(first["msg"]).removeprefix("Value error, ")
+        problem = "is missing" if first["type"] == "missing" else f"is not valid ({message})"
         raise InputError(
             f"{path}: key '{key}' {problem}. Fix: pass a MODEL_DIR written by `medsynth train` "
             "(re-run train if the file was edited)."
@@ -131,7 +215,13 @@ def read_model_meta(model_dir: str | os.PathLike[str]) -> ModelMeta:
 
 
 def write_model_meta(model_dir: str | os.PathLike[str], meta: ModelMeta) -> Path:
-    """Write ``MODEL_DIR/model.json`` atomically."""
+    """Write ``MODEL_DIR/model.json`` atomically, recording the SHA-256 of the checkpoint beside it.
+
+    Train writes the checkpoint first and this file second, so the digest names the weights this
+    file describes; generate, evaluate and export refuse a checkpoint that no longer matches it.
+    """
+    checkpoint = Path(model_dir) / CHECKPOINT
+    meta.checkpoint_sha256 = sha256_file(checkpoint) if checkpoint.is_file() else None
     return atomic_write_json(Path(model_dir) / MODEL_JSON, meta.model_dump(mode="json"))
 
 

@@ -12,15 +12,19 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any
 
-from pipeline.contracts.dataset import Dataset, read_dataset
+import numpy as np
+
+from pipeline.contracts.dataset import Dataset, read_dataset, verify_files
 from pipeline.contracts.model import ModelMeta, read_model_meta, training_record
 from pipeline.contracts.report import SCHEMA, GateName, Report, headline_figures
+from pipeline.core.errors import InputError
 from pipeline.core.torch_state import torch_threads
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.evaluation import evaluate_sets
 from pipeline.evaluate.report import write_report
 from pipeline.evaluate.seeds import purpose_seed
 from pipeline.imaging.images import ImageSet, load_image_sets
+from pipeline.imaging.model_dir import verify_checkpoint
 from pipeline.tracking import NullTracker, Tracker
 
 __all__ = ["run"]
@@ -53,9 +57,14 @@ def run(
     Raises:
         InputError: unreadable datasets, model folder or feature extractor.
     """
+    _check_out(Path(out))
     real_dataset, synthetic_dataset = read_dataset(real), read_dataset(synthetic)
     model_dir = Path(model_dir) if model_dir is not None else None
     model = read_model_meta(model_dir) if model_dir is not None else None
+    verify_files(real_dataset, flag="--real")
+    verify_files(synthetic_dataset, flag="--synthetic")
+    if model is not None and model_dir is not None:
+        verify_checkpoint(model_dir, model)
     real_set, synthetic_set, preprocessing = load_image_sets(
         real_dataset,
         synthetic_dataset,
@@ -63,6 +72,8 @@ def run(
         seed=purpose_seed(config, "subsample"),
         max_images=config.max_images,
     )
+    _require_finite(real_set, real_dataset)
+    _require_finite(synthetic_set, synthetic_dataset)
     with torch_threads(config.num_threads):
         evaluation = evaluate_sets(real_set, synthetic_set, config, model_dir=model_dir, model=model, progress=progress)
     report = Report.model_validate(
@@ -93,6 +104,30 @@ def run(
     json_path, html_path = write_report(out, report, evaluation.evidence)
     _track(tracker, report, real_dataset, synthetic_dataset, (json_path, html_path))
     return report.as_dict()
+
+
+def _check_out(out: Path) -> None:
+    """Refuse a report folder that cannot be written, before the (long) evaluation rather than after it."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder. Fix: pass --out a new or existing folder.")
+    existing = next((path for path in out.parents if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise InputError(f"{out}: cannot be created: {existing} is a file. Fix: pass --out a folder path.")
+
+
+def _require_finite(image_set: ImageSet, dataset: Dataset) -> None:
+    """Refuse images with NaN or infinite voxels: every metric (FID's matrix square root first) breaks on them."""
+    bad = ~np.isfinite(image_set.images.reshape(len(image_set), -1)).all(axis=1)
+    if not bad.any():
+        return
+    sample_id = str(image_set.sample_ids[int(np.argmax(bad))]).split("#z")[0]
+    matches = np.flatnonzero(dataset.manifest["sample_id"].to_numpy() == sample_id)
+    row = f" row {int(matches[0]) + 2}" if len(matches) else ""
+    raise InputError(
+        f"{dataset.root / 'manifest.csv'}{row}: image of sample {sample_id} holds NaN or infinite values "
+        f"({int(bad.sum())} image(s) of {len(image_set)} do). Fix: re-create the image(s) (re-run the stage that "
+        "wrote them) or remove the row(s)."
+    )
 
 
 def _counts(dataset: Dataset, origin: str, image_set: ImageSet) -> dict[str, Any]:

@@ -8,8 +8,9 @@ copied unchanged without a model. Synthetic files are copied byte for byte when 
 
 from __future__ import annotations
 
+import hashlib
 import re
-import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from pipeline.contracts.dataset import REQUIRED_COLUMNS, Dataset
 from pipeline.contracts.synthetic import REAL_EXPORT_DESCRIP, says_synthetic, synthetic_descrip
 from pipeline.export.dicom import SyntheticImageInfo, synthetic_uid, write_synthetic_series
 from pipeline.export.config import ExportConfig
+from pipeline.core.errors import InputError
 from pipeline.core.files import atomic_path, read_nifti, sha256_bytes, sha256_file, write_nifti
 
 __all__ = ["export_real", "export_synthetic", "descrip_of"]
@@ -55,9 +57,38 @@ def _claim(rel: Path, sample_id: str, used: set[str]) -> Path:
     return rel
 
 
-def _copy(source: Path, target: Path) -> None:
+def _copy(dataset: Dataset, row: pd.Series, target: Path) -> None:
+    """Copy the image of manifest ``row`` to ``target``: a regular file, its manifest checksum, a readable NIfTI.
+
+    The bytes are hashed as they are copied, so what lands in the export is exactly what the
+    manifest vouches for, even if the source changed after the stage's up-front check.
+
+    Raises:
+        InputError: the source resolves outside its dataset, is not a regular file, differs from
+            its checksum or is not a readable NIfTI image (the message names the row).
+    """
+    source = dataset.image_path(row)
+    where = f"{dataset.root / 'manifest.csv'} row {int(row.name) + 2}"
+    if not stat.S_ISREG(source.stat().st_mode):
+        raise InputError(f"{where}, column 'path': {row['path']} is not a regular file. Fix: restore the image file.")
+    digest = hashlib.sha256()
     with atomic_path(target) as tmp:
-        shutil.copyfile(source, tmp)
+        with open(source, "rb") as reader, open(tmp, "wb") as writer:
+            for chunk in iter(lambda: reader.read(1 << 20), b""):
+                digest.update(chunk)
+                writer.write(chunk)
+        if digest.hexdigest() != str(row["sha256"]):
+            raise InputError(
+                f"{where}, column 'sha256': file {row['path']} no longer matches its checksum. Fix: restore the file, "
+                "or re-run the stage that wrote the dataset."
+            )
+    try:  # by the target's own name: nibabel tells formats by their suffix (the export is staged, not yet shared)
+        nib.load(target).header.get_data_shape()
+    except Exception:  # nibabel raises several unrelated types for files that are not NIfTI
+        raise InputError(
+            f"{where}, column 'path': {row['path']} is not a readable NIfTI image. Fix: re-create the file or "
+            "remove its row."
+        ) from None
 
 
 def _nifti_suffix(path: Path) -> str:
@@ -89,7 +120,7 @@ def export_real(
         if preprocessor is None:
             path = real.image_path(source)
             rel = _claim(folder / f"{_safe(str(source['sample_id']))}{_nifti_suffix(path)}", str(source["sample_id"]), used)
-            _copy(path, stage_dir / rel)
+            _copy(real, source, stage_dir / rel)
             rows.append({**base, "sample_id": str(source["sample_id"]), "path": rel.as_posix(), "sha256": str(source["sha256"]),
                          "slice_index": "", "preprocessing": "none"})
             continue
@@ -162,7 +193,7 @@ def export_synthetic(
         rel = _claim(Path("train") / _safe(str(source["label"])) / f"{_safe(sample_id)}{suffix}", sample_id, used)
         target = stage_dir / rel
         if marked:
-            _copy(path, target)
+            _copy(synthetic, source, target)
         else:
             data, affine = read_nifti(path)
             write_nifti(target, data, affine, descrip=synthetic_descrip(run_id))

@@ -14,12 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.contracts.model import CHECKPOINT, ModelMeta, read_model_meta
+from pipeline.contracts.model import CHECKPOINT, MODEL_JSON, ModelMeta, read_model_meta
 from pipeline.core.errors import InputError
+from pipeline.core.files import sha256_file
 from pipeline.imaging.gan import Discriminator, Generator
 
 __all__ = [
+    "CHECKPOINT_KEYS",
     "load_checkpoint",
+    "verify_checkpoint",
     "build_generator",
     "build_discriminator",
     "load_generator",
@@ -30,21 +33,74 @@ __all__ = [
 ]
 
 
-def load_checkpoint(model_dir: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+# What a checkpoint holds (pipeline.models.checkpoint.save_checkpoint): a resume needs all of it.
+CHECKPOINT_KEYS: tuple[str, ...] = (
+    "step", "generator", "discriminator", "ema", "opt_g", "opt_d", "train_seconds", "images_seen", "rng",
+)
+
+
+def load_checkpoint(
+    model_dir: str | os.PathLike[str],
+    map_location: str | torch.device = "cpu",
+    require: tuple[str, ...] = CHECKPOINT_KEYS,
+) -> dict[str, Any]:
     """The state dicts in ``checkpoint.pt`` (loaded with ``weights_only=True``).
 
+    Args:
+        model_dir: the MODEL_DIR.
+        map_location: where the tensors go.
+        require: the keys the caller reads (all of them for a resume).
+
     Raises:
-        InputError: the file is missing or not a readable checkpoint.
+        InputError: the file is missing, not a readable checkpoint, or lacks a required key.
     """
     path = Path(model_dir) / CHECKPOINT
     if not path.is_file():
         raise InputError(f"{path}: not found. Fix: pass a MODEL_DIR written by `medsynth train`.")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several unrelated types for corrupt files
         raise InputError(
             f"{path}: not a readable checkpoint ({type(exc).__name__}). Fix: re-run `medsynth train` (or --resume)."
         ) from exc
+    missing = [key for key in require if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise InputError(
+            f"{path}: not a medsynth checkpoint: key '{missing[0]}' is missing. "
+            "Fix: pass a MODEL_DIR written by `medsynth train` (re-run train if the file was replaced)."
+        )
+    return state
+
+
+def verify_checkpoint(model_dir: str | os.PathLike[str], meta: ModelMeta) -> str:
+    """The checkpoint's SHA-256, checked against the one ``model.json`` records (when it records one).
+
+    Raises:
+        InputError: the checkpoint is missing or changed since train described it.
+    """
+    path = Path(model_dir) / CHECKPOINT
+    if not path.is_file():
+        raise InputError(f"{path}: not found. Fix: pass a MODEL_DIR written by `medsynth train`.")
+    digest = sha256_file(path)
+    if meta.checkpoint_sha256 is not None and digest != meta.checkpoint_sha256:
+        raise InputError(
+            f"{path}: does not match the checksum recorded in {MODEL_JSON} (key 'checkpoint_sha256'): the weights "
+            "changed since train wrote them. Fix: restore the checkpoint, or re-run `medsynth train`."
+        )
+    return digest
+
+
+def _load_weights(module: nn.Module, state: Any, path: Path, part: str, meta: ModelMeta) -> None:
+    """Load ``state`` into ``module``; a state of another shape (labels, sizes edited in model.json) is bad input."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"{path}: its '{part}' weights do not fit the network {MODEL_JSON} describes ({len(meta.labels)} labels, "
+            f"image_size {meta.image_size}): {detail}. Fix: pass the model.json written with this checkpoint "
+            "(re-run `medsynth train` if either was edited)."
+        ) from None
 
 
 def build_generator(meta: ModelMeta) -> Generator:
@@ -86,9 +142,10 @@ def load_generator(model_dir: str | os.PathLike[str], device: str | torch.device
     ``ModelMeta.labels``. See :func:`sample`.
     """
     meta = read_model_meta(model_dir)
-    state = load_checkpoint(model_dir)
+    verify_checkpoint(model_dir, meta)
+    state = load_checkpoint(model_dir, require=("ema",))
     generator = build_generator(meta)
-    generator.load_state_dict(state["ema"])
+    _load_weights(generator, state["ema"], Path(model_dir) / CHECKPOINT, "ema", meta)
     generator.requires_grad_(False)
     return generator.eval().to(device)
 
@@ -111,9 +168,10 @@ def load_discriminator(model_dir: str | os.PathLike[str], device: str | torch.de
     membership attack. Images must be preprocessed with the model's :class:`Preprocessor`.
     """
     meta = read_model_meta(model_dir)
-    state = load_checkpoint(model_dir)
+    verify_checkpoint(model_dir, meta)
+    state = load_checkpoint(model_dir, require=("discriminator",))
     discriminator = build_discriminator(meta)
-    discriminator.load_state_dict(state["discriminator"])
+    _load_weights(discriminator, state["discriminator"], Path(model_dir) / CHECKPOINT, "discriminator", meta)
     scores = _Scores(discriminator)
     scores.requires_grad_(False)
     return scores.eval().to(device)

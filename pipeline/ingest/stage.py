@@ -15,6 +15,11 @@ Outputs (DATASET = ``out``)::
     PRIVATE/failed-<UTC time>/    what a run whose leak audit failed had written in DATASET (moved there)
 
 Nothing that reaches the console, MLflow or DATASET names a source path or a header value.
+
+A failure of the machine (disk full, I/O error, permission, memory, a killed worker) stops the
+stage with exit 1 (:class:`pipeline.core.faults.EnvironmentFailure`): nothing of it is written
+to quarantine.csv or to a state record, ``manifest.csv`` is removed (a partial dataset must not
+look complete), and the series finished before it are kept for the re-run to skip.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import pandas as pd
 
 from pipeline.contracts.dataset import read_dataset, write_manifest
 from pipeline.core.errors import CheckFailed, InputError
+from pipeline.core.faults import EnvironmentFailure, environment_cause, environment_failure, environment_fix
 from pipeline.core.paths import is_inside
 from pipeline.core.files import PRIVATE_MODE, atomic_write_json, atomic_write_text
 from pipeline.ingest.audit import (
@@ -238,7 +244,10 @@ def run(
         InputError: bad sources/labels/locations, label folders that look like patient identifiers
             (nothing written), or nothing usable found (exit 2).
         CheckFailed: the leak audit of the output found an identifier (exit 1); what ingest wrote in
-            ``out`` is then in ``<private>/failed-<UTC time>/``.
+            ``out`` is then in ``<private>/failed-<UTC time>/``. Also when the files used and
+            quarantined do not add up to the files found.
+        EnvironmentFailure: the machine failed (disk full, I/O error, permission, memory, a killed
+            worker; exit 1): nothing of it is quarantined or remembered, and a re-run continues.
     """
     sources = [Path(source) for source in sources]
     out = Path(out)
@@ -252,6 +261,32 @@ def run(
     scanned = _scan(files, workers, progress)
     if book.from_folders:
         _refuse_identifying_label_folders(scanned)
+    try:
+        return _ingest(files, scanned, book, out, private, config, workers, tracker, progress, seed)
+    except (OSError, MemoryError) as exc:
+        failure = environment_failure(
+            exc, f"writing the dataset {out} or its private folder",
+            "nothing was lost: the series finished so far are kept, and a re-run skips them",
+        )
+        if failure is None:
+            raise
+        _drop_manifest(out)
+        raise failure from exc
+
+
+def _ingest(
+    files: list[SourceFile],
+    scanned: list[ScannedFile],
+    book: LabelBook,
+    out: Path,
+    private: Path,
+    config: IngestConfig,
+    workers: int,
+    tracker: Tracker,
+    progress: bool,
+    seed: int,
+) -> IngestSummary:
+    """Everything :func:`run` does once the inputs are accepted: the writing part."""
     # Nothing is written before this line: a refused input leaves no dataset and no private folder.
     key = load_or_create_key(private)
     out.mkdir(parents=True, exist_ok=True)
@@ -287,6 +322,7 @@ def run(
         )
     summary.series_found = len(groups)
     results = _process(tasks, key, config, workers, progress)
+    _stop_on_failures(out, results)
     for task, result in zip(tasks, results):
         quarantine.extend((file, reason, result.sample_id, task.kind) for file, reason in result.quarantined)
     written = [result for result in results if result.row is not None]
@@ -297,6 +333,7 @@ def run(
         1 for result in written for rel in result.outputs if rel.startswith("dicom/")
     )
     summary.quarantined = dict(Counter(reason for _, reason, _, _ in quarantine))
+    _check_accounting(len(files), quarantine, written)
 
     _write_quarantine(out, private, key, quarantine)
     _write_private_map(private, written)
@@ -492,15 +529,55 @@ def _process(tasks: list[SeriesTask], key: bytes, config: IngestConfig, workers:
         for position, result in pool_map(process_series, jobs, workers, lambda done: bar.update(len(done.used) + len(done.quarantined))):
             index = order[position]
             if isinstance(result, BaseException):
+                cause = environment_cause(result)
+                if cause is None:
+                    raise result  # a bug, not the machine: exit 3 with --debug's traceback
                 task = tasks[index]
                 failed = SeriesResult(
                     sample_id=sample_pseudonym(key, task.series_key), subject_id="", label=task.label, kind=task.kind
                 )
-                failed.quarantined = [(file, f"worker failed ({type(result).__name__}); re-run to retry") for file in task.files]
+                failed.failure = f"{cause} while ingesting into {task.out}"
+                failed.failure_fix = environment_fix(result)
                 results[index] = failed
             else:
                 results[index] = result
     return [result for result in results if result is not None]
+
+
+def _stop_on_failures(out: Path, results: list[SeriesResult]) -> None:
+    """Fail the stage (exit 1) when the machine failed any series; nothing of it is remembered.
+
+    The finished series keep their outputs and state records (a re-run skips them); the failed
+    ones have neither. ``manifest.csv`` is removed: an earlier one would describe another dataset.
+    """
+    failed = [result for result in results if result.failure]
+    if not failed:
+        return
+    _drop_manifest(out)
+    finished = len(results) - len(failed)
+    raise EnvironmentFailure(
+        f"{failed[0].failure} ({len(failed)} of {len(results)} series not finished): {failed[0].failure_fix}; "
+        f"nothing was lost: the {finished} finished series are kept, and a re-run skips them."
+    )
+
+
+def _drop_manifest(out: Path) -> None:
+    """Remove ``manifest.csv`` of an unfinished run: no reader may take a partial dataset for a complete one."""
+    try:
+        (out / "manifest.csv").unlink(missing_ok=True)
+    except OSError:
+        pass  # the message that follows says the stage failed; a later run rewrites the manifest
+
+
+def _check_accounting(seen: int, quarantine: list[tuple[SourceFile, str, str, str]], written: list[SeriesResult]) -> None:
+    """Every source file is behind an output image or in quarantine.csv, once: else the stage fails (exit 1)."""
+    used = sum(len(result.used) for result in written)
+    if used + len(quarantine) != seen:
+        raise CheckFailed(
+            f"ingest accounted for {used} used and {len(quarantine)} quarantined file(s) of the {seen} it found: "
+            "they must add up, so nothing was written as finished. Cause: a medsynth bug or files changing during "
+            "the run. Fix: re-run ingest; if the counts still differ, report it."
+        )
 
 
 def _write_quarantine(out: Path, private: Path, key: bytes, entries: list[tuple[SourceFile, str, str, str]]) -> None:

@@ -8,6 +8,13 @@ own state record, so any number of tasks can run at once, on this machine or on 
 Resumability: the task's state record (``PRIVATE/state/<sample_id>.json``) is written last,
 atomically, and names the input hash (file contents + label + settings + key fingerprint) and
 the sha256 of every output. A task whose record matches and whose outputs are intact is skipped.
+
+Permanent versus transient: only what the files themselves decide (corrupt, not an image,
+burned-in text, an unusable volume) is quarantined and remembered in the state record. A failure
+of the machine (disk full, I/O error, permission, memory; see :mod:`pipeline.core.faults`) leaves
+no state record and no output of the series, and sets :attr:`SeriesResult.failure` instead: the
+stage then fails, and a re-run retries the series. An unexpected error is quarantined but not
+remembered either, so a re-run (or a fixed medsynth) tries the series again.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from pipeline.core.faults import environment_cause, environment_fix
 from pipeline.core.files import PRIVATE_MODE, atomic_write_json, sha256_file, write_nifti
 from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.audit import header_tokens
@@ -40,7 +48,7 @@ from pipeline.ingest.discover import SourceFile
 from pipeline.ingest.pool import quiet_readers
 from pipeline.ingest.keys import date_offset_days, keyed_hex, sample_pseudonym, subject_pseudonym
 from pipeline.ingest.profile import CID7050, TABLE_EDITION, Profile, profile_for
-from pipeline.ingest.volume import SeriesProblem, build_volume, frames_of
+from pipeline.ingest.volume import SeriesProblem, build_volume, frames_of, image_problem
 
 __all__ = [
     "STATE_DIR",
@@ -99,6 +107,10 @@ class SeriesResult:
     structure: list[tuple[str, str, str]] = field(default_factory=list)  # (output, place, kind) problems
     tokens: set[bytes] = field(default_factory=set)  # search tokens of the DICOM outputs' headers
     resumed: bool = False
+    # Set when the machine failed the task ("no space left on device while writing the dataset"): no
+    # output, no quarantine, no state record. Never a path or header value.
+    failure: str = ""
+    failure_fix: str = ""
 
 
 def settings_digest(config: IngestConfig, key: bytes) -> str:
@@ -115,15 +127,55 @@ def settings_digest(config: IngestConfig, key: bytes) -> str:
 
 
 def process_series(task: SeriesTask, key: bytes, config: IngestConfig) -> SeriesResult:
-    """Run one task (see the module docstring). Never raises for bad input: it quarantines."""
+    """Run one task (see the module docstring).
+
+    Never raises for bad input (it quarantines) nor for a failure of the machine (it returns a
+    result whose ``failure`` says what failed).
+    """
     with quiet_readers():
         return _process_series(task, key, config)
+
+
+class _Failed(Exception):
+    """The machine failed the task; ``doing`` says at what (no path, no header value)."""
+
+    def __init__(self, cause: BaseException, doing: str) -> None:
+        super().__init__(doing)
+        self.cause = cause
+        self.doing = doing
+
+
+def _reraise_environment(exc: BaseException, doing: str) -> None:
+    """Stop the task when the machine, not the file, failed: that must not become a quarantine reason."""
+    if environment_cause(exc) is not None:
+        raise _Failed(exc, doing) from exc
 
 
 def _process_series(task: SeriesTask, key: bytes, config: IngestConfig) -> SeriesResult:
     subject_id = subject_pseudonym(key, task.subject_key)
     sample_id = sample_pseudonym(key, task.series_key)
     result = SeriesResult(sample_id=sample_id, subject_id=subject_id, label=task.label, kind=task.kind)
+    try:
+        _run_task(task, key, config, result)
+    except _Failed as failed:
+        _fail(task, result, failed.cause, failed.doing)
+    except Exception as exc:  # noqa: BLE001 - sorted below: the machine's failures stop the stage
+        if environment_cause(exc) is not None:
+            _fail(task, result, exc, f"writing the dataset {task.out} or its private folder")
+        else:
+            raise
+    return result
+
+
+def _fail(task: SeriesTask, result: SeriesResult, exc: BaseException, doing: str) -> None:
+    """Turn ``result`` into a failed one: no outputs, no quarantine, no state record."""
+    _discard_outputs(task, result)
+    result.row, result.used, result.quarantined = None, [], []
+    result.failure = f"{environment_cause(exc)} while {doing}"
+    result.failure_fix = environment_fix(exc)
+
+
+def _run_task(task: SeriesTask, key: bytes, config: IngestConfig, result: SeriesResult) -> None:
     contents: list[bytes] = []
     digest = hashlib.sha256()
     digest.update(f"{task.kind}\x00{task.label}\x00{settings_digest(config, key)}".encode())
@@ -131,27 +183,37 @@ def _process_series(task: SeriesTask, key: bytes, config: IngestConfig) -> Serie
         try:
             with open(file.path, "rb") as handle:
                 data = handle.read()
-        except OSError:
-            data = b""
+        except OSError as exc:
+            if environment_cause(exc) is not None:  # EIO, EACCES: the file may be fine, the access is not
+                raise _Failed(exc, "reading a source file") from exc
+            data = b""  # gone since the walk, or not a regular file: quarantined as unreadable
         contents.append(data)
         digest.update(hashlib.sha256(data).digest())
     input_hash = digest.hexdigest()
-    state_path = Path(task.private) / STATE_DIR / f"{sample_id}.json"
-    resumed = _resume(state_path, input_hash, task, result)
-    if resumed is not None:
-        return resumed
+    state_path = Path(task.private) / STATE_DIR / f"{result.sample_id}.json"
+    if _resume(state_path, input_hash, task, result) is not None:
+        return
     try:
         if task.kind == "nifti":
             _nifti(task, contents[0], result)
         else:
             _dicom(task, contents, key, config, result)
+    except _Failed:
+        raise
     except Exception as exc:  # last line of defence: a task never takes the run down
+        if environment_cause(exc) is not None:
+            raise _Failed(exc, f"writing the dataset {task.out}") from exc
         _discard_outputs(task, result)
         reason = f"unexpected error while processing ({type(exc).__name__})"
         result.quarantined = [(file, reason) for file in task.files]
         result.used, result.row = [], None
-    _save_state(state_path, input_hash, task, result)
-    return result
+        return  # not remembered: a re-run, or a fixed medsynth, tries the series again
+    try:
+        _save_state(state_path, input_hash, task, result)
+    except OSError as exc:
+        if environment_cause(exc) is not None:
+            raise _Failed(exc, f"writing the private folder {task.private}") from exc
+        raise
 
 
 # ------------------------------------------------------------------------------------------
@@ -231,10 +293,20 @@ def _nifti(task: SeriesTask, content: bytes, result: SeriesResult) -> None:
         data = np.asanyarray(image.dataobj)
         affine = np.asarray(image.affine, dtype=np.float64)
     except Exception as exc:
+        _reraise_environment(exc, "reading a source file")
         result.quarantined.append((file, f"unreadable NIfTI file ({type(exc).__name__})"))
         return
-    if data.size == 0 or not np.all(np.isfinite(affine)):
+    if data.size == 0 or not np.all(np.isfinite(affine)) or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
         result.quarantined.append((file, "NIfTI without voxels or with an invalid affine"))
+        return
+    while data.ndim > 3 and data.shape[-1] == 1:  # (x, y, z, 1): a 3D volume written by a 4D-minded tool
+        data = data[..., 0]
+    if data.dtype == np.float64:
+        with np.errstate(over="ignore"):  # an overflow becomes inf, which image_problem reports
+            data = data.astype(np.float32)
+    problem = image_problem(data)
+    if problem is not None:
+        result.quarantined.append((file, problem))
         return
     header = image.header
     for name in ("descrip", "aux_file", "db_name", "intent_name"):
@@ -249,8 +321,6 @@ def _nifti(task: SeriesTask, content: bytes, result: SeriesResult) -> None:
             for candidate in identifier_candidates(bytes(raw).replace(b"\x00", b" "), "LT"):
                 result.identifiers.setdefault(candidate, "NIfTI extension text")
         result.audit.append({"field": f"extension(code {int(extension.get_code())})", "action": "X", "rule": "nifti"})
-    if data.dtype == np.float64:
-        data = data.astype(np.float32)
     rel = f"images/{result.subject_id}/{result.sample_id}.nii.gz"
     target = Path(task.out) / rel
     write_nifti(target, data, affine, descrip="")
@@ -366,12 +436,14 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
         try:
             ds = _read(content)
         except Exception as exc:
+            _reraise_environment(exc, "decoding a series")
             result.quarantined.append((file, f"unreadable DICOM (truncated or corrupt; {type(exc).__name__})"))
             continue
         raw_elements = dict(ds._dict)
         try:
             reason, regions = _screen(ds, config)
         except Exception as exc:
+            _reraise_environment(exc, "decoding a series")
             reason, regions = f"unreadable DICOM header ({type(exc).__name__})", []
         if reason:
             result.quarantined.append((file, reason))
@@ -386,6 +458,7 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
             result.quarantined.append((file, str(exc)))
             continue
         except Exception as exc:
+            _reraise_environment(exc, "decoding a series")
             result.quarantined.append((file, f"undecodable pixel data ({_ts_name(ds)}; {type(exc).__name__})"))
             continue
         ds._pixel_array = None  # the decoded copy is no longer needed: keep one series in memory, not two
@@ -403,6 +476,10 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
     except SeriesProblem as exc:
         for index in sorted(datasets):
             result.quarantined.append((task.files[index], f"inconsistent series: {exc}"))
+        return
+    problem = image_problem(volume.data)
+    if problem is not None:
+        result.quarantined.extend((task.files[index], problem) for index in sorted(datasets))
         return
     order = list(dict.fromkeys(volume.order))  # files in z order (a multi-frame file appears once)
     out = Path(task.out)
@@ -503,9 +580,13 @@ def _write_dicom(ds: Dataset, target: Path, tokens: set[bytes], shared: SharedEl
     tokens |= header_tokens(data)
     # Atomic: a temp file beside the target, then rename (cheaper than mkstemp per slice).
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a disk-full write must not leave a partial file behind
+        raise
     return hashlib.sha256(data).hexdigest()
 
 

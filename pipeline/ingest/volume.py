@@ -19,11 +19,16 @@ from pydicom.pixels import apply_modality_lut
 
 from pipeline.ingest.dicomio import element_value, fast_pixels
 
-__all__ = ["SeriesProblem", "Frame", "Volume", "frames_of", "build_volume", "LPS_TO_RAS"]
+__all__ = ["SeriesProblem", "Frame", "Volume", "frames_of", "build_volume", "image_problem", "LPS_TO_RAS", "MIN_SIDE", "MAX_ABS_VALUE"]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _ORIENTATION_TOL = 1e-3
 _SPACING_REL_TOL = 0.01
+# The smallest in-plane side of an image ingest writes: below it no network, metric or reader can use it.
+MIN_SIDE = 8
+# Larger magnitudes come from a broken scaling (scl_slope 1e37, RescaleSlope overflow), never from a
+# scanner; they would overflow the float32 sums (means, variances) every later stage computes.
+MAX_ABS_VALUE = 1e12
 
 
 class SeriesProblem(Exception):
@@ -281,3 +286,29 @@ def _stack(frames: list[Frame]) -> np.ndarray:
         if info.min <= low and high <= info.max:
             return np.ascontiguousarray(stacked.astype(dtype))
     return np.ascontiguousarray(stacked.astype(np.float64))
+
+
+def image_problem(data: np.ndarray) -> str | None:
+    """Why ``data`` (``[x, y]`` or ``[x, y, z]``) is not a usable image, or None when it is.
+
+    Checked before ingest writes an image, so that no later stage meets an image it cannot read:
+    2D or 3D with at least two sides of :data:`MIN_SIDE` voxels (a single-frame 2D image is an
+    image; a 4D series, a line or a point is not), finite voxels, and magnitudes below
+    :data:`MAX_ABS_VALUE`. The reason names shapes and kinds of problem, never a value.
+    """
+    if data.ndim not in (2, 3):
+        kind = "a 4D or higher image (time series or channels)" if data.ndim > 3 else "a 1D array, not an image"
+        return f"unusable image: {kind}, {data.ndim} dimensions; ingest writes 2D and 3D images"
+    if data.size == 0 or sum(int(side) >= MIN_SIDE for side in data.shape) < 2:
+        shape = "x".join(str(int(side)) for side in data.shape)
+        return f"unusable image: too small ({shape} voxels; at least {MIN_SIDE}x{MIN_SIDE} in-plane)"
+    if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
+        return f"unusable image: voxels of type {data.dtype.name}, not numbers"
+    if np.issubdtype(data.dtype, np.inexact):
+        finite = np.isfinite(data)
+        if not finite.all():
+            share = "every voxel is" if not finite.any() else "some voxels are"
+            return f"unusable image: {share} NaN or infinite (broken data or intensity scaling)"
+    if data.dtype != np.bool_ and float(np.max(np.abs(data))) > MAX_ABS_VALUE:
+        return f"unusable image: voxel magnitudes above {MAX_ABS_VALUE:g} (broken intensity scaling)"
+    return None

@@ -2,13 +2,17 @@
 
 A checkpoint holds the three networks (generator, discriminator, EMA generator), both optimizers,
 the step, the training time and images seen so far, and the process's RNG states; it is written
-atomically together with ``model.json``, so the two always describe the same step.
+atomically together with ``model.json``, so the two always describe the same step: both are
+written in full to temporary files before either replaces its predecessor, so a full disk or an
+I/O error leaves the previous pair intact (and nothing half-written).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.contracts.model import CHECKPOINT, FORMAT_VERSION, MODEL_JSON, ModelMeta, write_model_meta
+from pipeline.contracts.model import CHECKPOINT, FORMAT_VERSION, MODEL_JSON, ModelMeta
 from pipeline.core.errors import InputError
 from pipeline.core.files import atomic_path
 from pipeline.models.config import ModelConfig
@@ -118,10 +122,21 @@ def save_checkpoint(
         "images_seen": images_seen,
         "rng": _rng_states(),
     }
-    with atomic_path(out / CHECKPOINT) as tmp:
-        torch.save(state, tmp)
+    # Serialized in memory and written by Python: a full disk then raises OSError(ENOSPC), where
+    # torch's own file writer raises a RuntimeError that does not say why.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     meta.steps, meta.train_seconds, meta.images_seen = step, round(train_seconds, 3), images_seen
-    write_model_meta(out, meta)
+    # What pipeline.contracts.model.write_model_meta writes (the digest of the checkpoint beside it),
+    # prepared before either file is replaced: a failed write must not pair a new checkpoint with
+    # an old model.json, which later stages would refuse as a tampered checkpoint.
+    meta.checkpoint_sha256 = hashlib.sha256(buffer.getbuffer()).hexdigest()
+    meta_text = json.dumps(meta.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+    # Exits in reverse: the checkpoint is renamed into place first, then model.json, as before.
+    with atomic_path(out / MODEL_JSON) as meta_tmp, atomic_path(out / CHECKPOINT) as checkpoint_tmp:
+        with open(checkpoint_tmp, "wb") as handle:
+            handle.write(buffer.getbuffer())
+        meta_tmp.write_text(meta_text, encoding="utf-8")
 
 
 def check_resume_compatible(previous: ModelMeta, current: ModelMeta, config: ModelConfig, out: Path) -> None:

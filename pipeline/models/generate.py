@@ -16,12 +16,13 @@ import pandas as pd
 import torch
 
 from pipeline.contracts.dataset import Dataset, read_dataset, write_manifest
-from pipeline.contracts.model import CHECKPOINT, read_model_meta
+from pipeline.contracts.model import read_model_meta
 from pipeline.core.errors import InputError
 from pipeline.core.files import sha256_file, write_nifti
 from pipeline.models.config import GenerateConfig
 from pipeline.models.grid import save_sample_grid
-from pipeline.imaging.model_dir import load_generator, sample, select_device
+from pipeline.core.paths import is_inside, refuse_escaping_folders
+from pipeline.imaging.model_dir import load_generator, sample, select_device, verify_checkpoint
 from pipeline.imaging.preprocess import Preprocessor
 from pipeline.tracking import NullTracker, Tracker
 
@@ -58,13 +59,14 @@ def run(
     """
     model_dir, out = Path(model_dir), Path(out)
     meta = read_model_meta(model_dir)
+    refuse_escaping_folders(out, ("images",))
     previous = _previous_synthetic_files(out)
     preprocessor = Preprocessor(meta.preprocess)
     device = select_device(config.device)
     generator = load_generator(model_dir, device=device)
     labels: list[str] = list(meta.labels)
     run_id = meta.mlflow_run_id
-    model_digest = sha256_file(model_dir / CHECKPOINT)
+    model_digest = verify_checkpoint(model_dir, meta)
     tag = run_id[:8] if run_id else "local"
 
     tracker.log_params(
@@ -111,7 +113,8 @@ def run(
     manifest = pd.DataFrame(rows).astype(str)
     write_manifest(out, manifest)
     for stale in previous - set(manifest["path"]):
-        (out / stale).unlink(missing_ok=True)  # images of an earlier, larger run into the same folder
+        if is_inside((out / stale).parent, out):  # never follow a link out of the dataset to delete
+            (out / stale).unlink(missing_ok=True)  # images of an earlier, larger run into the same folder
     dataset = read_dataset(out)
 
     per_grid = min(config.per_class, 8)

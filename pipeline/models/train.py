@@ -31,6 +31,7 @@ import math
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,18 +42,22 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pipeline.contracts.dataset import Dataset, read_dataset
+from pipeline.contracts.dataset import Dataset, read_dataset, verify_files
 from pipeline.contracts.model import (
     CHECKPOINT,
     LOSSES_CSV,
     LOSSES_PNG,
     MODEL_JSON,
     ModelMeta,
+    check_image_size,
     read_losses,
     read_model_meta,
     write_model_meta,
 )
 from pipeline.core.errors import CheckFailed, InputError
+from pipeline.core.faults import environment_failure
+from pipeline.core.files import atomic_path
+from pipeline.core.paths import refuse_escaping_folders
 from pipeline.core.seeds import stream_seed
 from pipeline.core.torch_state import preserved_torch_rng, torch_threads
 from pipeline.imaging.gan import ema_copy
@@ -175,17 +180,58 @@ def _load_training_data(data: Path, config: ModelConfig) -> _TrainingData:
     """Read the dataset's real ``train`` split and preprocess it as ``config`` says."""
     dataset = read_dataset(data)
     rows = _train_rows(dataset, data)
+    verify_files(dataset, rows)
     labels = sorted(rows["label"].unique().tolist())
     spec = build_spec(config, dataset, rows)
-    images_np, image_labels, _ = Preprocessor(spec).dataset_images(dataset, rows)
+    images_np, image_labels, image_ids = Preprocessor(spec).dataset_images(dataset, rows)
     if len(images_np) == 0:
         raise InputError(
             f"{data / 'manifest.csv'}: no usable image in split 'train' after preprocessing (every slice empty). "
             "Fix: check model.window / model.intensity against the images, or lower model.min_foreground."
         )
+    _refuse_unusable(data, labels, images_np, image_labels, image_ids)
     class_index = {label: index for index, label in enumerate(labels)}
     targets = torch.tensor([class_index[label] for label in image_labels], dtype=torch.long)
     return _TrainingData(dataset, rows, labels, spec, torch.from_numpy(images_np), targets)
+
+
+def _check_writable_model_dir(out: Path, config: ModelConfig) -> None:
+    """Refuse, before any data is read, a generator too large to allocate or a samples folder linked elsewhere."""
+    problem = check_image_size(list(config.image_size), config.spatial_dims)
+    if problem is not None:
+        raise InputError(
+            f"model.image_size {list(config.image_size)} {problem}. Fix: set a smaller model.image_size "
+            "(e.g. 64 x 64 slices or 64^3 volumes)."
+        )
+    refuse_escaping_folders(out, ("samples",))
+
+
+def _refuse_unusable(
+    data: Path, labels: list[str], images: np.ndarray, image_labels: list[str], image_ids: list[str]
+) -> None:
+    """Refuse training data a GAN cannot learn from: a class without a usable image, a non-finite image.
+
+    A class whose volumes all preprocess to nothing (empty or NaN) would still get a label id,
+    and the generator would learn it from no data at all; one NaN image turns every loss NaN.
+
+    Raises:
+        InputError: names the class, or the sample, and the fix (exit 2).
+    """
+    finite = np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+    usable = Counter(label for label, ok in zip(image_labels, finite) if ok)
+    for label in labels:
+        if usable[label] == 0:
+            raise InputError(
+                f"{data / 'manifest.csv'}: class {label!r} has no usable image in split 'train' (its images are empty "
+                "after preprocessing or hold NaN/infinite values). Fix: re-ingest (ingest quarantines unusable "
+                "images), add usable images of the class, or remove its rows."
+            )
+    if not finite.all():
+        sample = image_ids[int(np.flatnonzero(~finite)[0])].split("#", 1)[0]
+        raise InputError(
+            f"{data / 'manifest.csv'}: sample {sample} holds NaN or infinite values after preprocessing. "
+            "Fix: re-ingest (ingest quarantines unusable images) or remove its row."
+        )
 
 
 def _model_meta(config: ModelConfig, seed: int, train: _TrainingData, run_id: str | None, world_size: int) -> ModelMeta:
@@ -263,6 +309,8 @@ def run(
     Raises:
         InputError: unusable dataset or config, or an existing checkpoint without ``resume``.
         TrainingDiverged: a loss became NaN/inf (the last good checkpoint is kept).
+        EnvironmentFailure: disk full, I/O error or permission while writing ``out`` (exit 1; the
+            last complete checkpoint is kept, ``--resume`` continues from it).
     """
     data, out = Path(data), Path(out)
     ddp = init_distributed(config.device)
@@ -270,6 +318,14 @@ def run(
         device = select_device(config.device, ddp.local_rank)
         with _process_state(choose_threads(config), device):
             return _run(data, out, config, seed, resume, tracker if ddp.main else NullTracker(), progress, ddp, device)
+    except OSError as exc:
+        failure = environment_failure(
+            exc, f"writing the model folder {out}",
+            "nothing was lost: the last complete checkpoint is kept, and --resume continues from it",
+        )
+        if failure is None:
+            raise
+        raise failure from exc
     finally:
         shutdown_distributed(ddp)
 
@@ -315,6 +371,7 @@ def _run(
     if config.precision == "bf16" and device.type != "cuda":
         use_bf16 = False  # bf16 autocast is a CUDA feature here; CPU runs stay fp32 (and deterministic)
     memory_format = _memory_format(config)
+    _check_writable_model_dir(out, config)
 
     # -- data -----------------------------------------------------------------------------------
     train = _load_training_data(data, config)
@@ -526,11 +583,15 @@ class _LossLog:
             return
         kept = read_losses(path.parent) if start_step else {}
         steps = kept.get("step", [])
-        self.path.unlink(missing_ok=True)
-        if steps:
-            keep = [index for index, value in enumerate(steps) if value <= start_step]
-            self.rows = [{name: column[index] for name, column in kept.items()} for index in keep]
-            self.flush()
+        keep = [index for index, value in enumerate(steps) if value <= start_step]
+        if not keep:
+            self.path.unlink(missing_ok=True)
+            return
+        # Rewritten atomically: a full disk must not cost the rows of the earlier sessions.
+        self.rows = [{name: column[index] for name, column in kept.items()} for index in keep]
+        with atomic_path(self.path) as tmp:
+            self._append(tmp, new=True)
+        self.rows = []
 
     def add(self, step: int, losses: dict[str, float]) -> None:
         if self.enabled:
@@ -539,14 +600,16 @@ class _LossLog:
     def flush(self) -> None:
         if not self.enabled or not self.rows:
             return
-        new = not self.path.exists()
-        with self.path.open("a", encoding="utf-8", newline="") as handle:
+        self._append(self.path, new=not self.path.exists())
+        self.rows = []
+
+    def _append(self, path: Path, new: bool) -> None:
+        with path.open("a", encoding="utf-8", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]))
             if new:
                 writer.writeheader()
             for row in self.rows:
                 writer.writerow({key: int(value) if key == "step" else f"{value:.6g}" for key, value in row.items()})
-        self.rows = []
 
 
 @contextlib.contextmanager
