@@ -12,9 +12,15 @@ Three figures, each over the same files:
   audit log, and the leak audit of the whole output.
 * ``dicognito``: its ``Anonymizer`` (read, anonymize, write), one process, as its CLI runs.
 
+With ``--executor dask`` the rounds compare ingest on the local process pool with the same ingest on
+a Dask cluster (``ingest.executor.kind: dask``) of ``--workers`` single-threaded worker processes on
+this machine: the cost of the engine. The cluster is started once, outside the timing, as a site's
+cluster would already be running; its start-up time is printed apart.
+
 Usage::
 
     python benchmarks/ingest_speed.py --slices 400 --workers 2
+    python benchmarks/ingest_speed.py --slices 2000 --workers 2 --executor dask
 """
 
 from __future__ import annotations
@@ -51,8 +57,8 @@ def make_slices(root: Path, count: int, per_series: int = 50) -> list[Path]:
         folder = root / "bench" / f"patient{series:03d}" / f"series{series:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         series_uid = pydicom.uid.generate_uid(entropy_srcs=[f"bench-{series}"])
-        template.PatientID = f"BENCH{series:05d}"
-        template.PatientName = f"Bench^Patient{series}"
+        template.PatientID = f"PID{series:05d}"
+        template.PatientName = f"Doe^Patient{series}"
         template.SeriesInstanceUID = series_uid
         for k in range(min(per_series, count - len(written))):
             template.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[f"bench-{series}-{k}"])
@@ -85,9 +91,10 @@ def floor(files: list[Path], workers: int, out: Path) -> float:
     return len(files) / elapsed
 
 
-def medsynth(source: Path, workers: int, out: Path) -> float:
+def medsynth(source: Path, workers: int, out: Path, executor: dict | None = None) -> float:
+    config = IngestConfig(workers=workers, executor=executor or {"kind": "local"})
     start = time.perf_counter()
-    summary = run([source], out / "dataset", IngestConfig(workers=workers), private=out / "private")
+    summary = run([source], out / "dataset", config, private=out / "private")
     elapsed = time.perf_counter() - start
     assert summary.dicom_files_written + summary.quarantined_files == summary.files_seen
     return summary.files_seen / elapsed
@@ -110,15 +117,47 @@ def dicognito(files: list[Path], out: Path) -> float | None:
     return len(files) / (time.perf_counter() - start)
 
 
+def compare_dask(root: Path, files: list[Path], workers: int, repeat: int) -> None:
+    """Interleaved rounds of ingest on the local pool and on a Dask LocalCluster; print both and the ratio."""
+    from distributed import LocalCluster
+
+    start = time.perf_counter()
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    startup = time.perf_counter() - start
+    dask = {"kind": "dask", "address": cluster.scheduler_address}
+    rounds: list[tuple[float, float]] = []
+    try:
+        for attempt in range(repeat):
+            scratch = root / f"run{attempt}"
+            pool = medsynth(root / "src", workers, scratch / "pool")
+            engine = medsynth(root / "src", workers, scratch / "dask", dask)
+            rounds.append((pool, engine))
+            shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        cluster.close()
+    best_pool, best_dask = max(pool for pool, _ in rounds), max(engine for _, engine in rounds)
+    print(f"ingest on Dask vs the local pool, {len(files)} slices (CT_small/MR_small series), best of {repeat}:")
+    print(f"  local pool ({workers} processes):          {best_pool:8.1f} files/s")
+    print(f"  Dask ({workers} worker processes, running): {best_dask:8.1f} files/s")
+    print(f"  dask / local pool: {best_dask / best_pool:5.2f}  (goal >= 0.85; per round: "
+          + ", ".join(f"{engine / pool:.2f}" for pool, engine in rounds) + ")")
+    print(f"  LocalCluster start-up (once per run without an address): {startup:.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=400, help="number of slices (files)")
     parser.add_argument("--workers", type=int, default=2, help="processes for the floor and for medsynth")
     parser.add_argument("--repeat", type=int, default=3, help="runs per tool; the best is reported")
+    parser.add_argument("--executor", choices=("local", "dask"), default="local",
+                        help="dask: compare the local pool with a Dask cluster of --workers processes")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="medsynth-bench-"))
     try:
         files = make_slices(root / "src", args.slices)
+        if args.executor == "dask":
+            compare_dask(root, files, args.workers, args.repeat)
+            return
         results: dict[str, float | None] = {"floor": 0.0, "medsynth": 0.0, "dicognito": 0.0}
         rounds: list[tuple[float, float]] = []
         for attempt in range(args.repeat):

@@ -97,10 +97,22 @@ accept_early_stop_option = click.option(
     "--accept-early-stop", is_flag=True, default=False,
     help="Go on with a model that stopped before its step budget (model.accept_early_stop); else exit 1.",
 )
+scheduler_option = click.option(
+    "--scheduler", "scheduler", default=None, metavar="ADDRESS",
+    help="Run ingest's per-series tasks on this Dask scheduler, e.g. tcp://host:8786 (ingest.executor; "
+    "every worker must see the sources and output folders at the same paths).",
+)
 accept_inconclusive_option = click.option(
     "--accept-inconclusive", is_flag=True, default=False,
     help="Export even if the privacy gate is inconclusive (export.accept_inconclusive; the card says so first).",
 )
+
+
+def _scheduler(address: str | None) -> dict[str, Any]:
+    """Config overrides for ``--scheduler ADDRESS`` (None: the config decides)."""
+    if address is None:
+        return {}
+    return {"ingest.executor.kind": "dask", "ingest.executor.address": address}
 
 
 def _acceptances(early_stop: bool, inconclusive: bool) -> dict[str, Any]:
@@ -138,15 +150,17 @@ def demo_data_command(out: Path, subjects: int, seed: int) -> None:
 @click.option("--no-progress", is_flag=True, help="No progress (bars on a terminal, a line every 30 s in a log).")
 @accept_early_stop_option
 @accept_inconclusive_option
+@scheduler_option
 def run_command(
-    config_file: Path | None, force: bool, no_progress: bool, accept_early_stop: bool, accept_inconclusive: bool
+    config_file: Path | None, force: bool, no_progress: bool, accept_early_stop: bool, accept_inconclusive: bool,
+    scheduler: str | None,
 ) -> None:
     """Run every stage (ingest, train, generate, evaluate, export) under one MLflow parent run."""
     from pipeline.workflow import run_all
 
     if config_file is None:
         raise InputError("medsynth run needs a config: pass -c FILE (e.g. -c configs/demo.yaml).")
-    config = _config(config_file, _acceptances(accept_early_stop, accept_inconclusive))
+    config = _config(config_file, {**_acceptances(accept_early_stop, accept_inconclusive), **_scheduler(scheduler)})
     summary = run_all(config, where=str(config_file), force=force, progress=not no_progress, echo=click.echo)
     _echo_lines(summary.lines())
     _exit_on_unaccepted_gates(summary, config)
@@ -245,6 +259,10 @@ def ui_command(port: int) -> None:
     """Open the MLflow UI on this folder's tracking store (MLFLOW_TRACKING_URI or ./mlflow.db), on 127.0.0.1."""
     from pipeline import tracking
 
+    server = tracking.server_url()
+    if server is not None:  # a team's tracking server serves its own UI
+        click.echo(f"MLflow UI: {server}  (MLFLOW_TRACKING_URI is a tracking server: open its address)")
+        return
     process, url = tracking.start_ui(port)
 
     def _stop(signum: int, frame: Any) -> None:
@@ -284,13 +302,14 @@ def card_template_command() -> None:
               help="Private folder (key, source map, quarantine originals). Default: <out>.private beside the dataset.")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Worker processes. Default: all cores.")
 @click.option("--no-progress", is_flag=True, help="No progress (bars on a terminal, a line every 30 s in a log).")
+@scheduler_option
 @config_option
 def ingest_command(
     sources: tuple[Path, ...], labels: Path | None, out: Path, private: Path | None, workers: int | None,
-    no_progress: bool, config_file: Path | None,
+    no_progress: bool, scheduler: str | None, config_file: Path | None,
 ) -> None:
     """Anonymize DICOM/NIfTI sources into a real dataset (manifest + one NIfTI per series), with a leak audit."""
-    config = _config(config_file, {"ingest.workers": workers})
+    config = _config(config_file, {"ingest.workers": workers, **_scheduler(scheduler)})
     if sources:
         config.sources = list(sources)
     if labels is not None:

@@ -40,6 +40,8 @@ __all__ = [
     "start_ui",
     "stop_ui",
     "ui_url",
+    "server_url",
+    "server_run_url",
 ]
 
 STAGE_TAG = "medsynth.stage"
@@ -192,14 +194,48 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+def server_url() -> str | None:
+    """The tracking server's address when ``MLFLOW_TRACKING_URI`` is an http(s) server, else None.
+
+    Any user name and password in the URI are left out: the address is printed.
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    uri = tracking_uri()
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def server_run_url(experiment_id: str | None, run_id: str | None) -> str | None:
+    """The address of a run in the tracking server's UI (None without a server)."""
+    base = server_url()
+    if base is None:
+        return None
+    if experiment_id is not None and run_id is not None:
+        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return base
+
+
 def _experiment_id(name: str) -> str:
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name)
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        # On a shared server two runs may create the experiment at once: the loser finds the winner's.
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def _reach_store(experiment: str) -> str:

@@ -59,6 +59,7 @@ class RunSummary:
     outcomes: list[StageOutcome]
     report: Report | None = None
     exported: bool = False
+    server_run_url: str | None = None  # the parent run in the tracking server's UI, when one is used
 
     def lines(self) -> list[str]:
         out = [f"medsynth run finished: {self.paths.root}"]
@@ -74,6 +75,9 @@ class RunSummary:
             out.append(f"  augmented dataset  {self.paths.export}")
             out.append(f"  data card          {self.paths.export / 'data_card.md'}")
         out.append(f"  private (never share) {self.paths.private}")
+        if self.server_run_url is not None:
+            out.append(f"MLflow: parent run {self.parent_run_id} on the tracking server; open {self.server_run_url}")
+            return out
         out.append(f"MLflow: parent run {self.parent_run_id} in {self.tracking_uri}; browse with:")
         out.append("  medsynth ui      (or .venv/bin/medsynth ui outside the activated environment)")
         return out
@@ -177,6 +181,7 @@ def _run_locked(
         return RunSummary(
             paths=paths, parent_run_id=parent.run_id, tracking_uri=tracking.tracking_uri(), outcomes=outcomes,
             report=report, exported=(paths.export / "manifest.csv").is_file(),
+            server_run_url=tracking.server_run_url(parent.experiment_id, parent.run_id),
         )
 
 

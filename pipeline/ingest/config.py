@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.core.section import Section
@@ -12,8 +15,12 @@ __all__ = [
     "SafePrivateElement",
     "BlankRegion",
     "BurnedInConfig",
+    "ExecutorConfig",
     "IngestConfig",
 ]
+
+# A Dask scheduler address: protocol://host[:port] (tcp, tls, ucx, ws, wss, inproc).
+_ADDRESS = re.compile(r"^(tcp|tls|ucx|ws|wss|inproc)://[^\s/]+$")
 
 
 class SplitConfig(Section):
@@ -102,10 +109,43 @@ class BurnedInConfig(Section):
     )
 
 
+class ExecutorConfig(Section):
+    """Where the per-series tasks run: this machine's process pool, or a Dask cluster."""
+
+    kind: Literal["local", "dask"] = Field(
+        "local", description="local: a process pool of `workers` processes; dask: the workers of a Dask cluster."
+    )
+    address: str | None = Field(
+        None,
+        description="Dask scheduler, e.g. 'tcp://host:8786'. None with kind dask: a LocalCluster of `workers` "
+        "worker processes on this machine.",
+    )
+
+    timeout_s: float = Field(
+        30.0, gt=0, description="Seconds to wait for the scheduler to answer, and for its first worker."
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _scheduler_address(cls, value: str | None) -> str | None:
+        if value is not None and not _ADDRESS.match(value.strip()):
+            raise ValueError("a Dask scheduler address looks like 'tcp://host:8786' (tcp, tls, ucx, ws, wss or inproc)")
+        return value.strip() if value is not None else None
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> "ExecutorConfig":
+        if self.kind == "local" and self.address is not None:
+            raise ValueError("address is a Dask scheduler: set kind: dask, or remove address")
+        return self
+
+
 class IngestConfig(Section):
     """How sources are read, anonymized and split."""
 
-    workers: int | None = Field(None, ge=1, description="Process-pool size; default: all cores.")
+    workers: int | None = Field(
+        None, ge=1, description="Process-pool size (or LocalCluster workers with executor kind dask); default: all cores."
+    )
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     deid: DeidOptions = Field(default_factory=DeidOptions)
     burned_in: BurnedInConfig = Field(default_factory=BurnedInConfig)

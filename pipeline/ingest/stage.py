@@ -62,6 +62,7 @@ from pipeline.ingest.discover import (
     scan_files,
     walk_sources,
 )
+from pipeline.ingest.executors import check_executor, map_tasks
 from pipeline.ingest.labels import label_folder_problems, template_rows
 from pipeline.ingest.keys import file_reference, load_or_create_key, sample_pseudonym
 from pipeline.ingest.pool import pool_map
@@ -252,6 +253,8 @@ def run(
     sources = [Path(source) for source in sources]
     out = Path(out)
     private = Path(private) if private is not None else default_private(out)
+    if config.executor.kind == "dask":  # a Dask worker does not share the client's working directory
+        sources, out, private = [source.absolute() for source in sources], out.absolute(), private.absolute()
     _check_locations(sources, out, private)
     book = read_labels(Path(labels) if labels is not None else None)
     files = walk_sources(sources)
@@ -261,8 +264,9 @@ def run(
     scanned = _scan(files, workers, progress)
     if book.from_folders:
         _refuse_identifying_label_folders(scanned)
+    check_executor(config.executor)
     try:
-        return _ingest(files, scanned, book, out, private, config, workers, tracker, progress, seed)
+        return _ingest(sources, files, scanned, book, out, private, config, workers, tracker, progress, seed)
     except (OSError, MemoryError) as exc:
         failure = environment_failure(
             exc, f"writing the dataset {out} or its private folder",
@@ -275,6 +279,7 @@ def run(
 
 
 def _ingest(
+    sources: list[Path],
     files: list[SourceFile],
     scanned: list[ScannedFile],
     book: LabelBook,
@@ -321,7 +326,9 @@ def _ingest(
             )
         )
     summary.series_found = len(groups)
-    results = _process(tasks, key, config, workers, progress)
+    # Dask workers must see every folder a task reads or writes (checked on each worker first).
+    folders = [(f"--source #{index}", str(source)) for index, source in enumerate(sources, start=1)]
+    results = _process(tasks, key, config, workers, progress, [*folders, ("--out", str(out)), ("--private", str(private))])
     _stop_on_failures(out, results)
     for task, result in zip(tasks, results):
         quarantine.extend((file, reason, result.sample_id, task.kind) for file, reason in result.quarantined)
@@ -520,13 +527,19 @@ def _scan(files: list[SourceFile], workers: int, progress: bool) -> list[Scanned
     return [item for chunk in scanned for item in chunk]
 
 
-def _process(tasks: list[SeriesTask], key: bytes, config: IngestConfig, workers: int, progress: bool) -> list[SeriesResult]:
+def _process(
+    tasks: list[SeriesTask], key: bytes, config: IngestConfig, workers: int, progress: bool, folders: list[tuple[str, str]]
+) -> list[SeriesResult]:
     # Big series first: the pool stays busy until the end instead of waiting on one late giant.
     order = sorted(range(len(tasks)), key=lambda index: -len(tasks[index].files))
-    jobs = [(tasks[index], key, config) for index in order]
+    jobs = [(tasks[index],) for index in order]
     results: list[SeriesResult | None] = [None] * len(tasks)
     with progress_bar(sum(len(task.files) for task in tasks), "ingest", "file", progress) as bar:
-        for position, result in pool_map(process_series, jobs, workers, lambda done: bar.update(len(done.used) + len(done.quarantined))):
+        for position, result in map_tasks(
+            process_series, jobs, (key, config), config.executor, workers,
+            lambda done: bar.update(len(done.used) + len(done.quarantined)),
+            folders=folders, priorities=[len(tasks[index].files) for index in order],
+        ):
             index = order[position]
             if isinstance(result, BaseException):
                 cause = environment_cause(result)
