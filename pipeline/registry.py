@@ -149,14 +149,20 @@ class FileInput:
             )
 
 
+# Where and how wide ingest runs: the same bytes come out of one process, a pool or a Dask cluster.
+INGEST_RUNTIME_KEYS = ("workers", "executor")
+
+
 @dataclass(frozen=True)
 class SectionInput:
-    """The stage's own config section."""
+    """The stage's own config section, less the keys that never change its outputs (``ignore``)."""
 
     section: str
+    ignore: tuple[str, ...] = ()
 
     def digest(self, config: MedsynthConfig, paths: Mapping[str, Path]) -> str:
-        return config_digest(getattr(config, self.section))
+        values = getattr(config, self.section).model_dump(mode="json")
+        return config_digest({key: value for key, value in values.items() if key not in self.ignore})
 
     def check(self, config: MedsynthConfig, paths: Mapping[str, Path]) -> None:
         """A section is validated when the config loads."""
@@ -339,7 +345,7 @@ def _run_export(ctx: StageContext) -> StageResult:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", "ingest", (SourcesInput(), SectionInput("ingest"), SeedInput()), ("ingested",), _run_ingest),
+    Stage("ingest", "ingest", (SourcesInput(), SectionInput("ingest", ignore=INGEST_RUNTIME_KEYS), SeedInput()), ("ingested",), _run_ingest),
     Stage(
         "train", "model", (DatasetInput("ingested"), SectionInput("model"), SeedInput()), ("model",), _run_train,
         resumable=True,
