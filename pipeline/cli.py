@@ -332,14 +332,29 @@ def labels_template_command(sources: tuple[Path, ...], out: Path, workers: int |
 
 
 @cli.command("audit")
-@click.argument("directory", type=PathArg)
+@click.argument("directory", type=PathArg, required=False)
 @click.option("--against", "against", type=PathArg, multiple=True,
               help="Source folder whose identifying values are searched for (repeatable).")
-def audit_command(directory: Path, against: tuple[Path, ...]) -> None:
+@click.option("--private", "private", type=PathArg, default=None,
+              help="Private folder for the findings' matched values. Default: <DIRECTORY>.private beside it.")
+@click.option("--explain", "explain_ref", default=None, metavar="REF",
+              help="Show what finding REF matched (read from --private; for the folder's owner only).")
+def audit_command(directory: Path | None, against: tuple[Path, ...], private: Path | None, explain_ref: str | None) -> None:
     """Scan DIRECTORY for PHI (source identifiers, DICOM/NIfTI structure); exit 1 on any finding."""
     from pipeline.ingest import audit
+    from pipeline.ingest.audit import explain
+    from pipeline.ingest.stage import default_private
 
+    if explain_ref is not None:
+        if private is None and directory is None:
+            raise InputError("--explain needs the private folder. Fix: pass --private DIR (or the audited DIRECTORY).")
+        _echo_lines(explain(explain_ref, private if private is not None else default_private(directory)))
+        return
+    if directory is None:
+        raise InputError("no DIRECTORY given. Fix: medsynth audit DIRECTORY [--against SOURCE ...].")
     report = audit(directory, list(against) or None)
+    if not report.ok:
+        report.record(private if private is not None else default_private(directory))
     _echo_lines(report.lines())
     if not report.ok:
         raise CheckFailed(f"{len(report.findings)} finding(s) in {directory}. Do not share it until they are fixed.")

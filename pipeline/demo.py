@@ -37,6 +37,7 @@ from scipy.ndimage import gaussian_filter
 
 from pipeline.core.errors import InputError
 from pipeline.core.files import atomic_path, atomic_write_text
+from pipeline.demo_text import burn_in_identity
 
 __all__ = [
     "LABELS",
@@ -414,20 +415,26 @@ def _ct_slice(
     ds.BurnedInAnnotation = "YES" if burned_in else "NO"
     stored = np.clip(hu_slice.T.astype(np.int32) + 1024, 0, 4095).astype(np.uint16)  # rows x columns
     if burned_in:
-        stored = _burn_in_text(stored)
+        stored = _burn_in_text(stored, who, k)
     ds.PixelData = stored.tobytes()
     return ds
 
 
-def _burn_in_text(stored: np.ndarray) -> np.ndarray:
-    """Paint a block of bright glyph-like strokes in the top-left corner, as scanners do."""
+def _burn_in_text(stored: np.ndarray, who: SubjectPHI, k: int) -> np.ndarray:
+    """Burn the patient's name, ID and dates into a slice, as scanners and workstations do.
+
+    Font, size, grey level and corners change from slice to slice (pipeline/demo_text.py), so the
+    subject exercises what ingest's text detector must find; ingest must blank every line.
+    """
     stored = stored.copy()
-    for line in range(3):
-        top = 3 + line * 7
-        for char in range(14):
-            left = 3 + char * 5
-            stored[top : top + 5, left : left + 1] = 4000
-            stored[top + (char % 3) * 2, left : left + 3] = 4000
+    study = who.study_date
+    lines = [
+        f"{who.family}^{who.given}",
+        who.patient_id,
+        f"DOB {who.birth_date[:4]}-{who.birth_date[4:6]}-{who.birth_date[6:]}",
+        f"{study[6:]}/{study[4:6]}/{study[:4]}",
+    ]
+    burn_in_identity(stored, lines, k, background=0, bright=4000)
     return stored
 
 

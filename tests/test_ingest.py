@@ -356,7 +356,7 @@ def test_burned_in_is_quarantined_unless_regions_are_blanked(tmp_path: Path) -> 
     from pipeline.core.errors import InputError
 
     with pytest.raises(InputError, match="no usable image series"):
-        run([source], tmp_path / "q", IngestConfig(workers=1), private=tmp_path / "key")
+        run([source], tmp_path / "q", IngestConfig(workers=1, burned_in={"action": "quarantine"}), private=tmp_path / "key")
     with open(tmp_path / "q" / "quarantine.csv", newline="") as handle:
         assert {row["reason"] for row in csv.DictReader(handle)} == {"possible burned-in PHI"}
     config = IngestConfig.model_validate(

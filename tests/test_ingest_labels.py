@@ -4,6 +4,7 @@ labels template is private, and a dataset that fails its leak audit leaves the s
 from __future__ import annotations
 
 import csv
+import re
 import stat
 from pathlib import Path
 
@@ -145,9 +146,15 @@ def test_a_failed_leak_audit_moves_the_dataset_into_the_private_folder(tmp_path:
     message = str(info.value)
     failed = sorted(private.glob("failed-*"))
     assert len(failed) == 1
-    assert "manifest.csv: content: identifier or text" in message
+    assert "manifest.csv: content (column label): identifier or text [ref f-" in message
     assert f"into the private folder: {failed[0]}" in message and "--labels file" in message
     assert PATIENT_ID.lower() not in message.lower()
+    # The reference resolves, from the private folder only, to the file, place and matched value.
+    from pipeline.ingest.audit import explain
+
+    ref = re.search(r"manifest\.csv: content \(column label\): identifier or text \[ref (f-[0-9a-f]+)\]", message).group(1)
+    explained = "\n".join(explain(ref, private))
+    assert "manifest.csv" in explained and f"{PATIENT_ID}1".lower() in explained.lower()
     # Everything ingest wrote moved, owner-only; the shareable folder is gone.
     assert not out.exists()
     assert stat.S_IMODE(failed[0].stat().st_mode) == 0o700

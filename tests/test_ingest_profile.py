@@ -328,7 +328,7 @@ def test_fast_paths_on_crafted_values() -> None:
             warnings.simplefilter("ignore")  # pydicom warns about the padded UID
             expected = copy.get(keyword)
         assert element_value(ds, keyword) == expected, keyword
-    assert burned_in_decision(ds, IngestConfig()) == ("quarantine", [])  # secondary capture, screen save
+    assert burned_in_decision(ds, IngestConfig()) == ("detect", [])  # secondary capture, screen save: text detector
 
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, pydicom.dcmread(get_testdata_file("CT_small.dcm")), enforce_file_format=True)

@@ -15,23 +15,41 @@ them from :mod:`pipeline.contracts.synthetic`. Only the exact marker texts pass:
 those attributes is still a finding, and with ``against`` every value is still searched.
 
 Matching is case-insensitive and on token boundaries (an identifier must not be glued to other
-letters or digits), so a date never "matches" inside a long UID. Values that also occur in
-retained attributes (e.g. a manufacturer's name) or are labels are not identifiers.
+letters or digits), so a date never "matches" inside a long UID. Labels are not identifiers.
 
-Findings name the file, the place (tag, header field, "file name", "content") and the kind of
-identifier; never the value.
+Precision: the tool's own fixed vocabulary is never matched, and no identifier is dropped for it.
+The places where ingest writes its vocabulary - CSV column headers and the columns of fixed words
+(quarantine reasons, formats, modality...), JSON keys and the fields of fixed words in audit.jsonl,
+every string of ingest.json, the de-identification attributes ingest adds to a DICOM file and its
+file meta - are searched with the vocabulary's tokens blanked out (:func:`tool_vocabulary`: DICOM
+keywords and attribute names, UID names such as SOP classes, the string literals of the ingest and
+contracts code, config keys). Every other place - file names, DICOM elements, NIfTI headers, data
+cells - is searched whole. A value that also occurs in a retained attribute (a manufacturer's name
+in a private element, say) stays on the search list; only an output DICOM element holding exactly
+that retained text is not a finding.
+
+Findings name the file, the place (tag, header field, "file name", "content"), the kind of
+identifier and a private reference (:meth:`AuditReport.record`); never the value. The value is
+written only to the private folder, where :func:`explain` resolves a reference for its owner.
 """
 
 from __future__ import annotations
 
+import ast
+import csv
+import dataclasses
 import gzip
 import io
 import json
+import os
 import re
+import secrets
 import struct
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
 import pydicom
@@ -53,12 +71,18 @@ __all__ = [
     "harvest_sources",
     "path_identifiers",
     "scan_output_file",
+    "name_findings",
+    "scrub_vocabulary",
     "structure_findings",
     "header_tokens",
     "INGEST_RECORD",
+    "FINDINGS_FILE",
+    "explain",
+    "tool_vocabulary",
 ]
 
 INGEST_RECORD = "ingest.json"
+FINDINGS_FILE = "audit_findings.jsonl"  # in the private folder: reference -> place and matched value
 _AUDIT_CHUNK = 128
 _TOKEN = re.compile(rb"[a-z0-9\x80-\xff]+")
 # Lower-cases letters and blanks every byte that cannot be part of a token: ``split()`` then
@@ -78,18 +102,36 @@ _VOCABULARY = frozenset(
         b"int16", b"int32", b"float32", b"float64", b"uint8", b"patient", b"assumed",
     }
 )
+# CSV columns and JSON fields whose values are the tool's fixed words (reasons, formats, rule names...).
+_VOCABULARY_FIELDS = frozenset(
+    {
+        "reason", "format", "modality", "source_format", "dtype", "geometry", "origin", "split", "status",
+        "tag", "keyword", "action", "rule", "field", "kind", "where",
+    }
+)
+# Attributes ingest adds to every anonymized file (their texts are the tool's: CID 7050 meanings, method).
+_OWN_DICOM_TAGS = frozenset({0x00120062, 0x00120063, 0x00120064, 0x00280301, 0x00280303})
+# Modules whose string literals are the tool's output vocabulary (reasons, headers, keys, option names).
+_VOCABULARY_PACKAGES = ("pipeline.ingest", "pipeline.contracts")
+_TOKEN_BYTES = re.compile(rb"[a-z0-9\x80-\xff]+")
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One leak: where (file, place) and what kind of identifier; never the value."""
+    """One leak: where (file, place) and what kind of identifier; never the value in public.
+
+    ``value`` (the matched identifier, PHI) stays in memory until :meth:`AuditReport.record` writes it
+    to the private folder under ``ref``; :meth:`line` shows the reference, never the value.
+    """
 
     path: str
     where: str
     kind: str
+    value: bytes = field(default=b"", repr=False)
+    ref: str = ""
 
     def line(self) -> str:
-        return f"  {self.path}: {self.where}: {self.kind}"
+        return f"  {self.path}: {self.where}: {self.kind}" + (f" [ref {self.ref}]" if self.ref else "")
 
 
 @dataclass
@@ -101,10 +143,47 @@ class AuditReport:
     identifiers: int
     sources: int
     findings: list[Finding] = field(default_factory=list)
+    private: Path | None = None  # where :meth:`record` wrote the findings' references
 
     @property
     def ok(self) -> bool:
         return not self.findings
+
+    def record(self, private: Path) -> None:
+        """Give every finding a reference and append (reference, file, place, kind, value) to
+        ``private/audit_findings.jsonl`` (owner-only): the one place the matched values are written."""
+        private = Path(private)
+        private.mkdir(parents=True, exist_ok=True)
+        try:
+            os.chmod(private, 0o700)
+        except OSError:
+            pass
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        lines = []
+        referenced = []
+        for finding in self.findings:
+            ref = finding.ref or "f-" + secrets.token_hex(6)
+            referenced.append(dataclasses.replace(finding, ref=ref))
+            lines.append(
+                json.dumps(
+                    {
+                        "ref": ref,
+                        "time": stamp,
+                        "directory": str(self.directory),
+                        "file": finding.path,
+                        "where": finding.where,
+                        "kind": finding.kind,
+                        "value": finding.value.decode("utf-8", "replace"),
+                    },
+                    sort_keys=True,
+                )
+            )
+        path = private / FINDINGS_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+        self.findings = referenced
+        self.private = private
 
     def lines(self) -> list[str]:
         head = (
@@ -122,39 +201,88 @@ class AuditReport:
         lines += [finding.line() for finding in shown]
         if len(self.findings) > len(shown):
             lines.append(f"  ... and {len(self.findings) - len(shown)} more")
+        if self.private is not None:
+            lines.append(
+                f"  What a finding matched is in the private folder, for its owner only: "
+                f"medsynth audit --explain REF --private {self.private}"
+            )
         return lines
+
+
+def explain(ref: str, private: Path) -> list[str]:
+    """The recorded finding ``ref`` (file, place, kind and the matched value) from the private folder.
+
+    The value is PHI: this is for the owner of the private folder, never for a log or a shared output.
+
+    Raises:
+        InputError: no findings file in ``private``, it cannot be read, or it holds no such reference.
+    """
+    path = Path(private) / FINDINGS_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(
+            f"--private {private}: no {FINDINGS_FILE} there. Fix: pass the private folder of the run or audit that printed the reference."
+        ) from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({type(exc).__name__}). Fix: run as the owner of the private folder.") from None
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("ref") == ref:
+            lines = [
+                f"Finding {ref} (audit of {entry.get('directory')} at {entry.get('time')}):",
+                f"  file: {entry.get('file')}",
+                f"  place: {entry.get('where')}",
+                f"  kind: {entry.get('kind')}",
+            ]
+            value = entry.get("value") or ""
+            lines.append(f"  matched value: {value!r}" if value else "  matched value: none (a structure finding)")
+            return lines
+    raise InputError(f"--explain {ref}: no such reference in {path}. Fix: copy the reference from the audit's output (f-...).")
 
 
 @dataclass
 class Identifiers:
-    """Identifying values (lower-cased bytes -> kind), ready to search for. PHI: memory only."""
+    """Identifying values (lower-cased bytes -> kind), ready to search for. PHI: memory only.
+
+    ``allowed``: retained texts (whole element values, lower-cased) that hold an identifier; an
+    output DICOM element holding exactly one of them is what the profile kept, not a leak.
+    """
 
     values: dict[bytes, str] = field(default_factory=dict)
+    allowed: frozenset[bytes] = frozenset()
 
     def add(self, values: dict[bytes, str]) -> None:
         for value, kind in values.items():
             self.values.setdefault(value, kind)
 
     def finalize(self, kept_text: Iterable[bytes], labels: Iterable[str]) -> "Identifiers":
-        """Drop values that also occur in retained text, labels or our own vocabulary."""
+        """Drop labels, placeholders and short values; note the retained texts that hold an identifier.
+
+        A value that also occurs in retained text stays on the list (it is still a leak anywhere
+        else); only the retained texts themselves are allowed, as whole DICOM element values.
+        """
         exempt = set(_VOCABULARY) | {label.lower().encode() for label in labels}
-        kept_tokens: set[bytes] = set()
-        kept_blob = b"\n".join(sorted(set(kept_text)))
-        kept_tokens.update(_TOKEN.findall(kept_blob))
+        by_token: dict[bytes, list[bytes]] = {}
+        for text in set(kept_text):
+            for token in set(_TOKEN.findall(text)):
+                by_token.setdefault(token, []).append(text)
         final: dict[bytes, str] = {}
+        allowed: set[bytes] = set()
         for value, kind in self.values.items():
             if value in exempt or value in STOP_VALUES or not is_identifier(value):
                 continue
             tokens = _TOKEN.findall(value)
             if not tokens:
                 continue
-            if len(tokens) == 1 and tokens[0] == value:
-                if value in kept_tokens:
-                    continue
-            elif all(token in kept_tokens for token in tokens) and _bounded_find(kept_blob, value):
-                continue
             final[value] = kind
-        return Identifiers(values=final)
+            for text in by_token.get(max(tokens, key=len), ()):
+                if _bounded_find(text, value):
+                    allowed.add(text)
+        return Identifiers(values=final, allowed=frozenset(allowed))
 
 
 def _bounded_find(text: bytes, needle: bytes) -> bool:
@@ -178,6 +306,7 @@ class Matcher:
     """
 
     def __init__(self, identifiers: Identifiers) -> None:
+        self.allowed = identifiers.allowed
         self.single: dict[bytes, str] = {}
         self.multi: dict[bytes, list[tuple[bytes, tuple[bytes, ...], str]]] = {}
         for value, kind in identifiers.values.items():
@@ -198,9 +327,13 @@ class Matcher:
 
     def kinds_in(self, text: bytes, binary: bool = False) -> list[str]:
         """Kinds of the identifiers found in ``text`` (any case)."""
+        return [kind for _, kind in self.matches_in(text, binary)]
+
+    def matches_in(self, text: bytes, binary: bool = False) -> list[tuple[bytes, str]]:
+        """``(identifier, kind)`` of every identifier found in ``text`` (any case)."""
         tokens = set(text.translate(_TOKEN_TABLE).split())
         found = [
-            self.single[token]
+            (token, self.single[token])
             for token in sorted(tokens & self.single.keys())
             if not binary or len(token) >= _MIN_BINARY
         ]
@@ -211,8 +344,76 @@ class Matcher:
             if all(part in tokens for part in parts):
                 lowered = lowered or text.lower()
                 if _bounded_find(lowered, value):
-                    found.append(kind)
+                    found.append((value, kind))
         return found
+
+    def findings(self, text: bytes, rel: str, where: str, binary: bool = False, vocabulary: bool = False) -> list[Finding]:
+        """Findings for the identifiers in ``text`` at one place; ``vocabulary``: a place of the tool's
+        fixed words, searched with those words blanked out."""
+        found = self.matches_in(text, binary)
+        if found and vocabulary:
+            found = self.matches_in(scrub_vocabulary(text), binary)
+        return [Finding(rel, where, kind, value) for value, kind in found]
+
+
+@lru_cache(maxsize=1)
+def tool_vocabulary() -> frozenset[bytes]:
+    """Every token of the tool's own fixed words (lower-cased): DICOM keywords and attribute names,
+    UID names (SOP classes, transfer syntaxes), the string literals of the ingest and contracts code
+    (reasons, column headers, JSON keys, option names; docstrings excluded) and config keys."""
+    from pydicom.datadict import DicomDictionary, RepeatersDictionary
+    from pydicom.uid import UID_dictionary
+
+    texts: list[str] = []
+    for entry in (*DicomDictionary.values(), *RepeatersDictionary.values()):
+        texts += [entry[2], entry[4]]
+    texts += [entry[0] for entry in UID_dictionary.values()]
+    texts += list(_source_literals())
+    texts += list(_config_keys(IngestConfig))
+    vocabulary: set[bytes] = set()
+    for text in texts:
+        vocabulary.update(_TOKEN.findall(text.lower().encode("utf-8", "replace")))
+    return frozenset(vocabulary)
+
+
+def _source_literals() -> Iterator[str]:
+    """The string constants of the vocabulary packages' modules, docstrings excluded."""
+    import importlib
+    import pkgutil
+
+    for package_name in _VOCABULARY_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__):
+            spec = importlib.util.find_spec(f"{package_name}.{info.name}")
+            if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+                continue
+            tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+            docstrings = {
+                id(node.body[0].value)
+                for node in ast.walk(tree)
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and node.body
+                and isinstance(node.body[0], ast.Expr)
+                and isinstance(node.body[0].value, ast.Constant)
+            }
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                    yield node.value
+
+
+def _config_keys(model: type) -> Iterator[str]:
+    for name, info in getattr(model, "model_fields", {}).items():
+        yield name
+        annotation = info.annotation
+        for candidate in (annotation, *getattr(annotation, "__args__", ())):
+            if isinstance(candidate, type) and hasattr(candidate, "model_fields"):
+                yield from _config_keys(candidate)
+
+
+def scrub_vocabulary(text: bytes) -> bytes:
+    """``text`` lower-cased with every token of the tool's vocabulary blanked (other bytes kept)."""
+    vocabulary = tool_vocabulary()
+    return _TOKEN_BYTES.sub(lambda match: b" " * len(match.group()) if match.group() in vocabulary else match.group(), text.lower())
 
 
 # ------------------------------------------------------------------------------------------
@@ -332,12 +533,21 @@ def _dicom_header_end(data: bytes) -> int:
     return len(data)
 
 
+# Names ingest gives its own outputs: never matched as file names (the pseudonymous names hold only hex).
+_OWN_NAMES = frozenset({"manifest.csv", "quarantine.csv", "audit.jsonl", INGEST_RECORD, "images", "dicom"})
+
+
+def name_findings(rel: str, matcher: Matcher) -> list[Finding]:
+    """Identifiers in an output's relative path (the tool's own fixed file names excepted)."""
+    parts = [part for part in PurePosixPath(rel).parts if part not in _OWN_NAMES]
+    return matcher.findings("/".join(parts).encode("utf-8", "replace"), rel, "file name") if parts else []
+
+
 def scan_output_file(path: Path, rel: str, matcher: Matcher | None, profile: Profile | None) -> list[Finding]:
     """Findings in one output file (name, content; structure unless ``profile`` is None)."""
     findings: list[Finding] = []
     if matcher is not None:
-        for kind in matcher.kinds_in(rel.encode("utf-8", "replace")):
-            findings.append(Finding(rel, "file name", kind))
+        findings += name_findings(rel, matcher)
     try:
         data = path.read_bytes()
     except OSError:
@@ -355,8 +565,59 @@ def scan_output_file(path: Path, rel: str, matcher: Matcher | None, profile: Pro
                 pass
         if matcher is not None:
             binary = _is_binary(data)
-            for kind in matcher.kinds_in(data, binary=binary):
-                findings.append(Finding(rel, "content", kind))
+            if matcher.matches_in(data, binary=binary):  # most files hold nothing: only those are parsed
+                findings += _scan_text(data, rel, lowered_name, matcher, binary)
+    return findings
+
+
+def _scan_text(data: bytes, rel: str, name: str, matcher: Matcher, binary: bool) -> list[Finding]:
+    """Findings in a non-image file: CSV and JSON place by place (vocabulary places scrubbed), anything else whole."""
+    if not binary:
+        try:
+            text = data.decode("utf-8-sig")
+            if name.endswith(".csv"):
+                return _scan_csv(text, rel, matcher)
+            if name.endswith(".jsonl"):
+                return [found for line in text.splitlines() if line.strip() for found in _scan_json(json.loads(line), rel, matcher, False)]
+            if name.endswith(".json"):
+                return _scan_json(json.loads(text), rel, matcher, name == INGEST_RECORD)
+        except (UnicodeDecodeError, ValueError, csv.Error):
+            pass  # not what its name says: searched whole below
+    return matcher.findings(data, rel, "content", binary=binary)
+
+
+def _scan_csv(text: str, rel: str, matcher: Matcher) -> list[Finding]:
+    """A CSV cell by cell: the header row and the columns of fixed words are vocabulary places."""
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows:
+        return []
+    header = rows[0]
+    vocabulary_columns = {index for index, name in enumerate(header) if name.strip().lower() in _VOCABULARY_FIELDS}
+    findings = [found for cell in header for found in matcher.findings(cell.encode(), rel, "content (header)", vocabulary=True)]
+    for row in rows[1:]:
+        for index, cell in enumerate(row):
+            column = header[index] if index < len(header) else f"#{index + 1}"
+            place = f"content (column {column})"
+            findings += matcher.findings(cell.encode(), rel, place, vocabulary=index in vocabulary_columns)
+    return findings
+
+
+def _scan_json(payload: object, rel: str, matcher: Matcher, all_vocabulary: bool) -> list[Finding]:
+    """A JSON document value by value: keys, the fields of fixed words (and every string of
+    ingest.json, written from config and counts) are vocabulary places."""
+    findings: list[Finding] = []
+    stack: list[tuple[object, bool]] = [(payload, all_vocabulary)]
+    while stack:
+        item, vocabulary = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                findings += matcher.findings(str(key).encode(), rel, "content (key)", vocabulary=True)
+                stack.append((value, all_vocabulary or str(key).lower() in _VOCABULARY_FIELDS))
+        elif isinstance(item, list):
+            stack.extend((value, vocabulary) for value in item)
+        elif item is not None:
+            text = item if isinstance(item, str) else json.dumps(item)
+            findings += matcher.findings(text.encode("utf-8", "replace"), rel, "content", vocabulary=vocabulary and isinstance(item, str))
     return findings
 
 
@@ -382,17 +643,15 @@ def _scan_nifti(path: Path, rel: str, matcher: Matcher | None) -> list[Finding]:
     if len(header) > 352 and header[348:352] != b"\x00\x00\x00\x00":
         findings.append(Finding(rel, "NIfTI header extension", "extension present (may carry PHI)"))
     if matcher is not None:
-        for kind in matcher.kinds_in(header[148:228], binary=False):
-            findings.append(Finding(rel, "NIfTI descrip", kind))
-        for kind in matcher.kinds_in(header[348:], binary=True):
-            findings.append(Finding(rel, "NIfTI header extension", kind))
+        findings += matcher.findings(header[148:228], rel, "NIfTI descrip")
+        findings += matcher.findings(header[348:], rel, "NIfTI header extension", binary=True)
     return findings
 
 
 def _scan_dicom(data: bytes, rel: str, matcher: Matcher | None, profile: Profile | None) -> list[Finding]:
     end = _dicom_header_end(data)
     findings: list[Finding] = []
-    if matcher is not None and matcher.kinds_in(data[:end], binary=False):
+    if matcher is not None and matcher.kinds_in(data[:end], binary=False) and matcher.kinds_in(_without_allowed(data[:end], matcher)):
         findings += _locate_in_dicom(data, rel, matcher)
     if profile is None:  # structure already checked by whoever wrote the file (ingest's workers)
         return findings
@@ -403,6 +662,16 @@ def _scan_dicom(data: bytes, rel: str, matcher: Matcher | None, profile: Profile
     except Exception as exc:
         return findings + [Finding(rel, "DICOM header", f"unreadable ({type(exc).__name__})")]
     return findings + structure_findings(ds, rel, profile)
+
+
+def _without_allowed(header: bytes, matcher: Matcher) -> bytes:
+    """The header lower-cased with the retained texts blanked: a hit that remains needs the element-by-element
+    look (a vendor name kept in Manufacturer and also removed from a private element is then no reason to parse)."""
+    lowered = header.lower()
+    for text in matcher.allowed:
+        if text in lowered:
+            lowered = lowered.replace(text, b" ")
+    return lowered
 
 
 def structure_findings(ds: pydicom.Dataset, rel: str, profile: Profile) -> list[Finding]:
@@ -446,8 +715,8 @@ def _structure(
             if not allowed_private:
                 findings.append(Finding(rel, path + tag_text(tag), "private element present"))
             continue
-        rule = profile.rule(tag)
         vr = raw.VR or (pydicom.datadict.dictionary_VR(tag) if pydicom.datadict.dictionary_has_tag(tag) else "UN")
+        rule = profile.rule_for(tag, vr.split(" or ")[0])
         if rule is not None and tag not in (0x00100010, 0x00100020):
             if rule[0] == "X":
                 findings.append(Finding(rel, f"{path}{tag_text(tag)} {_keyword(tag)}", "attribute the profile removes is present"))
@@ -468,27 +737,54 @@ def _keyword(tag: int) -> str:
 
 
 def _locate_in_dicom(data: bytes, rel: str, matcher: Matcher) -> list[Finding]:
-    """Name the element(s) holding identifiers (only called when the raw scan found something)."""
+    """Name the element(s) holding identifiers (only called when the raw scan found something).
+
+    The file meta and the de-identification attributes ingest adds are vocabulary places; an
+    element holding exactly a retained text (:attr:`Identifiers.allowed`) is what the profile kept.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     except Exception:
-        return [Finding(rel, "DICOM header", kind) for kind in matcher.kinds_in(data[: _dicom_header_end(data)])]
+        return matcher.findings(data[: _dicom_header_end(data)], rel, "DICOM header")
     findings: list[Finding] = []
-    for elem in ds.iterall():
+    explained = False  # a raw hit lies in an element that is no finding (vocabulary or retained text)
+    meta = getattr(ds, "file_meta", None)
+    elements = [(elem, True) for elem in meta] if meta is not None else []
+    elements += list(_elements_with_ownership(ds, False))
+    for elem, own in elements:
         if elem.VR == "SQ":
             continue
-        value = elem.value
-        if isinstance(value, (bytes, bytearray)):
-            text = bytes(value)
-        elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-            text = "\\".join(str(item) for item in value).encode("utf-8", "replace")
-        else:
-            text = str(value).encode("utf-8", "replace")
-        for kind in matcher.kinds_in(text):
-            findings.append(Finding(rel, f"{tag_text(int(elem.tag))} {elem.keyword or ''}".rstrip(), kind))
-    return findings or [Finding(rel, "DICOM header", "identifier between elements")]
+        text = _element_text(elem)
+        where = f"{tag_text(int(elem.tag))} {elem.keyword or ''}".rstrip()
+        if own or text.strip(b" \x00").lower() in matcher.allowed:
+            explained = explained or bool(matcher.matches_in(text))
+            if not own:
+                continue
+        findings += matcher.findings(text, rel, where, vocabulary=own)
+    if findings or explained:
+        return findings
+    return [Finding(rel, "DICOM header", "identifier between elements")]
+
+
+def _elements_with_ownership(ds: pydicom.Dataset, own: bool) -> Iterator[tuple[pydicom.DataElement, bool]]:
+    """Every element (depth first) with whether ingest wrote it (the de-identification attributes and their items)."""
+    for elem in ds:
+        mine = own or int(elem.tag) in _OWN_DICOM_TAGS
+        yield elem, mine
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                yield from _elements_with_ownership(item, mine)
+
+
+def _element_text(elem: pydicom.DataElement) -> bytes:
+    value = elem.value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(item) for item in value).encode("utf-8", "replace")
+    return str(value).encode("utf-8", "replace")
 
 
 # ------------------------------------------------------------------------------------------
@@ -568,9 +864,9 @@ def audit(
         for path in sorted(directory.rglob("*"))
         if path.is_file() and path.relative_to(directory).as_posix() not in skip
     ]
-    values = identifiers.values if identifiers is not None else {}
+    searched = identifiers if identifiers is not None else Identifiers()
     chunks = [files[start : start + _AUDIT_CHUNK] for start in range(0, len(files), _AUDIT_CHUNK)]
-    jobs = [(chunk, values, options if check_dicom_structure else None) for chunk in chunks]
+    jobs = [(chunk, searched, options if check_dicom_structure else None) for chunk in chunks]
     findings: list[Finding] = []
     scanned = len(files)
     for index, found in pool_map(_scan_chunk, jobs, workers, lambda _: None):
@@ -588,10 +884,10 @@ def audit(
     )
 
 
-def _scan_chunk(files: list[tuple[str, str]], values: dict[bytes, str], options: DeidOptions | None) -> list[Finding]:
+def _scan_chunk(files: list[tuple[str, str]], identifiers: Identifiers, options: DeidOptions | None) -> list[Finding]:
     """Scan a chunk of files (the unit of work of a pool worker)."""
 
-    matcher = Matcher(Identifiers(values=values)) if values else None
+    matcher = Matcher(identifiers) if identifiers.values else None
     profile = profile_for(IngestConfig(deid=options)) if options is not None else None
     findings: list[Finding] = []
     with quiet_readers():

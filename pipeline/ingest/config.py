@@ -59,8 +59,9 @@ class DeidOptions(Section):
 
     modified_dates: bool = Field(
         True,
-        description="Retain Longitudinal Temporal Information with Modified Dates: every date of a patient "
-        "moves back by the same keyed offset (200-210 years), so intervals stay exact; times are kept.",
+        description="Retain Longitudinal Temporal Information with Modified Dates: every date, date-time and time "
+        "of a patient moves back by the same keyed offset (200-210 years plus a part of a day; a date and its time "
+        "as one instant), so intervals stay exact. False: dates and times follow the basic profile (removed).",
     )
     patient_characteristics: bool = Field(
         False, description="Retain Patient Characteristics: keep age, sex, size, weight, ethnic group, pregnancy, smoking."
@@ -102,10 +103,18 @@ class BurnedInConfig(Section):
 
     modalities: list[str] = Field(
         default_factory=lambda: ["US", "OT", "XC", "ES", "GM", "SM", "DOC", "VL", "IVUS"],
-        description="Modalities that commonly carry burned-in text: quarantined unless BurnedInAnnotation=NO.",
+        description="Modalities that commonly carry burned-in text: screened unless BurnedInAnnotation=NO "
+        "(as are BurnedInAnnotation=YES images, secondary captures, ultrasound, visible light and screen saves).",
     )
+    action: Literal["blank", "quarantine"] = Field(
+        "blank",
+        description="blank: find text with the offline text detector, blank every region found and keep the "
+        "image; quarantine: quarantine every screened image instead.",
+    )
+    margin: int = Field(3, ge=0, le=64, description="Pixels added on every side of a detected text box before blanking.")
     blank: list[BlankRegion] = Field(
-        default_factory=list, description="Devices whose text regions are blanked (Clean Pixel Data) instead."
+        default_factory=list,
+        description="Devices whose text sits in known rectangles: these are blanked (Clean Pixel Data) without the detector.",
     )
 
 

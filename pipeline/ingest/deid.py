@@ -3,7 +3,8 @@
 One walk over the elements does three things at once, reading raw element bytes wherever it can
 (no value conversion for the elements it keeps, which is what makes it fast):
 
-* applies the action of each tag (D Z X K C U, private elements, repeating groups);
+* applies the action of each tag (D Z X K C U, private elements, repeating groups, and the
+  safety net by VR for public attributes the table does not list);
 * records, for the audit log, which rule acted on which tag (never the value);
 * gathers the identifying values it removed (names, IDs, dates, UIDs, private text) and the
   text it kept, for the leak audit and for cleaning descriptors. These stay in memory and in
@@ -17,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pydicom import config
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import DicomDictionary, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -25,8 +26,15 @@ from pydicom.sequence import Sequence
 from pydicom.valuerep import PersonName
 
 from pipeline.ingest.config import SafePrivateElement
-from pipeline.ingest.keys import keyed_uid, shift_date, shift_datetime
-from pipeline.ingest.profile import Profile
+from pipeline.ingest.keys import (
+    keyed_uid,
+    shift_date,
+    shift_datetime,
+    shift_instant,
+    shift_time,
+    time_offset_microseconds,
+)
+from pipeline.ingest.profile import SAFETY_NET, Profile
 
 __all__ = [
     "DUMMY_VALUES",
@@ -73,6 +81,24 @@ _FORMATTED_VALUE = {
     "IS": re.compile(rb"^[0-9+\- \\]*$"),
     "AS": re.compile(rb"^[0-9DWMY \\]*$"),
 }
+
+
+def _date_time_pairs() -> dict[int, int]:
+    """DA tag -> TM tag of the same event, and back (StudyDate/StudyTime, DateOfLastCalibration/
+    TimeOfLastCalibration...), from the data dictionary: the pairs that shift as one instant."""
+    pairs: dict[int, int] = {}
+    for tag, entry in DicomDictionary.items():
+        vr, keyword = entry[0], entry[4]
+        if vr != "DA" or "Date" not in keyword:
+            continue
+        partner = tag_for_keyword(keyword.replace("Date", "Time"))
+        if partner is not None and DicomDictionary[partner][0] == "TM":
+            pairs[tag] = partner
+            pairs[partner] = tag
+    return pairs
+
+
+_PAIRS = _date_time_pairs()
 
 
 def tag_text(tag: int) -> str:
@@ -129,8 +155,10 @@ class DeidContext:
     profile: Profile
     key: bytes
     subject_id: str
-    date_offset: int | None
+    date_offset: int | None  # days every date moves back; None: Modified Dates is off (dates follow the table)
     safe_private: tuple[SafePrivateElement, ...] = ()
+    # The sub-day part of the same offset (microseconds); None: keyed from (key, subject_id).
+    time_offset: int | None = None
     # Outputs of the walk:
     audit: Counter = field(default_factory=Counter)  # (parent path, tag, action, rule) -> element count
     identifiers: dict[bytes, str] = field(default_factory=dict)  # value -> kind
@@ -138,7 +166,11 @@ class DeidContext:
     _deferred: list[tuple[Dataset, int, str, str]] = field(default_factory=list)
     # The files of a series repeat their study/series/frame UIDs and dates: map each value once.
     _uids: dict[str, str] = field(default_factory=dict)
-    _dates: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    _dates: dict[tuple[str, str, str], str | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.time_offset is None:
+            self.time_offset = time_offset_microseconds(self.key, self.subject_id)
 
     def new_uid(self, uid: str) -> str:
         """The keyed replacement of ``uid`` (same key, same UID → same new UID)."""
@@ -147,12 +179,27 @@ class DeidContext:
             mapped = self._uids[uid] = keyed_uid(self.key, uid)
         return mapped
 
-    def shifted(self, value: str, vr: str) -> str | None:
-        """A DA/DT value moved back by the patient's offset; None if it cannot be parsed."""
-        if (vr, value) not in self._dates:
-            shift = shift_date if vr == "DA" else shift_datetime
-            self._dates[(vr, value)] = shift(value, self.date_offset or 0)
-        return self._dates[(vr, value)]
+    def shifted(self, value: str, vr: str, partner: str = "") -> str | None:
+        """A DA/DT/TM value moved back by the patient's offset; None if it cannot be parsed.
+
+        ``partner``: the time of a date (or the date of a time) of the same event, e.g. StudyTime
+        for StudyDate: the two shift as one instant. Without one, a date moves by whole days and a
+        time by the sub-day part (modulo a day).
+        """
+        cached = (vr, value, partner)
+        if cached not in self._dates:
+            self._dates[cached] = _shift_value(value, vr, partner, self.date_offset or 0, self.time_offset or 0)
+        return self._dates[cached]
+
+
+def _shift_value(value: str, vr: str, partner: str, days: int, micros: int) -> str | None:
+    if vr == "DT":
+        return shift_datetime(value, days, micros)
+    if partner:
+        instant = shift_instant(value, partner, days, micros) if vr == "DA" else shift_instant(partner, value, days, micros)
+        if instant is not None:
+            return instant[0] if vr == "DA" else instant[1]
+    return shift_date(value, days) if vr == "DA" else shift_time(value, micros)
 
 
 def anonymize(ds: Dataset, ctx: DeidContext) -> None:
@@ -214,8 +261,10 @@ def _walk(ds: Dataset, ctx: DeidContext, path: str) -> None:
     # conversion and no value decoding for the elements it keeps, which is most of them.
     elements = ds._dict
     private_keep = _safe_private_tags(ds, ctx) if ctx.safe_private else set()
-    rule_of = ctx.profile.rule
-    for tag, raw in list(elements.items()):
+    rule_of = ctx.profile.rule_for
+    original = list(elements.items())
+    partners = {tag: raw for tag, raw in original if tag in _PAIRS}  # dates and times before any shift
+    for tag, raw in original:
         group, element = tag >> 16, tag & 0xFFFF
         if group == 0x0002:
             continue  # file meta is rebuilt by the writer
@@ -236,7 +285,7 @@ def _walk(ds: Dataset, ctx: DeidContext, path: str) -> None:
             del elements[tag]
             ctx.audit[(path, group << 16 | 0xFFFF, "X", "private")] += 1
             continue
-        rule = rule_of(tag)
+        rule = rule_of(tag, vr)
         if rule is None:
             _keep(ds, tag, raw, vr, path, ctx)
             continue
@@ -262,8 +311,8 @@ def _walk(ds: Dataset, ctx: DeidContext, path: str) -> None:
             if _keep(ds, tag, raw, vr, path, ctx) == "Z":
                 continue  # audited as malformed_value
         elif action == "C":
-            if source == "modified_dates":
-                action = _shift(ds, tag, raw, vr, ctx)
+            if source in ("modified_dates", SAFETY_NET):
+                action = _shift(ds, tag, raw, vr, ctx, partners.get(_PAIRS.get(tag, -1)))
             else:
                 ctx._deferred.append((ds, tag, vr, path))
                 continue  # audited once cleaned
@@ -344,23 +393,40 @@ def _map_uids(raw: DataElement | RawDataElement, ctx: DeidContext) -> str | list
     return mapped[0] if len(mapped) == 1 else mapped
 
 
-def _shift(ds: Dataset, tag: int, raw: DataElement | RawDataElement, vr: str, ctx: DeidContext) -> str:
-    """Shift a date (DA/DT) by the patient's offset; times (TM) are kept. Returns the action taken."""
+def _shift(
+    ds: Dataset, tag: int, raw: DataElement | RawDataElement, vr: str, ctx: DeidContext, partner: object | None
+) -> str:
+    """Shift a DA, DT or TM value by the patient's offset (Modified Dates); returns the action taken.
+
+    ``partner``: the source element of the same event's time (for a date) or date (for a time);
+    value by value, the two move as one instant. A value that cannot be parsed is removed (X), a
+    time holding free text is emptied (Z, searched for like a removed value).
+    """
     text = _value_bytes(raw).decode("ascii", "replace").strip(" \x00")
-    if vr == "TM" and _malformed(raw, vr):
+    if vr in ("TM", "DT") and _malformed(raw, vr):
         _blank_malformed(ds, tag, raw, vr, ctx)
         return "Z"
-    if vr == "TM" or not text:
+    if not text:
         return "K"
-    if ctx.date_offset is None or vr not in ("DA", "DT"):
+    if ctx.date_offset is None or vr not in ("DA", "DT", "TM"):
         del ds._dict[tag]
         return "X"
-    shifted = [ctx.shifted(part, vr) for part in text.split("\\")]
+    values = text.split("\\")
+    paired = _partner_values(partner, len(values)) if vr != "DT" else [""] * len(values)
+    shifted = [ctx.shifted(value.strip(" \x00"), vr, other) for value, other in zip(values, paired)]
     if any(value is None for value in shifted):
-        del ds._dict[tag]  # an unparsable date cannot be shifted safely
+        del ds._dict[tag]  # an unparsable date or time cannot be shifted safely
         return "X"
     ds._dict[tag] = _new_element(tag, vr, shifted[0] if len(shifted) == 1 else shifted)
     return "C"
+
+
+def _partner_values(partner: object | None, count: int) -> list[str]:
+    """The partner element's values, one per value of the shifted element; empty strings when they do not pair up."""
+    if partner is None:
+        return [""] * count
+    values = [value.strip(" \x00") for value in _value_bytes(partner).decode("ascii", "replace").strip(" \x00").split("\\")]  # type: ignore[arg-type]
+    return values if len(values) == count else [""] * count
 
 
 def _clean_descriptor(ds: Dataset, tag: int, vr: str, path: str, ctx: DeidContext) -> None:

@@ -14,6 +14,7 @@ import datetime as _dt
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -30,7 +31,10 @@ __all__ = [
     "file_reference",
     "keyed_uid",
     "date_offset_days",
+    "time_offset_microseconds",
     "shift_date",
+    "shift_time",
+    "shift_instant",
     "shift_datetime",
 ]
 
@@ -40,6 +44,11 @@ KEY_BYTES = 32
 # date can never equal a real study or birth date (so leak scans have no false positives).
 _SHIFT_MIN_DAYS = 73_048
 _SHIFT_SPAN_DAYS = 3_653
+_DAY_MICROSECONDS = 86_400_000_000
+# TM (PS3.5 6.2): HH, HHMM, HHMMSS or HHMMSS.F{1,6}; the ACR-NEMA form with ':' separators is read too.
+_TIME = re.compile(r"^(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,6}))?)?)?$")
+# The UTC offset suffix of a DT value (&ZZXX).
+_UTC_OFFSET = re.compile(r"[+-]\d{4}$")
 
 
 def load_or_create_key(private: Path, new_key: bytes | None = None) -> bytes:
@@ -120,6 +129,87 @@ def date_offset_days(key: bytes, patient: str) -> int:
     return _SHIFT_MIN_DAYS + int.from_bytes(digest[:8], "big") % _SHIFT_SPAN_DAYS
 
 
+def time_offset_microseconds(key: bytes, subject: str) -> int:
+    """The sub-day part of a patient's time shift (whole seconds under 24 h, in microseconds), keyed
+    like the day offset.
+
+    Together with :func:`date_offset_days` it moves every instant (date + time) of a patient back by
+    one amount, so times change as well as dates and every interval between two instants stays exact.
+    Whole seconds: a time given to the second or finer moves exactly (its fraction digits stay), and
+    only a time coarser than a second (HH, HHMM) is truncated to its precision after the shift.
+    """
+    digest = hmac.new(key, b"time\x00" + subject.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") % 86_400 * 1_000_000
+
+
+def _parse_time(value: str) -> tuple[int, int] | None:
+    """``(microseconds since midnight, precision)`` of a TM value; precision: 1 HH, 2 HHMM, 3 HHMMSS, 4+ fraction digits + 3."""
+    text = value.strip().replace(":", "")
+    match = _TIME.match(text)
+    if match is None:
+        return None
+    hours, minutes, seconds, fraction = match.groups()
+    if int(hours) > 23 or int(minutes or 0) > 59 or int(seconds or 0) > 60:
+        return None
+    seconds_value = min(int(seconds or 0), 59)  # a leap second (60) is kept as the last second of its minute
+    micros = ((int(hours) * 60 + int(minutes or 0)) * 60 + seconds_value) * 1_000_000
+    if fraction:
+        micros += int(fraction.ljust(6, "0"))
+    precision = 1 if minutes is None else 2 if seconds is None else 3 if fraction is None else 3 + len(fraction)
+    return micros, precision
+
+
+def _format_time(micros: int, precision: int) -> str:
+    """A TM value of ``precision`` (as :func:`_parse_time` gives it) for a time of day (truncated, never rounded)."""
+    seconds, fraction = divmod(micros, 1_000_000)
+    text = f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}"
+    if precision <= 3:
+        return text[: 2 * precision]
+    digits = precision - 3
+    return f"{text}.{f'{fraction:06d}'[:digits]}"
+
+
+def shift_time(value: str, microseconds: int) -> str | None:
+    """Shift a TM value with no date beside it back by ``microseconds`` (modulo a day); None if unparsable."""
+    parsed = _parse_time(value)
+    if parsed is None:
+        return None
+    micros, precision = parsed
+    return _format_time((micros - microseconds) % _DAY_MICROSECONDS, precision)
+
+
+def shift_instant(date: str, time: str, days: int, microseconds: int) -> tuple[str, str] | None:
+    """Shift a date and its time as one instant (``days`` + ``microseconds`` back); None if either is unparsable.
+
+    The date can change with the time (an instant shifted across midnight), which is what keeps the
+    interval between any two instants of a patient exact.
+    """
+    day = _parse_date(date)
+    parsed = _parse_time(time)
+    if day is None or parsed is None:
+        return None
+    micros, precision = parsed
+    try:
+        moment = _dt.datetime.combine(day, _dt.time()) + _dt.timedelta(microseconds=micros)
+        moment -= _dt.timedelta(days=days, microseconds=microseconds)
+    except OverflowError:
+        return None
+    since_midnight = ((moment.hour * 60 + moment.minute) * 60 + moment.second) * 1_000_000 + moment.microsecond
+    return moment.strftime("%Y%m%d").rjust(8, "0"), _format_time(since_midnight, precision)
+
+
+def _parse_date(value: str) -> _dt.date | None:
+    text = value.strip()
+    if len(text) == 10 and text[4] == "." and text[7] == ".":  # ACR-NEMA style YYYY.MM.DD
+        text = text.replace(".", "")
+    if len(text) != 8 or not text.isdigit():
+        return None
+    try:
+        return _dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return None
+
+
 def shift_date(value: str, days: int) -> str | None:
     """Shift a DA value (``YYYYMMDD``, or a ``A-B`` range) back by ``days``; None if unparsable."""
     text = value.strip()
@@ -129,13 +219,8 @@ def shift_date(value: str, days: int) -> str | None:
             return None
         shifted = [shift_date(part, days) if part else "" for part in parts]
         return None if any(item is None for item in shifted) else "-".join(shifted)  # type: ignore[arg-type]
-    if len(text) == 10 and text[4] == "." and text[7] == ".":  # ACR-NEMA style YYYY.MM.DD
-        text = text.replace(".", "")
-    if len(text) != 8 or not text.isdigit():
-        return None
-    try:
-        day = _dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
-    except ValueError:
+    day = _parse_date(text)
+    if day is None:
         return None
     try:
         return (day - _dt.timedelta(days=days)).strftime("%Y%m%d").rjust(8, "0")
@@ -143,15 +228,18 @@ def shift_date(value: str, days: int) -> str | None:
         return None
 
 
-def shift_datetime(value: str, days: int) -> str | None:
-    """Shift the date part of a DT value back by ``days``; time and UTC offset stay; None if unparsable."""
+def shift_datetime(value: str, days: int, microseconds: int = 0) -> str | None:
+    """Shift a DT value back by ``days`` + ``microseconds`` as one instant; the UTC offset and the
+    precision stay. A DT with a date only moves by whole days. None if unparsable (or a range)."""
     text = value.strip()
+    suffix = ""
+    match = _UTC_OFFSET.search(text)
+    if match is not None and match.start() >= 8:
+        text, suffix = text[: match.start()], match.group()
     if len(text) < 8:
         return None
-    date = shift_date(text[:8], days)
-    if date is None:
-        return None
-    rest = text[8:]
-    if rest and not all(char.isdigit() or char in ".+-" for char in rest):
-        return None
-    return date + rest
+    if len(text) == 8:
+        date = shift_date(text, days)
+        return None if date is None else date + suffix
+    shifted = shift_instant(text[:8], text[8:], days, microseconds)
+    return None if shifted is None else shifted[0] + shifted[1] + suffix

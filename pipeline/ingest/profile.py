@@ -19,7 +19,9 @@ written; the test ``tests/test_ingest_profile.py`` pins the resulting sizes):
 
 * Retain Longitudinal Temporal Information with Modified Dates (E.3.6, CID 7050 ``113107``):
   every row whose VR is DA, DT or TM, except the patient's birth date and time (identity, not
-  longitudinal information): 163 rows of the 2026c table. idiscore's 2024 column has 165; the
+  longitudinal information): 163 rows of the 2026c table. Dates, date-times and times all move
+  back by one keyed per-patient offset (whole days plus a sub-day part), a date and its time as one
+  instant, so times are modified too and every interval stays exact. idiscore's 2024 column has 165; the
   differences are 3 timestamp/time-zone rows of VR OB/SH (they keep their basic action here) and
   GPS Time Stamp (new in 2026c).
 * Retain Patient Characteristics (E.3.7, ``113108``): the retained (K) rows of that column,
@@ -39,6 +41,12 @@ written; the test ``tests/test_ingest_profile.py`` pins the resulting sizes):
   default.
 * Retain Safe Private (E.3.10, ``113111``): an explicit allow-list in the config (private
   creator + element offset); without it every private element is removed.
+
+Attributes the table does not list (newer attributes, vendor-defined public tags, the
+alternative-calendar dates) get a **safety net by VR** (:meth:`Profile.rule_for`): a person name
+(PN) is removed; a date, date-time or time (DA, DT, TM) is shifted with the other dates under
+Modified Dates and removed otherwise; Patient's Birth Date / Death Date in Alternative Calendar
+and Patient's Alternative Calendar (0010,0033-0035) are removed. Everything else unlisted is kept.
 
 Action codes with alternatives resolve to the most protective choice that keeps files usable:
 ``Z/D`` → Z, ``X/Z`` / ``X/D`` / ``X/Z/D`` → X, ``X/Z/U*`` → U (keep the reference sequence and
@@ -75,6 +83,8 @@ __all__ = [
     "derive_patient_characteristics",
     "derive_device_identity",
     "derive_clean_descriptors",
+    "SAFETY_NET",
+    "ALTERNATIVE_CALENDAR",
 ]
 
 TABLE_PACKAGE = "dicom-anonymizer"
@@ -125,6 +135,10 @@ _DESCRIPTOR = re.compile(
     r"(Description|Comments?|Remarks|Notes?|Narrative|Label|Label Text|Protocol Name|Reason for .*|"
     r"Impressions|Additional Patient History|Medical Alerts|Occupation|Treatment Sites?)$"
 )
+
+# Attributes outside Table E.1-1 that carry the patient's dates in another calendar (PS3.3 C.7.1.1).
+ALTERNATIVE_CALENDAR = frozenset({0x00100033, 0x00100034, 0x00100035})
+SAFETY_NET = "safety_net"  # the rule name of the by-VR actions on attributes the table does not list
 
 _PERSONAL = re.compile(r"Patient|Gender|Pronoun|Name to Use|Sex Parameters")
 
@@ -236,6 +250,20 @@ class Profile:
             for value, mask, action in self.masked:
                 if tag & mask == value:
                     return action, "basic"
+        return None
+
+    def rule_for(self, tag: int, vr: str) -> tuple[str, str] | None:
+        """:meth:`rule`, with the safety net by VR for public attributes the table does not list.
+
+        None: keep the element (sequences are still recursed into).
+        """
+        found = self.rule(tag)
+        if found is not None or (tag >> 16) & 1:
+            return found
+        if tag in ALTERNATIVE_CALENDAR or vr == "PN":
+            return "X", SAFETY_NET
+        if vr in ("DA", "DT", "TM"):
+            return ("C", SAFETY_NET) if "modified_dates" in self.options else ("X", SAFETY_NET)
         return None
 
     @property

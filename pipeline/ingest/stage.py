@@ -49,6 +49,7 @@ from pipeline.ingest.audit import (
     Identifiers,
     Matcher,
     audit,
+    name_findings,
     path_identifiers,
     scan_output_file,
 )
@@ -374,6 +375,7 @@ def _ingest(
         summary.audit_findings = len(report.findings)
         _write_record(out, config, summary)
         if not report.ok:
+            report.record(private)  # each finding's reference and matched value, for `medsynth audit --explain`
             moved_to = _withdraw(out, private)
             # After the move: the tracker gets counts and tags, never the withdrawn record or dataset.
             _track(tracker, summary, out, config)
@@ -703,7 +705,7 @@ def _self_audit(
         checked.update(dicom)
         findings |= {Finding(rel, where, kind) for rel, where, kind in result.structure}
         for rel in dicom:
-            findings |= {Finding(rel, "file name", kind) for kind in matcher.kinds_in(rel.encode())}
+            findings |= set(name_findings(rel, matcher))
         if dicom and matcher.may_match(result.tokens):
             for rel in dicom:
                 findings |= set(scan_output_file(out / rel, rel, matcher, None))

@@ -42,6 +42,7 @@ from pipeline.core.faults import environment_cause, environment_fix
 from pipeline.core.files import PRIVATE_MODE, atomic_write_json, sha256_file, write_nifti
 from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.audit import header_tokens
+from pipeline.ingest.burned_in import Region, blank_regions, find_text_regions, luminance_view
 from pipeline.ingest.deid import DeidContext, anonymize, identifier_candidates, tag_text
 from pipeline.ingest.dicomio import SharedElements, element_value, encode_file, read_file
 from pipeline.ingest.discover import SourceFile
@@ -335,8 +336,13 @@ def _nifti(task: SeriesTask, content: bytes, result: SeriesResult) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def burned_in_decision(ds: Dataset, config: IngestConfig) -> tuple[str, list[tuple[int, int, int, int]]]:
-    """``("ok" | "blank" | "quarantine", regions)`` for one image (PS3.15 E.3.1: pixel data)."""
+def burned_in_decision(ds: Dataset, config: IngestConfig) -> tuple[str, list[Region]]:
+    """``(decision, regions)`` for one image (PS3.15 E.3.1: pixel data).
+
+    ``"ok"``: no burned-in text expected (BurnedInAnnotation=NO, or a modality and SOP class that do
+    not carry it); ``"blank"``: blank the configured device rectangles ``regions``; ``"detect"``:
+    find the text with the detector and blank it (``burned_in.action: blank``); ``"quarantine"``.
+    """
     flag = str(element_value(ds, "BurnedInAnnotation", "") or "").strip().upper()
     if flag == "NO":
         return "ok", []
@@ -363,7 +369,7 @@ def burned_in_decision(ds: Dataset, config: IngestConfig) -> tuple[str, list[tup
         if (device.rows is not None and device.rows != rows) or (device.columns is not None and device.columns != columns):
             continue
         return "blank", list(device.regions)
-    return "quarantine", []
+    return ("detect" if config.burned_in.action == "blank" else "quarantine"), []
 
 
 def _read(content: bytes) -> Dataset:
@@ -389,31 +395,65 @@ def _ts_name(ds: Dataset) -> str:
     return _uid_name(str(uid), "private or unknown transfer syntax") if uid else "no transfer syntax"
 
 
-def _screen(ds: Dataset, config: IngestConfig) -> tuple[str, list[tuple[int, int, int, int]]]:
-    """``("", regions)`` for a usable image, else ``(reason, [])``."""
+def _screen(ds: Dataset, config: IngestConfig) -> tuple[str, str, list[Region]]:
+    """``("", decision, regions)`` for a usable image (see :func:`burned_in_decision`), else ``(reason, "", [])``."""
     sop_class = str(element_value(ds, "SOPClassUID", "") or "")
     if not any(tag in ds._dict for tag in _PIXEL_TAGS):
         name = _uid_name(sop_class, "private or unknown SOP class") if sop_class else "no SOPClassUID"
-        return f"no pixel data: non-image object or stripped image ({name})", []
+        return f"no pixel data: non-image object or stripped image ({name})", "", []
     modality = str(element_value(ds, "Modality", "") or "").strip().upper()
     if modality in NON_SCAN_MODALITIES:
         name = _uid_name(sop_class, modality) if sop_class else modality
-        return f"not a scan ({name})", []
+        return f"not a scan ({name})", "", []
     if not sop_class:
-        return "image without SOPClassUID (not a valid DICOM image object)", []
+        return "image without SOPClassUID (not a valid DICOM image object)", "", []
     decision, regions = burned_in_decision(ds, config)
     if decision == "quarantine":
-        return "possible burned-in PHI", []
+        return "possible burned-in PHI", "", []
+    return "", decision, regions
+
+
+# What blanking rewrites: the raw source elements must not be put back over these.
+_BLANKED_TAGS = frozenset({0x7FE00010, 0x00280004, 0x00280006})  # PixelData, PhotometricInterpretation, PlanarConfiguration
+_DETECTOR_RULE = "burned-in text (detector)"
+_DEVICE_RULE = "burned-in text (device regions)"
+
+
+def _blank(ds: Dataset, decision: str, regions: list[Region], config: IngestConfig) -> tuple[str, list[Region]]:
+    """Blank burned-in text in ``ds`` (every frame, in place) as ``decision`` says.
+
+    Returns ``(quarantine reason or "", regions blanked)``. The pixels are rewritten uncompressed
+    (colour as RGB) only when a region was blanked; an image without text keeps its bytes.
+    """
+    if decision not in ("blank", "detect"):
+        return "", []
+    pixels = ds.pixel_array  # colour comes back as RGB, whatever the stored photometric interpretation
+    colour = int(element_value(ds, "SamplesPerPixel", 1) or 1) > 1
+    photometric = "RGB" if colour else str(element_value(ds, "PhotometricInterpretation", "") or "").strip().upper()
+    frames = int(element_value(ds, "NumberOfFrames", 1) or 1)
+    if decision == "detect":
+        try:
+            scan = find_text_regions(pixels, photometric, frames, config.burned_in.margin)
+        except Exception as exc:  # a missing or broken detector must not read as a decoding problem
+            return f"possible burned-in PHI (the text detector failed: {type(exc).__name__})", []
+        if scan.unsure:
+            return "possible burned-in PHI (text covers more than half of the image)", []
+        regions = scan.regions
+        flag = str(element_value(ds, "BurnedInAnnotation", "") or "").strip().upper()
+        if not regions and flag == "YES":
+            return "possible burned-in PHI (BurnedInAnnotation=YES, but the text detector found no text)", []
+    if not regions:
+        return "", []
+    cleaned = blank_regions(pixels, regions, photometric, frames)
+    ds.PixelData = cleaned.tobytes()
+    element = ds["PixelData"]
+    element.VR = "OW" if cleaned.dtype.itemsize > 1 else "OB"
+    element.is_undefined_length = False  # no longer encapsulated
+    if colour:
+        ds.PhotometricInterpretation = "RGB"
+        ds.PlanarConfiguration = 0
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return "", regions
-
-
-def _blank(ds: Dataset, regions: list[tuple[int, int, int, int]]) -> np.ndarray:
-    """Blank the regions in the stored pixels (every frame); returns the stored array."""
-    pixels = ds.pixel_array.copy()
-    fill = pixels.min()
-    for x0, y0, x1, y1 in regions:
-        pixels[..., y0:y1, x0:x1] = fill
-    return pixels
 
 
 def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestConfig, result: SeriesResult) -> None:
@@ -427,7 +467,7 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
         safe_private=tuple(config.deid.safe_private),
     )
     datasets: dict[int, Dataset] = {}
-    blanked: dict[int, np.ndarray] = {}
+    blanked: dict[int, tuple[str, list[Region]]] = {}  # file index -> (rule, regions blanked)
     frames = []
     for index, (file, content) in enumerate(zip(task.files, contents)):
         if not content:
@@ -441,19 +481,21 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
             continue
         raw_elements = dict(ds._dict)
         try:
-            reason, regions = _screen(ds, config)
+            reason, decision, regions = _screen(ds, config)
         except Exception as exc:
             _reraise_environment(exc, "decoding a series")
-            reason, regions = f"unreadable DICOM header ({type(exc).__name__})", []
+            reason, decision, regions = f"unreadable DICOM header ({type(exc).__name__})", "", []
         if reason:
             result.quarantined.append((file, reason))
             continue
         try:
+            reason, regions = _blank(ds, decision, regions, config)
+            if reason:
+                result.quarantined.append((file, reason))
+                continue
             if regions:
-                blanked[index] = _blank(ds, regions)
-                ds.PixelData = blanked[index].tobytes()
-                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            frames.extend(frames_of(ds, index))
+                blanked[index] = (_DETECTOR_RULE if decision == "detect" else _DEVICE_RULE, regions)
+            frames.extend(frames_of(luminance_view(ds), index))
         except SeriesProblem as exc:
             result.quarantined.append((file, str(exc)))
             continue
@@ -465,7 +507,7 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
         # Reading attributes converted some raw elements; put the raw ones back (values unchanged)
         # so that the writer copies their bytes instead of re-encoding them.
         for tag, raw in raw_elements.items():
-            if tag in ds._dict and not (index in blanked and tag == 0x7FE00010):
+            if tag in ds._dict and not (index in blanked and tag in _BLANKED_TAGS):
                 ds._dict[tag] = raw
         contents[index] = b""
         datasets[index] = ds
@@ -516,7 +558,7 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
     result.used = [task.files[index] for index in order]
     result.identifiers = dict(ctx.identifiers)
     result.kept_text = ctx.kept_text
-    result.audit = _audit_rows(ctx.audit)
+    result.audit = _audit_rows(ctx.audit) + _region_rows(order, blanked)
     result.row = _row(result, rel, "dicom", modality, volume.data, volume.spacing, volume.geometry, len(order))
 
 
@@ -616,6 +658,19 @@ def _audit_rows(counter: Counter) -> list[dict[str, object]]:
         else:
             where, keyword = path + tag_text(tag), keyword_for_tag(tag) or ""
         rows.append({"tag": where, "keyword": keyword, "action": action, "rule": rule, "count": count})
+    return rows
+
+
+def _region_rows(order: list[int], blanked: dict[int, tuple[str, list[Region]]]) -> list[dict[str, object]]:
+    """Audit-log rows of blanked pixel regions: output image (z order), rectangle, rule; never the text."""
+    rows: list[dict[str, object]] = []
+    for position, index in enumerate(order, start=1):
+        rule, regions = blanked.get(index, ("", []))
+        for x0, y0, x1, y1 in regions:
+            rows.append(
+                {"tag": "(7FE0,0010)", "keyword": "PixelData", "action": "blank", "rule": rule,
+                 "image": f"{position:04d}", "region": [x0, y0, x1, y1], "count": 1}
+            )
     return rows
 
 
