@@ -56,6 +56,7 @@ import pydicom
 
 from pipeline.contracts.synthetic import MARKER_KEYWORDS, is_marker_text, is_synthetic_patient
 from pipeline.core.errors import InputError
+from pipeline.core.faults import EnvironmentFailure
 from pipeline.ingest.config import DeidOptions, IngestConfig
 from pipeline.ingest.deid import STOP_VALUES, DeidContext, anonymize, identifier_candidates, is_identifier, tag_text
 from pipeline.ingest.discover import NIFTI_SUFFIXES, scan_file, walk_sources
@@ -462,6 +463,10 @@ def harvest_sources(sources: list[Path], options: DeidOptions) -> tuple[Identifi
             kept |= retained
         elif scanned.kind == "nifti":
             identifiers.add(_harvest_nifti(file.path))
+        elif scanned.kind == "unread":  # its identifiers would be missing from the search: no partial audit
+            raise EnvironmentFailure(
+                f"{scanned.reason} while reading a file under source folder #{file.source + 1}: {scanned.fix}"
+            )
     return identifiers, kept
 
 

@@ -18,6 +18,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from pipeline.core.errors import InputError
+from pipeline.core.faults import environment_cause, environment_fix
 from pipeline.ingest.dicomio import scan_header
 
 __all__ = [
@@ -58,8 +59,9 @@ class ScannedFile:
     """What the scan learnt about one file (in memory only: ``patient_id`` is PHI)."""
 
     file: SourceFile
-    kind: str  # "dicom", "nifti", "dicomdir", "other"
-    reason: str = ""  # why a file is unusable (kind "other" or a broken DICOM)
+    kind: str  # "dicom", "nifti", "dicomdir", "other"; "unread": the machine failed to read it
+    reason: str = ""  # why a file is unusable (kind "other" or a broken DICOM), or the machine's failure
+    fix: str = ""  # kind "unread": what the user does before re-running
     patient_id: str = ""
     patient_name: str = ""  # PHI: only compared with label folder names, never written
     series_uid: str = ""
@@ -152,9 +154,25 @@ def _is_nifti(name: str) -> bool:
     return lowered.endswith(NIFTI_SUFFIXES)
 
 
+def _unreadable(file: SourceFile, exc: OSError, reason: str) -> ScannedFile:
+    """A file or folder that could not be read: the machine's failure, or the file's own property.
+
+    A permission or an I/O error says nothing about the file (fixing the machine and re-running
+    reads it), so it is never quarantined; a name too long for the OS is a property of the tree.
+    """
+    cause = environment_cause(exc)
+    if cause is not None:
+        return ScannedFile(file=file, kind="unread", reason=cause, fix=environment_fix(exc))
+    return ScannedFile(file=file, kind="other", reason=reason)
+
+
 def scan_file(file: SourceFile) -> ScannedFile:
     """Classify one file from its name and (for DICOM) its header. Never raises."""
     if file.rel.endswith("/"):  # a folder the walk could not list
+        try:
+            os.scandir(file.path).close()
+        except OSError as exc:
+            return _unreadable(file, exc, UNREADABLE_FOLDER_REASON)
         return ScannedFile(file=file, kind="other", reason=UNREADABLE_FOLDER_REASON)
     if _is_nifti(file.rel):
         return ScannedFile(file=file, kind="nifti")
@@ -163,8 +181,8 @@ def scan_file(file: SourceFile) -> ScannedFile:
     try:
         with open(file.path, "rb") as handle:
             head = handle.read(_HEAD_BYTES)
-    except OSError:
-        return ScannedFile(file=file, kind="other", reason="unreadable file (permission or I/O error)")
+    except OSError as exc:
+        return _unreadable(file, exc, "unreadable file (permission or I/O error)")
     has_preamble = len(head) >= 132 and head[128:132] == b"DICM"
     fast = scan_header(head) if has_preamble else None
     if fast is not None:

@@ -521,12 +521,34 @@ def _scan(files: list[SourceFile], workers: int, progress: bool) -> list[Scanned
         scan_workers = workers if len(files) >= _PARALLEL_SCAN_MIN else 1
         for index, result in pool_map(scan_files, [(chunk,) for chunk in chunks], scan_workers, lambda done: bar.update(len(done))):
             if isinstance(result, BaseException):
+                cause = environment_cause(result)
                 scanned[index] = [
-                    ScannedFile(file=file, kind="other", reason=f"scan failed ({type(result).__name__})") for file in chunks[index]
+                    ScannedFile(file=file, kind="unread", reason=cause, fix=environment_fix(result))
+                    if cause is not None
+                    else ScannedFile(file=file, kind="other", reason=f"scan failed ({type(result).__name__})")
+                    for file in chunks[index]
                 ]
             else:
                 scanned[index] = result
-    return [item for chunk in scanned for item in chunk]
+    items = [item for chunk in scanned for item in chunk]
+    _stop_on_unread(items)
+    return items
+
+
+def _stop_on_unread(scanned: list[ScannedFile]) -> None:
+    """Fail (exit 1) before anything is written when the machine could not read some sources.
+
+    A file left unread for a permission or an I/O error would otherwise drop out of the dataset,
+    and `medsynth run` would count ingest finished without it. The message names the source
+    folder by number only: its path can name a patient.
+    """
+    unread = [item for item in scanned if item.kind == "unread"]
+    if unread:
+        first = unread[0]
+        raise EnvironmentFailure(
+            f"{first.reason} while reading {len(unread)} source file(s) or folder(s), the first under source "
+            f"folder #{first.file.source + 1}: {first.fix}; nothing was written"
+        )
 
 
 def _process(
