@@ -2,7 +2,7 @@
 
 Three image sets, all drawn or shipped offline:
 
-* ``planted``: :func:`pipeline.demo_text.text_test_set`, drawn twice: a TUNING set (seed 0, the one
+* ``planted``: :func:`pipeline.demo.text.text_test_set`, drawn twice: a TUNING set (seed 0, the one
   the detector settings in ``pipeline/ingest/burned_in.py`` were chosen on) and a TEST set (seed 1000,
   never looked at while tuning), each 8/16-bit MONOCHROME1/2 and RGB images of
   128-1024 px (ultrasound-like fans, smooth anatomy, photo-like fields) with 2-4 lines each of names,
@@ -10,7 +10,7 @@ Three image sets, all drawn or shipped offline:
   heights 6-24 px, contrasts from full scale down to 0.15 of the range, anywhere in the image.
   A box counts as found when every ink pixel lies inside a blanked region.
 * ``demo``: the phantom cohort's burned-in subject (16 CT slices, 4 lines each).
-* ``text-free``: :func:`pipeline.demo_text.text_free_test_set` and the seven ``deid-data`` cookie
+* ``text-free``: :func:`pipeline.demo.text.text_free_test_set` and the seven ``deid-data`` cookie
   photographs (secondary captures without text): the blanked share of their area, and how many
   the detector left unsure (quarantined).
 
@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.demo_text import TextImage, text_free_test_set, text_test_set  # noqa: E402
+from pipeline.demo.text import TextImage, text_free_test_set, text_test_set  # noqa: E402
 from pipeline.ingest.burned_in import find_text_regions  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def _mask(shape: tuple[int, ...], regions: list[tuple[int, int, int, int]]) -> n
 def _demo_images() -> list[TextImage]:
     """The burned-in subject of the phantom cohort, rebuilt slice by slice as pipeline/demo.py writes it."""
     from pipeline import demo
-    from pipeline.demo_text import burn_in_identity
+    from pipeline.demo.text import burn_in_identity
 
     hu, _ = demo.phantom_volume(np.random.default_rng(3), "lesion")
     who = demo._identity(np.random.default_rng(5), set())

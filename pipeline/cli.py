@@ -136,11 +136,18 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.argument("out", type=PathArg)
 @click.option("--subjects", type=click.IntRange(4, 10_000), default=40, show_default=True, help="Number of subjects.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed: same seed, same bytes.")
-def demo_data_command(out: Path, subjects: int, seed: int) -> None:
-    """Write the phantom cohort (DICOM series, NIfTI volumes, labels.csv; fake PHI planted) to OUT."""
+@click.option(
+    "--family",
+    type=click.Choice(["ct-abdomen", "mr-brain", "xray-chest"]),
+    default="ct-abdomen",
+    show_default=True,
+    help="ct-abdomen: CT slabs in HU; mr-brain: MR head volumes in scanner units; xray-chest: single-frame 2D radiographs.",
+)
+def demo_data_command(out: Path, subjects: int, seed: int, family: str) -> None:
+    """Write a phantom cohort (DICOM, NIfTI, labels.csv; fake PHI planted) to OUT."""
     from pipeline.demo import make_cohort
 
-    summary = make_cohort(out, subjects=subjects, seed=seed)
+    summary = make_cohort(out, subjects=subjects, seed=seed, family=family)
     _echo_lines(summary.lines())
 
 
@@ -387,6 +394,33 @@ def train_command(
         _run_stage("train", config, paths, resume=resume, tracked=False)
         return
     _run_stage("train", config, paths, progress=not no_progress, resume=resume)
+
+
+@cli.command("plan")
+@click.option("--data", "data", type=PathArg, required=True, help="Dataset folder (medsynth ingest); split 'train' is planned.")
+@click.option("--out", "out", type=PathArg, default=None, help="Write the plan (fingerprint, values, reasons, guards) as JSON.")
+@click.option("--seed", type=click.IntRange(0), default=None, help="Seed of the sample and the probe (default: the config's seed).")
+@config_option
+def plan_command(data: Path, out: Path | None, seed: int | None, config_file: Path | None) -> None:
+    """Fingerprint DATASET, plan every `auto` model key with its reason, and run the preprocessing guards.
+
+    What `train` does before its first step, without training: exit 2 when a guard fires
+    (unless model.guards is warn or off).
+    """
+    from pipeline.contracts.dataset import locate_manifest
+    from pipeline.core.files import atomic_write_json
+    from pipeline.planning.stage import plan_training
+
+    config = _config(config_file, {"seed": seed})
+    locate_manifest(data)
+    result = plan_training(data, config.model, seed=config.seed)
+    _echo_lines(result.lines())
+    if out is not None:
+        atomic_write_json(out, result.to_dict())
+        click.echo(f"  plan: {out}")
+    failure = result.failure()
+    if failure is not None and result.mode == "error":
+        raise InputError(f"{failure} To train anyway, set model.guards: warn.")
 
 
 @cli.command("generate")

@@ -286,6 +286,9 @@ def _run_train(ctx: StageContext) -> StageResult:
         tracker=ctx.tracker, progress=ctx.progress,
     )
     metrics = {"steps": float(summary.steps), "train_seconds": float(summary.train_seconds)}
+    from pipeline.planning.record import plan_lines
+
+    lines = [*plan_lines(out), *summary.lines()]
     incomplete = None
     if summary.stopped_early and not ctx.config.model.accept_early_stop:
         # A model stopped far short of its plan generates noise that every later gate then fails:
@@ -295,7 +298,7 @@ def _run_train(ctx: StageContext) -> StageResult:
             f"planned steps; {out / MODEL_JSON} marks it stopped_early. Fix: raise model.max_minutes (or free the "
             "machine) and run again, or set model.accept_early_stop: true (--accept-early-stop) to go on with it."
         )
-    return StageResult("train", summary.lines(), metrics, outputs={"model": out}, incomplete=incomplete)
+    return StageResult("train", lines, metrics, outputs={"model": out}, incomplete=incomplete)
 
 
 def _run_generate(ctx: StageContext) -> StageResult:

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from conftest import REPO
-from pipeline.demo_text import paint_text, text_free_test_set, text_test_set
+from pipeline.demo.text import paint_text, text_free_test_set, text_test_set
 from pipeline.ingest import run
 from pipeline.ingest.burned_in import blank_regions, detector_model_path, find_text_regions, recognizer_model_path
 from pipeline.ingest.config import IngestConfig
@@ -45,7 +45,7 @@ def test_detector_ships_in_the_wheel_and_runs_without_network(tmp_path: Path) ->
         "socket.socket.connect = socket.socket.connect_ex = refuse\n"
         "socket.create_connection = socket.getaddrinfo = refuse\n"
         "import numpy as np\n"
-        "from pipeline.demo_text import paint_text\n"
+        "from pipeline.demo.text import paint_text\n"
         "from pipeline.ingest.burned_in import find_text_regions, read_text_score\n"
         "image = np.zeros((96, 160), np.uint8)\n"
         "box = paint_text(image, 'MRN 48213977', 6, 40, 'hershey-simplex', 10, 255)\n"

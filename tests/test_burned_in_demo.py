@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from pipeline.demo import make_cohort
-from pipeline.demo_text import burn_in_identity
+from pipeline.demo.text import burn_in_identity
 from pipeline.ingest import run
 from pipeline.ingest.config import IngestConfig
 

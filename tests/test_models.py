@@ -46,9 +46,11 @@ def make_phantom_dataset(root: Path, subjects: int = 6, seed: int = 0) -> Path:
 def tiny_config(**changes) -> ModelConfig:
     """A model that trains in well under a second per step on one CPU thread."""
     values = dict(
-        image_size=[32, 32], spacing=[10.0, 10.0], latent_dim=16, embed_dim=4, g_width=8, d_width=8,
-        batch_size=8, max_steps=4, checkpoint_every=2, log_every=1, sample_every=2, sample_per_class=2,
-        num_threads=1, device="cpu",
+        spatial_dims=2, image_size=[32, 32], spacing=[10.0, 10.0], intensity="ct", window=[-160.0, 240.0],
+        percentiles=[1.0, 99.0], augment=["translation", "cutout"], latent_dim=16, embed_dim=4, g_width=8, d_width=8,
+        batch_size=8, max_steps=4, max_minutes=None, checkpoint_every=2, log_every=1, sample_every=2,
+        sample_per_class=2, num_threads=1, device="cpu",
+        guards="off",  # tiny grids on purpose: the preprocessing guards are tested in the planning tests
     )
     values.update(changes)
     return ModelConfig(**values)
@@ -115,15 +117,18 @@ def test_config_rejects_inconsistent_keys(tmp_path: Path) -> None:
     from pipeline.config import load_config
 
     with pytest.raises(InputError, match="image_size needs 3 values"):
-        load_config(None, {"model.spatial_dims": 3})
+        load_config(None, {"model.spatial_dims": 3, "model.image_size": [64, 64]})
     with pytest.raises(InputError, match="divisible by"):
         load_config(None, {"model.image_size": [60, 64]})
     no_budget = tmp_path / "no_budget.yaml"
-    no_budget.write_text("model: {max_steps: null}\n")
+    no_budget.write_text("model: {max_steps: null, max_minutes: null}\n")
     with pytest.raises(InputError, match="budget"):
         load_config(no_budget)
     with pytest.raises(InputError, match="unknown augmentation"):
         load_config(None, {"model.augment": ["rotate"]})
+    with pytest.raises(InputError, match="unknown augmentation 'flip'"):
+        load_config(None, {"model.augment": "ada", "model.augment_ops": ["translation", "flip"]})
+    assert load_config(None, {"model.augment": "ada", "model.max_steps": "auto"}).model.augment == "ada"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -190,7 +190,8 @@ def test_ctrl_c_before_the_first_checkpoint_leaves_a_resumable_checkpoint(phanto
 
 
 def test_thread_choice_follows_the_model_size_not_the_load() -> None:
-    assert choose_threads(ModelConfig()) == 1  # the CPU-sized defaults
+    # The CPU-sized recipe the plan gives a 64 x 64 grid on a CPU.
+    assert choose_threads(ModelConfig(image_size=[64, 64], batch_size=32)) == 1
     demo = ModelConfig(**yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["model"])
     assert choose_threads(demo) == 1  # auto: the demo's model is small, one thread whatever the machine
     large = ModelConfig(image_size=[128, 128], g_width=32, d_width=32, batch_size=64)
@@ -213,7 +214,7 @@ def test_auto_threads_train_on_one_thread_and_model_json_records_it(phantom_data
 
 
 def test_eta_warnings_name_the_fix() -> None:
-    config = ModelConfig(max_steps=100_000)
+    config = ModelConfig(max_steps=100_000, max_minutes=None)
     slow = eta_warning(config, "cpu", steps_done=10, seconds_per_step=0.5, train_seconds=5.0)
     assert slow is not None and "needs about 13.9 h more" in slow and "Fix: fewer steps" in slow
     assert eta_warning(config, "cuda", 10, 0.5, 5.0) is None  # a long GPU run is a plan, not an accident
@@ -237,19 +238,22 @@ def test_a_plan_beyond_the_time_cap_warns_while_training(
 
 
 def test_the_default_recipe_trains_within_an_hour_on_the_cpu(tmp_path: Path) -> None:
-    """The defaults (no -c) on a 64 x 64 grid: the measured step time x the planned steps is under an hour."""
+    """The default networks on the plan's CPU batch at 64 x 64: the measured step time x the most steps the plan gives is under an hour."""
     from pipeline.models import train
+    from pipeline.planning.plan import MAX_STEPS
 
     data = make_phantom_dataset(tmp_path / "real")
     defaults = ModelConfig()
-    measured = ModelConfig(max_steps=12, spacing=[5.0, 5.0], device="cpu", sample_every=0, log_model=False)
-    assert (measured.image_size, measured.g_width, measured.batch_size) == (
-        defaults.image_size, defaults.g_width, defaults.batch_size
+    measured = ModelConfig(
+        spatial_dims=2, image_size=[64, 64], spacing=[5.0, 5.0], intensity="ct", window=[-160.0, 240.0],
+        batch_size=32, augment="ada", max_steps=12, max_minutes=None, device="cpu", sample_every=0,
+        log_model=False, guards="off",
     )
+    assert (measured.g_width, measured.d_width, measured.latent_dim) == (defaults.g_width, defaults.d_width, defaults.latent_dim)
     summary = train.run(data, tmp_path / "model", measured, seed=0)
-    eta = summary.seconds_per_step * defaults.max_steps
+    eta = summary.seconds_per_step * MAX_STEPS
     assert 0 < eta < ETA_WARN_SECONDS, f"default recipe: {summary.seconds_per_step:.3f} s/step -> {eta / 60:.0f} min"
-    assert eta_warning(defaults, "cpu", 0, summary.seconds_per_step, 0.0) is None
+    assert eta_warning(measured.model_copy(update={"max_steps": MAX_STEPS}), "cpu", 0, summary.seconds_per_step, 0.0) is None
 
 
 # ------------------------------------------------------------------------------------------------

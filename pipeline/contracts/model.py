@@ -34,6 +34,7 @@ __all__ = [
     "LOSSES_CSV",
     "LOSSES_PNG",
     "SAMPLES_DIR",
+    "SELECTED_GRID",
     "read_losses",
     "training_record",
 ]
@@ -44,6 +45,8 @@ CHECKPOINT = "checkpoint.pt"
 LOSSES_CSV = "losses.csv"
 LOSSES_PNG = "losses.png"
 SAMPLES_DIR = "samples"
+# The exported (selected) generator's sample grid, beside the grids written during training.
+SELECTED_GRID = "selected.png"
 FORMAT_VERSION = 1
 # Points per series in the training record's loss curves (each the mean of a window of steps).
 CURVE_POINTS = 120
@@ -121,7 +124,31 @@ class ModelMeta(BaseModel):
     seed: int = Field(..., description="Seed of weights, data order, noise and augmentation.")
     steps: int = Field(0, ge=0, description="Optimizer steps done.")
     steps_planned: int | None = Field(
-        None, ge=1, description="The step budget (`model.max_steps`) of the run that wrote the file; null: time budget only."
+        None,
+        ge=1,
+        description="The step budget (`model.max_steps`) of the run that wrote the file; null: convergence "
+        "(`max_steps: auto`) or the time budget is the plan.",
+    )
+    converged: bool = Field(
+        False,
+        description="`max_steps: auto`: training stopped because the selection criterion stopped improving "
+        "(the plan reached; not an early stop).",
+    )
+    selected_step: int | None = Field(
+        None,
+        ge=0,
+        description="The step whose EMA generator (and discriminator) the checkpoint exports: the best by the "
+        "held-out selection criterion; null: the last step (selection off).",
+    )
+    selection: dict[str, Any] | None = Field(
+        None,
+        description="Model selection on the validation split: criterion, selected step, the best scores and "
+        "every evaluation (step, fid, label_accuracy, real_accuracy, criterion, augment_p).",
+    )
+    augmentation: dict[str, Any] | None = Field(
+        None,
+        description="Discriminator augmentation: mode (ada or fixed), ops, and for ADA the target and the "
+        "probability p over time ([step, p] pairs, the last one the final p).",
     )
     stopped_early: bool = Field(
         False,
@@ -270,7 +297,9 @@ def training_record(model_dir: str | os.PathLike[str], meta: ModelMeta | None = 
         meta: its ``model.json`` (read when not given).
 
     Returns:
-        ``steps_done``, ``steps_planned``, ``stopped_early``, ``stop_reason``, ``train_seconds``,
+        ``steps_done``, ``steps_planned``, ``stopped_early``, ``stop_reason``, ``converged``,
+        ``selected_step``, ``selection`` (the selected step's scores), ``augment_p`` (ADA's final
+        probability, None otherwise), ``train_seconds``,
         ``loss_curves`` (``step`` and one list per loss, each point the mean of a window of steps;
         empty without ``losses.csv``) and ``sample_grid`` (the last grid's file name inside the
         MODEL_DIR and its PNG as a data URI, or None).
@@ -283,7 +312,9 @@ def training_record(model_dir: str | os.PathLike[str], meta: ModelMeta | None = 
         for name in ("loss_d", "loss_g"):
             if name in losses:
                 curves["step"], curves[name] = _windowed(losses["step"], losses[name], CURVE_POINTS)
-    grids = sorted((model_dir / SAMPLES_DIR).glob("step_*.png"))
+    # The exported generator's grid when selection chose a step; else the last grid of training.
+    selected = model_dir / SAMPLES_DIR / SELECTED_GRID
+    grids = [selected] if selected.is_file() else sorted((model_dir / SAMPLES_DIR).glob("step_*.png"))
     grid = None
     if grids:
         encoded = base64.b64encode(grids[-1].read_bytes()).decode("ascii")
@@ -293,6 +324,10 @@ def training_record(model_dir: str | os.PathLike[str], meta: ModelMeta | None = 
         "steps_planned": meta.steps_planned,
         "stopped_early": meta.stopped_early,
         "stop_reason": meta.stop_reason,
+        "converged": meta.converged,
+        "selected_step": meta.selected_step,
+        "selection": (meta.selection or {}).get("best"),
+        "augment_p": ((meta.augmentation or {}).get("p_history") or [[None, None]])[-1][1],
         "train_seconds": meta.train_seconds,
         "loss_curves": curves,
         "sample_grid": grid,

@@ -151,6 +151,40 @@ class EvaluateConfig(Section):
         ),
     )
     classifier_lr: float = Field(2e-3, gt=0.0)
+    augmentation_ratio: float | None = Field(
+        None,
+        gt=0.0,
+        description=(
+            "Utility's real+synthetic arm: at most this many synthetic images per real image of the same class "
+            "(null: every synthetic image)."
+        ),
+    )
+    augmentation_filter: bool = Field(
+        False,
+        description=(
+            "Utility's real+synthetic arm: keep only the synthetic images that the real-only classifier of the "
+            "same seed reads as their own label."
+        ),
+    )
+    augmentation_pretrain: bool = Field(
+        True,
+        description=(
+            "Utility's real+synthetic arm: train on the admitted synthetic images for half the steps, then "
+            "fine-tune on the real images (false: one mixed training set). The default is the lever the "
+            "learning curves measured best on the validation split (docs/models.md, 'Does augmentation help?')."
+        ),
+    )
+    learning_curve: bool = Field(
+        False,
+        description=(
+            "Also measure real-only vs real+synthetic classifiers at learning_curve_sizes real training subjects "
+            "per class (with this evaluation's generator) and plot the curve in report.html."
+        ),
+    )
+    learning_curve_sizes: list[int] = Field(
+        default_factory=lambda: [4, 8, 16, 32],
+        description="Real training subjects per class at which the learning curve is measured (each at least 1).",
+    )
     k_nearest: int = Field(5, ge=1, description="k of the k-NN manifolds for precision/recall/density/coverage.")
     kid_subsets: int = Field(50, ge=1, description="Number of random subsets averaged for KID.")
     kid_subset_size: int = Field(
@@ -217,6 +251,13 @@ class EvaluateConfig(Section):
         description="MLflow UI that report.html links run ids to (`medsynth ui` prints the address it serves on).",
     )
     gates: GateThresholds = Field(default_factory=GateThresholds)
+
+    @field_validator("learning_curve_sizes")
+    @classmethod
+    def _sizes(cls, value: list[int]) -> list[int]:
+        if not value or any(size < 1 for size in value):
+            raise ValueError("learning_curve_sizes needs at least one size, each at least 1 subject per class")
+        return sorted(set(value))
 
     @field_validator("feature_weights")
     @classmethod

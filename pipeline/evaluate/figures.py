@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ __all__ = [
     "dcr_histograms",
     "prdc_bars",
     "ms_ssim_histograms",
+    "learning_curve_plot",
 ]
 
 
@@ -175,3 +177,45 @@ def ms_ssim_histograms(values: dict[str, dict[str, np.ndarray]]) -> str | None:
         axis.set_xlabel("MS-SSIM", fontsize=8)
         axis.legend(fontsize=7)
     return _data_uri(figure)
+
+
+def learning_curve_plot(curve: Mapping[str, Any] | None) -> str | None:
+    """Balanced accuracy of both arms against real subjects per class, and the gain, with 95% intervals.
+
+    Drawn from ``utility.learning_curve`` as written to report.json (no evidence arrays needed).
+    """
+    points = list((curve or {}).get("points") or [])
+    if not points:
+        return None
+    plt = _pyplot()
+    sizes = np.array([point["per_class"] for point in points], dtype=float)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(8.8, 3.0))
+    for offset, (key, name) in enumerate((("real_only", "real only"), ("real_plus_synthetic", "real + synthetic"))):
+        values = np.array([point[key]["balanced_accuracy"] for point in points], dtype=float)
+        low, high = _bounds(points, values, lambda point: (point[key].get("ci_low"), point[key].get("ci_high")))
+        shifted = sizes * (1.0 + 0.04 * (offset - 0.5))  # side by side, so the intervals do not hide each other
+        left.errorbar(shifted, values, yerr=[values - low, high - values], marker="o", capsize=3, label=name)
+    left.set_xscale("log", base=2)
+    left.set_xticks(sizes, [f"{size:g}" for size in sizes])
+    left.set_xlabel("real training subjects per class", fontsize=8)
+    left.set_ylabel("balanced accuracy (test)", fontsize=8)
+    left.legend(fontsize=7)
+    gains = np.array([point["gain"] for point in points], dtype=float)
+    low, high = _bounds(points, gains, lambda point: (point.get("gain_ci_low"), point.get("gain_ci_high")))
+    right.errorbar(sizes, gains, yerr=[gains - low, high - gains], marker="o", capsize=3, color="C2")
+    right.axhline(0.0, color="grey", linewidth=0.8)
+    right.set_xscale("log", base=2)
+    right.set_xticks(sizes, [f"{size:g}" for size in sizes])
+    right.set_xlabel("real training subjects per class", fontsize=8)
+    right.set_ylabel("gain (real + synthetic - real only)", fontsize=8)
+    return _data_uri(figure)
+
+
+def _bounds(
+    points: list[Mapping[str, Any]], values: np.ndarray, pick: Callable[[Mapping[str, Any]], tuple[Any, Any]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Interval ends per point; a missing end collapses onto the value (no bar rather than a wrong one)."""
+    ends = [pick(point) for point in points]
+    low = np.array([v if lo is None else lo for v, (lo, _) in zip(values, ends)], dtype=float)
+    high = np.array([v if hi is None else hi for v, (_, hi) in zip(values, ends)], dtype=float)
+    return low, high

@@ -131,6 +131,7 @@ def render_html(report: Mapping[str, Any], evidence: Evidence, mlflow_ui_url: st
         "prdc": figures.prdc_bars(evidence.prdc),
         "ms_ssim": figures.ms_ssim_histograms(evidence.ms_ssim),
         "reid": figures.reid_pairs(evidence.reid_pairs),
+        "learning_curve": figures.learning_curve_plot(report["utility"].get("learning_curve")),
     }
     links = report.get("mlflow") or {}
     ui = mlflow_ui_url or links.get("ui_url") or (report.get("config") or {}).get("mlflow_ui_url") or MLFLOW_UI_URL

@@ -32,6 +32,7 @@ PURPOSES: frozenset[str] = frozenset(
         "reid_bootstrap",  # subject bootstrap of the re-identification interval
         "utility_bootstrap",  # subject bootstrap of the utility arms
         "chance_bootstrap",  # subject bootstrap of "beats chance on held-out real"
+        "learning_curve",  # + the training seed's index: the learning curve's classifiers (index 0: its bootstrap)
         "grids",  # the images shown per class in report.html
     }
 )

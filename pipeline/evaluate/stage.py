@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.contracts.dataset import Dataset, read_dataset, verify_files
 from pipeline.contracts.model import ModelMeta, read_model_meta, training_record
+from pipeline.planning.record import plan_record
 from pipeline.contracts.report import SCHEMA, GateName, Report, headline_figures
 from pipeline.core.errors import InputError
 from pipeline.core.torch_state import torch_threads
@@ -93,6 +94,8 @@ def run(
                 else {"training": None, "training_reason": "evaluated without --model: no training record"}
             ),
             "preprocessing": preprocessing,
+            # The training plan (model/plan.json: planned keys with reasons, guards, preprocessed grid).
+            "plan": plan_record(model_dir) if model_dir is not None else None,
             "mlflow": {
                 "run_id": tracker.run_id,
                 "experiment_id": tracker.experiment_id,

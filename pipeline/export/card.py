@@ -493,6 +493,7 @@ def build_facts(
             "loss": meta.config.get("loss"),
             "g_width": meta.config.get("g_width"),
             "d_width": meta.config.get("d_width"),
+            "plan": model.plan,
         }
     grid = {
         "modality": modality,

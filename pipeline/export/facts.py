@@ -21,6 +21,7 @@ import pandas as pd
 
 from pipeline.contracts.dataset import Dataset
 from pipeline.contracts.model import CHECKPOINT, ModelMeta, read_model_meta
+from pipeline.planning.record import plan_record
 
 __all__ = [
     "TOOLS",
@@ -209,6 +210,7 @@ class ModelFacts:
     meta: ModelMeta
     checkpoint_sha256: str | None
     config_hash: str
+    plan: dict[str, Any] | None = None
 
 
 def model_facts(model_dir: str | os.PathLike[str] | None) -> ModelFacts | None:
@@ -228,4 +230,5 @@ def model_facts(model_dir: str | os.PathLike[str] | None) -> ModelFacts | None:
         meta=meta,
         checkpoint_sha256=sha256_file(checkpoint) if checkpoint.is_file() else None,
         config_hash=config_digest(meta.config),
+        plan=plan_record(model_dir),
     )

@@ -29,12 +29,21 @@ from pipeline.contracts.model import read_model_meta
 from pipeline.core.errors import InputError
 from pipeline.core.files import read_nifti
 
-__all__ = ["Preprocessor", "build_spec", "grid_affine", "FOREGROUND_LEVEL"]
+__all__ = ["Preprocessor", "build_spec", "grid_affine", "FOREGROUND_LEVEL", "UNPLANNED"]
 
 # A pixel counts as foreground above this level in [-1, 1] (2.5 % of the intensity range above the
 # floor): for a CT soft-tissue window that is fat and denser tissue, never air.
 FOREGROUND_LEVEL = -0.95
 _ORIENTATION_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+# What an `auto` preprocessing key means when no plan resolved it (a spec built outside training).
+UNPLANNED: dict[str, Any] = {
+    "spatial_dims": 2,
+    "image_size": [64, 64],
+    "spacing": None,
+    "intensity": "ct",
+    "window": [-160.0, 240.0],
+    "percentiles": [1.0, 99.0],
+}
 
 
 def _native_spacing(affine: np.ndarray, axcodes: str) -> list[float]:
@@ -53,8 +62,15 @@ def build_spec(config: Any, dataset: Dataset, rows: pd.DataFrame) -> dict[str, A
     """Resolve the preprocessing spec of ``config`` (a ModelConfig) against the training rows.
 
     A null ``spacing`` becomes the median native spacing of ``rows``; 2D models also record the
-    median slice spacing (the z voxel size of the synthetic NIfTI files they write).
+    median slice spacing (the z voxel size of the synthetic NIfTI files they write). Training
+    plans every ``auto`` key first (:mod:`pipeline.planning`); a config passed here unplanned gets
+    the fixed fallbacks of :data:`UNPLANNED` (2D, 64 x 64, native spacing, a soft-tissue CT window).
     """
+
+    def key(name: str) -> Any:
+        value = getattr(config, name)
+        return UNPLANNED[name] if isinstance(value, str) and value == "auto" else value
+
     axcodes = config.orientation.upper()
     native = []
     for _, row in rows.iterrows():
@@ -66,24 +82,29 @@ def build_spec(config: Any, dataset: Dataset, rows: pd.DataFrame) -> dict[str, A
                 f"{path}: not a readable NIfTI image ({type(exc).__name__}). Fix: re-create the file or remove its row."
             ) from exc
         affine = header.affine
-        if len(header.shape) != 3:
+        if len(header.shape) not in (2, 3):  # a 2D file is a single-frame image (X-ray), one slice
             raise InputError(
-                f"{dataset.root / 'manifest.csv'}: sample {row['sample_id']} is not a 3D volume "
-                f"(shape {tuple(header.shape)}). Fix: store one 3D NIfTI per image."
+                f"{dataset.root / 'manifest.csv'}: sample {row['sample_id']} is neither a 2D image nor a 3D volume "
+                f"(shape {tuple(header.shape)}). Fix: store one 2D image or 3D volume per NIfTI file."
+            )
+        if key("spatial_dims") == 3 and (len(header.shape) == 2 or header.shape[2] == 1):
+            raise InputError(
+                f"{dataset.root / 'manifest.csv'}: sample {row['sample_id']} is a single-plane image (shape "
+                f"{tuple(header.shape)}), which a 3D model cannot learn from. Fix: set model.spatial_dims: 2 (or auto)."
             )
         native.append(_native_spacing(affine, axcodes))
     median = np.median(np.asarray(native), axis=0).tolist()
-    dims = config.spatial_dims
-    spacing = list(config.spacing) if config.spacing is not None else [round(v, 4) for v in median[:dims]]
+    dims = key("spatial_dims")
+    spacing = list(key("spacing")) if key("spacing") is not None else [round(v, 4) for v in median[:dims]]
     return {
         "spatial_dims": dims,
         "orientation": axcodes,
         "spacing": [float(value) for value in spacing],
-        "image_size": [int(value) for value in config.image_size],
+        "image_size": [int(value) for value in key("image_size")],
         "slice_spacing": float(round(median[2], 4)) if dims == 2 else float(spacing[2]),
-        "intensity": config.intensity,
-        "window": [float(value) for value in config.window],
-        "percentiles": [float(value) for value in config.percentiles],
+        "intensity": key("intensity"),
+        "window": [float(value) for value in key("window")],
+        "percentiles": [float(value) for value in key("percentiles")],
         "min_foreground": float(config.min_foreground),
     }
 
@@ -161,6 +182,24 @@ class Preprocessor:
         return np.asarray(self.from_intensity(volume), dtype=np.float32)
 
     # -- volumes --------------------------------------------------------------------------------
+
+    def scale(self, data: np.ndarray) -> np.ndarray:
+        """The intensity step alone on a real image: modality units -> [-1, 1] (clipped)."""
+        return self._scale(np.asarray(data, dtype=np.float32), "real")
+
+    def resample(self, data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        """The geometric steps alone (reorient, resample, crop/pad with -1) on an image already in [-1, 1].
+
+        Returns the array on the model grid; 2D models keep every slice, ``(x, y, z)``. The guards
+        pass a foreground mask through it (as -1/1) to see what the grid keeps of the foreground.
+        """
+        from monai.data import MetaTensor
+
+        data = np.asarray(data, dtype=np.float32)
+        if data.ndim == 2:
+            data = data[:, :, None]
+        tensor = MetaTensor(torch.from_numpy(data)[None], affine=torch.as_tensor(affine, dtype=torch.float64))
+        return self._geometry(tensor).as_tensor().numpy()[0].astype(np.float32, copy=False)
 
     def volume_to_images(self, data: np.ndarray, affine: np.ndarray, origin: str = "real") -> np.ndarray:
         """Preprocess one volume.

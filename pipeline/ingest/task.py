@@ -122,7 +122,7 @@ def settings_digest(config: IngestConfig, key: bytes) -> str:
         "write_dicom": config.write_dicom,
         "edition": TABLE_EDITION,
         "key": keyed_hex(key, "fingerprint", "medsynth"),
-        "version": 1,
+        "version": 2,  # 2: MONOCHROME1 mirrored, 2D NIfTI inputs written as (x, y, 1), the spatial_dims column
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -322,11 +322,14 @@ def _nifti(task: SeriesTask, content: bytes, result: SeriesResult) -> None:
             for candidate in identifier_candidates(bytes(raw).replace(b"\x00", b" "), "LT"):
                 result.identifiers.setdefault(candidate, "NIfTI extension text")
         result.audit.append({"field": f"extension(code {int(extension.get_code())})", "action": "X", "rule": "nifti"})
+    zooms = tuple(header.get_zooms()[:3])
+    if data.ndim == 2:  # a 2D image (e.g. a radiograph): one plane, as ingest writes a single-frame DICOM
+        data = data[:, :, np.newaxis]
+        zooms = (*zooms, float(np.linalg.norm(affine[:3, 2])) or 1.0)
     rel = f"images/{result.subject_id}/{result.sample_id}.nii.gz"
     target = Path(task.out) / rel
     write_nifti(target, data, affine, descrip="")
     result.outputs[rel] = sha256_file(target)
-    zooms = header.get_zooms()[:3]
     result.used.append(file)
     result.row = _row(result, rel, "nifti", "", data, tuple(float(z) for z in zooms), "patient", 0)
 
@@ -698,4 +701,6 @@ def _row(
         "dtype": str(data.dtype),
         "geometry": geometry,
         "dicom_files": str(n_dicom),
+        # 2: one plane (a radiograph, a single-frame image): it can only train a 2D model.
+        "spatial_dims": "2" if data.ndim < 3 or data.shape[2] == 1 else "3",
     }

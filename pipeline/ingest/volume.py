@@ -101,8 +101,32 @@ def _rescale(pixels: np.ndarray, slope: object, intercept: object) -> np.ndarray
 
 def _modality_units(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     if "ModalityLUTSequence" in ds:
-        return apply_modality_lut(pixels, ds)
-    return _rescale(pixels, element_value(ds, "RescaleSlope"), element_value(ds, "RescaleIntercept"))
+        values = apply_modality_lut(pixels, ds)
+    else:
+        values = _rescale(pixels, element_value(ds, "RescaleSlope"), element_value(ds, "RescaleIntercept"))
+    return _as_monochrome2(values, ds)
+
+
+def _as_monochrome2(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """MONOCHROME1 values mirrored within the stored range, so bright means the same in every image.
+
+    CR and some DX files store MONOCHROME1 (the lowest value displays white). A cohort mixing
+    MONOCHROME1 and MONOCHROME2 images would otherwise show the model both contrasts.
+    """
+    photometric = str(element_value(ds, "PhotometricInterpretation", "") or "").strip().upper()
+    if photometric != "MONOCHROME1":
+        return values
+    bits = int(element_value(ds, "BitsStored", 0) or element_value(ds, "BitsAllocated", 16) or 16)
+    signed = int(element_value(ds, "PixelRepresentation", 0) or 0) == 1
+    stored = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], dtype=np.int64)
+    if "ModalityLUTSequence" in ds:  # a LUT maps the stored range onto its own output range
+        low, high = float(np.min(values)), float(np.max(values))
+    else:
+        ends = _rescale(stored, element_value(ds, "RescaleSlope"), element_value(ds, "RescaleIntercept"))
+        low, high = float(np.min(ends)), float(np.max(ends))
+    if np.issubdtype(values.dtype, np.integer) and low.is_integer() and high.is_integer():
+        return (int(low + high) - values.astype(np.int64)).astype(np.int32)
+    return (low + high) - values.astype(np.float64)
 
 
 def frames_of(ds: Dataset, source: int) -> list[Frame]:
@@ -145,6 +169,7 @@ def frames_of(ds: Dataset, source: int) -> list[Frame]:
             )
             if transform is not None:
                 values = _rescale(pixels[index], transform.get("RescaleSlope"), transform.get("RescaleIntercept"))
+                values = _as_monochrome2(values, ds)
             else:
                 values = _modality_units(pixels[index], ds)
             frames.append(

@@ -3,7 +3,10 @@
 Steps are the budget (``model.max_steps``): they fix what the weights are. ``model.max_minutes`` is
 a safety: when it (or Ctrl-C, or a diverged loss) stops training before the planned steps, the
 model is marked ``stopped_early`` in ``model.json`` with the reason, so that no later stage takes
-a half-trained generator for the planned one.
+a half-trained generator for the planned one. With ``max_steps: auto`` convergence is the plan:
+training stops when the held-out selection criterion (:mod:`pipeline.models.selection`) has not
+improved for ``model.patience`` evaluations, and that stop is recorded as ``converged``, not as an
+early stop; the time cap cutting a run that was still improving is an early stop.
 
 The thread count is chosen here too. On a CPU shared with other work, torch's intra-op threads
 wait for each other at every parallel region: with a small model each region is short, and one
@@ -26,6 +29,7 @@ __all__ = [
     "ETA_PROBE_STEPS",
     "ETA_PROBE_SECONDS",
     "step_work",
+    "planned_steps",
     "choose_threads",
     "StopRecord",
     "eta_warning",
@@ -44,6 +48,11 @@ ETA_PROBE_SECONDS = 30.0
 def step_work(config: ModelConfig) -> int:
     """A size measure of one training step: images per step x voxels per image x the wider network."""
     return config.batch_size * math.prod(config.image_size) * max(config.g_width, config.d_width)
+
+
+def planned_steps(config: ModelConfig) -> int | None:
+    """The step budget as a number: ``max_steps``, or None when convergence (``auto``) or time (null) is the plan."""
+    return config.max_steps if isinstance(config.max_steps, int) else None
 
 
 def choose_threads(config: ModelConfig) -> int | None:
@@ -65,13 +74,15 @@ class StopRecord:
 
     Attributes:
         steps_done: optimizer steps done.
-        steps_planned: ``model.max_steps`` (None: the time budget is the plan).
+        steps_planned: ``model.max_steps`` (None: convergence or the time budget is the plan).
         reason: why training stopped before the plan (None when it did not).
+        converged: ``max_steps: auto`` stopped on the selection criterion's plateau (the plan reached).
     """
 
     steps_done: int
     steps_planned: int | None
     reason: str | None
+    converged: bool = False
 
     @property
     def stopped_early(self) -> bool:
@@ -81,9 +92,29 @@ class StopRecord:
         return self.reason is not None
 
     @classmethod
-    def finished(cls, steps_done: int, config: ModelConfig, by_time: bool) -> StopRecord:
-        """The end of a session that was not interrupted: by the step budget, or by the time cap."""
-        planned = config.max_steps
+    def finished(
+        cls, steps_done: int, config: ModelConfig, by_time: bool, converged: bool = False, progress: str = ""
+    ) -> StopRecord:
+        """The end of a session that was not interrupted: by the step budget, convergence, or the time cap.
+
+        Args:
+            steps_done: optimizer steps done.
+            config: the ``model:`` section.
+            by_time: the time cap ended the session.
+            converged: with ``max_steps: auto``, the selection criterion had reached its plateau.
+            progress: with ``max_steps: auto``, where the criterion stood (named in the reason).
+        """
+        planned = planned_steps(config)
+        if config.max_steps == "auto":
+            if converged:
+                return cls(steps_done, None, None, converged=True)
+            if by_time:
+                reason = (
+                    f"time budget max_minutes={config.max_minutes:g} reached at step {steps_done} while the "
+                    f"selection criterion was still improving{progress}"
+                )
+                return cls(steps_done, None, reason)
+            return cls(steps_done, None, None)
         if by_time and planned is not None and steps_done < planned:
             reason = f"time budget max_minutes={config.max_minutes:g} reached at step {steps_done} of {planned}"
             return cls(steps_done, planned, reason)
@@ -92,7 +123,7 @@ class StopRecord:
     @classmethod
     def in_progress(cls, steps_done: int, config: ModelConfig) -> StopRecord:
         """A checkpoint written while training runs: if the process ends here, the model is unfinished."""
-        planned = config.max_steps
+        planned = planned_steps(config)
         if planned is not None and steps_done >= planned:
             return cls(steps_done, planned, None)
         of = f" of {planned}" if planned is not None else ""
@@ -101,15 +132,16 @@ class StopRecord:
     @classmethod
     def interrupted(cls, steps_done: int, config: ModelConfig) -> StopRecord:
         """Ctrl-C (SIGINT) stopped training at a step boundary; the checkpoint resumes it."""
-        of = f" of {config.max_steps}" if config.max_steps is not None else ""
-        return cls(steps_done, config.max_steps, f"interrupted (Ctrl-C) at step {steps_done}{of}; --resume continues it")
+        planned = planned_steps(config)
+        of = f" of {planned}" if planned is not None else ""
+        return cls(steps_done, planned, f"interrupted (Ctrl-C) at step {steps_done}{of}; --resume continues it")
 
     @classmethod
     def diverged(cls, steps_done: int, config: ModelConfig, at_step: int, loss: str, value: float) -> StopRecord:
         """A loss became NaN/inf at ``at_step``; the checkpoint of ``steps_done`` is kept."""
         return cls(
             steps_done,
-            config.max_steps,
+            planned_steps(config),
             f"diverged at step {at_step} ({loss} is {value}); the checkpoint of step {steps_done} is kept",
         )
 
@@ -130,14 +162,16 @@ def eta_warning(
         seconds_per_step: the measured mean seconds per step of this session.
         train_seconds: training time so far (over resumes), as the time cap counts it.
     """
-    if config.max_steps is None or seconds_per_step <= 0:
+    planned = planned_steps(config)
+    if planned is None or seconds_per_step <= 0:
         return None
-    remaining = max(0, config.max_steps - steps_done)
+    remaining = max(0, planned - steps_done)
     eta = remaining * seconds_per_step
-    if config.max_minutes is not None and train_seconds + eta > config.max_minutes * 60.0:
-        reachable = steps_done + int(max(0.0, config.max_minutes * 60.0 - train_seconds) / seconds_per_step)
+    cap = config.max_minutes if isinstance(config.max_minutes, (int, float)) else None  # `auto`: not planned yet
+    if cap is not None and train_seconds + eta > cap * 60.0:
+        reachable = steps_done + int(max(0.0, cap * 60.0 - train_seconds) / seconds_per_step)
         return (
-            f"at the measured {seconds_per_step:.2f} s/step the {config.max_steps} planned steps need "
+            f"at the measured {seconds_per_step:.2f} s/step the {planned} planned steps need "
             f"{_duration(train_seconds + eta)}, beyond model.max_minutes={config.max_minutes:g}: training will stop "
             f"near step {reachable} and the model will be marked stopped early. Fix: free the machine, raise "
             "model.max_minutes, or plan fewer steps (model.max_steps)"

@@ -5,6 +5,12 @@ the step, the training time and images seen so far, and the process's RNG states
 atomically together with ``model.json``, so the two always describe the same step: both are
 written in full to temporary files before either replaces its predecessor, so a full disk or an
 I/O error leaves the previous pair intact (and nothing half-written).
+
+``ema`` and ``discriminator`` are what every later stage loads: the *exported* model. When model
+selection kept an earlier step, they hold that step's networks and the ones training goes on
+with are saved as ``train_ema`` and ``train_discriminator``; a resume restores those. ADA's state
+(``ada``: p and its accumulator) and the selection history (``selection``) travel with it, so a
+resumed run continues with the same p and the same best-so-far.
 """
 
 from __future__ import annotations
@@ -97,7 +103,15 @@ def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    out: Path, meta: ModelMeta, step: int, gan: GanModules, train_seconds: float, images_seen: int
+    out: Path,
+    meta: ModelMeta,
+    step: int,
+    gan: GanModules,
+    train_seconds: float,
+    images_seen: int,
+    ada: dict[str, Any] | None = None,
+    selection: dict[str, Any] | None = None,
+    exported: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Write ``checkpoint.pt``, then ``model.json`` updated to the same step (both atomically).
 
@@ -109,6 +123,9 @@ def save_checkpoint(
         gan: the networks (saved as plain CPU state dicts, unwrapped from DDP) and optimizers.
         train_seconds: wall-clock training time so far, summed over resumes.
         images_seen: real images shown to the discriminator so far.
+        ada: :meth:`pipeline.models.augment.AdaController.state_dict` (None without ADA).
+        selection: :meth:`pipeline.models.selection.Selector.state_dict` (None without selection).
+        exported: ``{"ema": ..., "discriminator": ...}`` state dicts of the selected step (None: the current ones).
     """
     state = {
         "format_version": FORMAT_VERSION,
@@ -122,6 +139,13 @@ def save_checkpoint(
         "images_seen": images_seen,
         "rng": _rng_states(),
     }
+    if exported is not None:
+        state["train_ema"], state["train_discriminator"] = state["ema"], state["discriminator"]
+        state["ema"], state["discriminator"] = exported["ema"], exported["discriminator"]
+    if ada is not None:
+        state["ada"] = ada
+    if selection is not None:
+        state["selection"] = selection
     # Serialized in memory and written by Python: a full disk then raises OSError(ENOSPC), where
     # torch's own file writer raises a RuntimeError that does not say why.
     buffer = io.BytesIO()
@@ -185,9 +209,13 @@ def check_resume_compatible(previous: ModelMeta, current: ModelMeta, config: Mod
 
 
 def restore_modules(state: dict[str, Any], gan: GanModules) -> None:
-    """Load a checkpoint's networks and optimizers (as :func:`save_checkpoint` wrote them) into ``gan``."""
+    """Load a checkpoint's training networks and optimizers (as :func:`save_checkpoint` wrote them) into ``gan``.
+
+    The networks training goes on with: ``train_ema``/``train_discriminator`` when selection
+    exported an earlier step, else ``ema``/``discriminator``.
+    """
     gan.generator.load_state_dict(state["generator"])
-    gan.discriminator.load_state_dict(state["discriminator"])
-    gan.ema.load_state_dict(state["ema"])
+    gan.discriminator.load_state_dict(state.get("train_discriminator", state["discriminator"]))
+    gan.ema.load_state_dict(state.get("train_ema", state["ema"]))
     gan.opt_g.load_state_dict(state["opt_g"])
     gan.opt_d.load_state_dict(state["opt_d"])

@@ -12,45 +12,55 @@ a config away (``docs/models.md``, "Sizing a run").
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from pipeline.core.section import Section
 from pipeline.imaging.levels import network_levels
 
-__all__ = ["ModelConfig", "GenerateConfig", "AUGMENTATIONS"]
+__all__ = ["ModelConfig", "GenerateConfig", "AUGMENTATIONS", "AUTO", "PLANNED_KEYS"]
 
 AUGMENTATIONS: tuple[str, ...] = ("translation", "cutout", "brightness", "contrast")
+# `auto`: the key is planned from the dataset's fingerprint when training starts (pipeline.planning).
+AUTO = "auto"
+PLANNED_KEYS: tuple[str, ...] = (
+    "spatial_dims", "image_size", "spacing", "intensity", "window", "percentiles", "batch_size", "augment",
+    "max_steps", "max_minutes",
+)
 
 
 class ModelConfig(Section):
     """Preprocessing, networks, training and budget of the conditional GAN."""
 
     # --- preprocessing (saved with the model; evaluate/export apply the same transform) ---
-    spatial_dims: Literal[2, 3] = Field(2, description="2: axial slices; 3: whole volumes.")
-    image_size: list[int] = Field(
-        default_factory=lambda: [64, 64],
+    # Every key that may read `auto` (the default) is planned from the training data (docs/models.md, "Planning").
+    spatial_dims: Literal[2, 3, "auto"] = Field("auto", description="2: axial slices; 3: whole volumes; auto: planned.")
+    image_size: list[int] | Literal["auto"] = Field(
+        "auto",
         description="Network grid in voxels, RAS axis order: [x, y] (2D) or [x, y, z] (3D). Volumes are "
-        "center-cropped or padded (with air) to it after resampling.",
+        "center-cropped or padded (with air) to it after resampling. auto: the foreground field of view.",
     )
-    spacing: list[float] | None = Field(
-        None,
+    spacing: list[float] | Literal["auto"] | None = Field(
+        "auto",
         description="Voxel size of the network grid in mm: [x, y] (2D, in-plane) or [x, y, z] (3D); "
-        "null: the median native spacing of the training split.",
+        "null: the median native spacing of the training split; auto: planned with image_size.",
     )
     orientation: str = Field(
         "RAS", description="Axis codes volumes are reoriented to (after intensity scaling); 2D slices are taken along the last axis."
     )
-    intensity: Literal["ct", "mr"] = Field(
-        "ct", description="ct: fixed HU window (`window`); mr: per-volume percentiles (`percentiles`). Applied first."
+    intensity: Literal["ct", "mr", "auto"] = Field(
+        "auto",
+        description="ct: fixed HU window (`window`); mr: per-image percentiles (`percentiles`; MR, X-ray and any "
+        "modality without absolute units); auto: ct for CT data, else mr. Applied first.",
     )
-    window: list[float] = Field(
-        default_factory=lambda: [-160.0, 240.0],
-        description="CT window [low, high] in HU mapped to [-1, 1] (values outside are clipped).",
+    window: list[float] | Literal["auto"] = Field(
+        "auto",
+        description="CT window [low, high] in HU mapped to [-1, 1] (values outside are clipped); auto: from "
+        "the foreground HU percentiles.",
     )
-    percentiles: list[float] = Field(
-        default_factory=lambda: [1.0, 99.0], description="MR: per-volume percentiles [low, high] mapped to [-1, 1]."
+    percentiles: list[float] | Literal["auto"] = Field(
+        "auto", description="mr: per-image percentiles [low, high] mapped to [-1, 1]; auto: planned."
     )
     min_foreground: float = Field(
         0.05,
@@ -67,7 +77,9 @@ class ModelConfig(Section):
     d_width: int = Field(8, ge=4, le=512, description="Discriminator channels at full resolution (doubling per level, max x8).")
 
     # --- training ---
-    batch_size: int = Field(32, ge=1, le=4096, description="Images per step and per process (DDP: x world size).")
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
+        "auto", description="Images per step and per process (DDP: x world size); auto: planned."
+    )
     loss: Literal["hinge", "nonsaturating"] = Field("hinge", description="Adversarial loss.")
     lr_g: float = Field(5e-4, gt=0.0, description="Generator learning rate (Adam).")
     lr_d: float = Field(1e-3, gt=0.0, description="Discriminator learning rate (Adam); TTUR: usually > lr_g.")
@@ -90,23 +102,48 @@ class ModelConfig(Section):
     r1_gamma: float = Field(1.0, ge=0.0, description="R1 penalty weight on real images; 0 switches it off.")
     r1_every: int = Field(16, ge=1, description="Lazy R1: apply the penalty every N steps (scaled by N).")
     # CT intensities are absolute (HU): brightness/contrast jitter would teach D wrong intensities.
-    augment: list[str] = Field(
-        default_factory=lambda: ["translation", "cutout"],
+    augment: list[str] | Literal["auto", "ada"] = Field(
+        "auto",
         description="Differentiable augmentations applied to real and fake before D (DiffAugment): "
-        "translation, cutout, brightness, contrast; [] switches it off.",
+        "translation, cutout, brightness, contrast; [] switches it off; ada: adaptive (ADA), the operations "
+        "`augment_ops` each applied with a probability p tuned from D's overfitting; auto: no brightness/contrast for CT.",
     )
     translation: float = Field(0.0625, ge=0.0, le=0.5, description="DiffAugment: max shift as a fraction of each side.")
     cutout: float = Field(0.25, ge=0.0, le=0.9, description="DiffAugment: cutout box side as a fraction of each side.")
+    augment_ops: list[str] = Field(
+        default_factory=lambda: ["translation", "cutout"],
+        description="augment: ada: the operations p applies (brightness/contrast only where intensities are not absolute).",
+    )
+    ada_target: float = Field(0.6, gt=0.0, lt=1.0, description="ADA: the target of r_t = E[sign(D(real))].")
+    ada_interval: int = Field(4, ge=1, description="ADA: adjust p every N steps.")
+    ada_speed_images: int = Field(
+        10_000, ge=1, description="ADA: real images over which p can move by 1 (0 -> 1 in this many images)."
+    )
+    select_every: int = Field(
+        200,
+        ge=0,
+        description="Score the EMA generator on the validation split every N steps (and at the end) and export "
+        "the best one; 0: off (the last step is exported).",
+    )
+    patience: int = Field(
+        4, ge=1, description="max_steps: auto stops after this many evaluations without improvement (converged)."
+    )
 
     # --- budget ---
-    max_steps: int | None = Field(
-        1200, ge=1, description="The step budget: the plan (null: no step limit, the time budget is the plan)."
+    max_steps: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto",
+        description="The step budget: the plan (null: no step limit, the time budget is the plan; auto: "
+        "planned from the number of training images).",
     )
-    max_minutes: float | None = Field(
-        None,
-        gt=0.0,
-        description="Safety cap in minutes of training (summed over resumes; null: none). When it stops "
-        "training before max_steps, model.json marks the model stopped_early.",
+    max_minutes: Annotated[float, Field(gt=0.0)] | Literal["auto"] | None = Field(
+        "auto",
+        description="Safety cap in minutes of training (summed over resumes; null: none; auto: planned). When "
+        "it stops training before max_steps, model.json marks the model stopped_early.",
+    )
+    guards: Literal["error", "warn", "off"] = Field(
+        "error",
+        description="Preprocessing guards before training (window clipping, foreground size, class signal): "
+        "error: stop with exit 2 and the fix; warn: print and go on; off: skip them.",
     )
     accept_early_stop: bool = Field(
         False,
@@ -132,34 +169,54 @@ class ModelConfig(Section):
         "order of CPU convolutions, so it is part of what reproduces a run.",
     )
 
+    @property
+    def auto_keys(self) -> list[str]:
+        """The keys still reading ``auto`` (planned when training starts)."""
+        return [key for key in PLANNED_KEYS if getattr(self, key) == AUTO]
+
+    @model_serializer(mode="wrap")
+    def _decided_only(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        # An `auto` key is not a value yet: dumps (MLflow params at a stage's start, digests) carry only
+        # decided keys, and train logs the planned values under the same names once it has them.
+        return {key: value for key, value in handler(self).items() if value != AUTO or key not in PLANNED_KEYS}
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
         dims = self.spatial_dims
-        if len(self.image_size) != dims:
-            raise ValueError(
-                f"image_size needs {dims} values for spatial_dims {dims} (got {len(self.image_size)}); "
-                "e.g. [64, 64] for 2D or [64, 64, 16] for 3D"
-            )
-        if any(side < 8 for side in self.image_size):
-            raise ValueError("every image_size side must be at least 8")
-        levels = network_levels(self.image_size)
-        step = 2**levels
-        if any(side % step for side in self.image_size):
-            raise ValueError(f"every image_size side must be divisible by {step} (the networks use {levels} 2x levels)")
-        if self.spacing is not None and (len(self.spacing) != dims or any(value <= 0 for value in self.spacing)):
-            raise ValueError(f"spacing needs {dims} positive values (mm) for spatial_dims {dims}, or null")
-        if len(self.window) != 2 or self.window[0] >= self.window[1]:
-            raise ValueError("window must be [low, high] in HU with low < high")
-        if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
-            raise ValueError("percentiles must be [low, high] with 0 <= low < high <= 100")
+        size = self.image_size
+        if size != AUTO:
+            if dims != AUTO and len(size) != dims:
+                raise ValueError(
+                    f"image_size needs {dims} values for spatial_dims {dims} (got {len(size)}); "
+                    "e.g. [64, 64] for 2D or [64, 64, 16] for 3D"
+                )
+            if len(size) not in (2, 3):
+                raise ValueError("image_size needs 2 values (2D) or 3 values (3D), or auto")
+            if any(side < 8 for side in size):
+                raise ValueError("every image_size side must be at least 8")
+            levels = network_levels(size)
+            step = 2**levels
+            if any(side % step for side in size):
+                raise ValueError(f"every image_size side must be divisible by {step} (the networks use {levels} 2x levels)")
+        if isinstance(self.spacing, list):
+            wanted = dims if dims != AUTO else len(self.spacing)
+            if len(self.spacing) != wanted or wanted not in (2, 3) or any(value <= 0 for value in self.spacing):
+                raise ValueError(f"spacing needs {wanted} positive values (mm) for spatial_dims {dims}, null or auto")
+        if self.window != AUTO and (len(self.window) != 2 or self.window[0] >= self.window[1]):
+            raise ValueError("window must be [low, high] in HU with low < high, or auto")
+        if self.percentiles != AUTO and (
+            len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100
+        ):
+            raise ValueError("percentiles must be [low, high] with 0 <= low < high <= 100, or auto")
         if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
             raise ValueError("betas must be two values in [0, 1)")
         codes = self.orientation.upper()
         if len(codes) != 3 or any(len(set(codes) & set(pair)) != 1 for pair in ("LR", "AP", "SI")):
             raise ValueError("orientation must be 3 axis codes, one of L/R, A/P and S/I each (e.g. RAS or LPS)")
-        if dims == 2 and codes[2] not in "SI":
+        if dims != 3 and codes[2] not in "SI":
             raise ValueError("orientation: 2D slices are axial, so the last code must be S or I (e.g. RAS)")
-        unknown = [name for name in self.augment if name not in AUGMENTATIONS]
+        listed = [] if self.augment in (AUTO, "ada") else list(self.augment)
+        unknown = [name for name in [*listed, *self.augment_ops] if name not in AUGMENTATIONS]
         if unknown:
             raise ValueError(f"unknown augmentation {unknown[0]!r}; allowed: {', '.join(AUGMENTATIONS)}")
         if isinstance(self.num_threads, int) and self.num_threads < 1:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.seeds import stream_seed
-from pipeline.models.augment import diff_augment
+from pipeline.models.augment import ada_augment, diff_augment
 from pipeline.models.config import ModelConfig
 from pipeline.imaging.gan import ema_update
 
@@ -124,7 +124,9 @@ class TrainingImages:
     order: BatchOrder
 
 
-def train_step(step: int, setup: StepSetup, gan: GanModules, data: TrainingImages) -> dict[str, torch.Tensor]:
+def train_step(
+    step: int, setup: StepSetup, gan: GanModules, data: TrainingImages, augment_p: float = 1.0
+) -> dict[str, torch.Tensor]:
     """Take one discriminator step, one generator step and one EMA update.
 
     Args:
@@ -132,10 +134,13 @@ def train_step(step: int, setup: StepSetup, gan: GanModules, data: TrainingImage
         setup: what stays the same for every step.
         gan: the networks and optimizers, updated in place.
         data: the training images.
+        augment_p: with ``augment: ada``, the probability with which each augmentation hits each
+            image (:class:`pipeline.models.augment.AdaController` moves it); ignored for a fixed list.
 
     Returns:
         The step's statistics as 0-d tensors on the device (losses, mean scores, R1, the
-        classifier losses and the diversity term); the caller reduces them over ranks.
+        classifier losses, the diversity term and ``real_sign``, the mean of ``sign(D(real))``
+        that drives ADA); the caller reduces them over ranks.
     """
     config, device, memory_format = setup.config, setup.device, setup.memory_format
     rng = torch.Generator(device=device).manual_seed(stream_seed(setup.seed, "step", setup.rank, step))
@@ -149,10 +154,15 @@ def train_step(step: int, setup: StepSetup, gan: GanModules, data: TrainingImage
     half = batch // 2 if config.diversity_weight > 0 else 0
     fake_labels = labels.clone()
     fake_labels[half : 2 * half] = labels[:half]
-    policy = config.augment
+    adaptive = config.augment == "ada"
+    policy = config.augment_ops if adaptive else config.augment
 
     def augment(x: torch.Tensor) -> torch.Tensor:
-        return diff_augment(x, policy, rng, config.translation, config.cutout) if policy else x
+        if not policy:
+            return x
+        if adaptive:
+            return ada_augment(x, policy, augment_p, rng, config.translation, config.cutout)
+        return diff_augment(x, policy, rng, config.translation, config.cutout)
 
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=setup.use_bf16)
 
@@ -221,4 +231,5 @@ def train_step(step: int, setup: StepSetup, gan: GanModules, data: TrainingImage
         "cls_real": cls_real.detach(),
         "cls_fake": cls_fake.detach(),
         "diversity": diversity.detach(),
+        "real_sign": torch.sign(d_real.detach()).mean(),
     }

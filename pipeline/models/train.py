@@ -13,9 +13,14 @@ process's RNG states, written atomically.
 Training changes process-wide torch state (thread count, the global RNG it seeds for the initial
 weights, the current CUDA device) only for its own duration: :func:`run` gives it back on return.
 
-Budgets (:mod:`pipeline.models.budget`): the steps are the plan; when the time cap, Ctrl-C or a
-diverged loss stops training short of it, ``model.json`` says so (``stopped_early``,
-``stop_reason``). Ctrl-C is taken at the next step boundary: the checkpoint is written for that
+Budgets (:mod:`pipeline.models.budget`): the steps are the plan, or with ``max_steps: auto``
+convergence of the held-out selection criterion; when the time cap, Ctrl-C or a diverged loss
+stops training short of it, ``model.json`` says so (``stopped_early``, ``stop_reason``).
+
+Self-tuning (docs/models.md, "Recipe"): with ``augment: ada`` the augmentation probability follows
+the discriminator's overfitting signal (:class:`pipeline.models.augment.AdaController`); with
+``select_every`` the EMA generator is scored on the validation split and the best one is exported
+(:mod:`pipeline.models.selection`), not the last. Ctrl-C is taken at the next step boundary: the checkpoint is written for that
 step and ``KeyboardInterrupt`` raised again, so ``--resume`` continues exactly. Per-step losses
 go to ``losses.csv`` (and ``losses.png``) beside the checkpoint.
 """
@@ -48,6 +53,8 @@ from pipeline.contracts.model import (
     LOSSES_CSV,
     LOSSES_PNG,
     MODEL_JSON,
+    SAMPLES_DIR,
+    SELECTED_GRID,
     ModelMeta,
     check_image_size,
     read_losses,
@@ -63,7 +70,15 @@ from pipeline.core.torch_state import preserved_torch_rng, torch_threads
 from pipeline.imaging.gan import ema_copy
 from pipeline.imaging.model_dir import build_discriminator, build_generator, load_checkpoint, select_device
 from pipeline.imaging.preprocess import Preprocessor, build_spec
-from pipeline.models.budget import ETA_PROBE_SECONDS, ETA_PROBE_STEPS, StopRecord, choose_threads, eta_warning
+from pipeline.models.augment import AdaController
+from pipeline.models.budget import (
+    ETA_PROBE_SECONDS,
+    ETA_PROBE_STEPS,
+    StopRecord,
+    choose_threads,
+    eta_warning,
+    planned_steps,
+)
 from pipeline.models.checkpoint import (
     check_resume_compatible,
     preserved_host_rng,
@@ -82,6 +97,7 @@ from pipeline.models.distributed import (
     wrap_ddp,
 )
 from pipeline.models.grid import save_loss_plot, save_sample_grid
+from pipeline.models.selection import HeldOutJudge, SelectionScore, Selector
 from pipeline.models.step import BatchOrder, GanModules, StepSetup, TrainingImages, train_step
 from pipeline.tracking import NullTracker, Tracker
 
@@ -120,6 +136,9 @@ class TrainSummary:
     num_threads: int = 1
     seconds_per_step: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    converged: bool = False
+    selected: SelectionScore | None = None
+    augment_p: float | None = None
 
     def lines(self) -> list[str]:
         """Human-readable summary (an early stop first, then what was done)."""
@@ -134,6 +153,15 @@ class TrainSummary:
             f"{self.images_per_second:.0f} images/s on {self.world_size} x {self.device}"
             + (f" ({self.num_threads} thread{'s' if self.num_threads != 1 else ''})" if self.device == "cpu" else ""),
         ]
+        if self.selected is not None:
+            best = self.selected
+            lines.append(
+                f"  exported: the EMA generator of step {best.step} (best on the validation split: FID {best.fid:.2f}, "
+                f"label accuracy {best.label_accuracy:.3f} vs {best.real_accuracy:.3f} on real images)"
+                + ("; converged" if self.converged else "")
+            )
+        if self.augment_p is not None:
+            lines.append(f"  ADA: augmentation probability p = {self.augment_p:.3f} at the end")
         lines += [f"  warning: {warning}" for warning in self.warnings]
         if losses:
             lines.append(f"  last losses: {losses}")
@@ -234,6 +262,49 @@ def _refuse_unusable(
         )
 
 
+def _validation_images(train: _TrainingData) -> tuple[np.ndarray, np.ndarray]:
+    """The real ``val`` split on the model grid, with label ids (labels unknown to training are left out)."""
+    rows = train.dataset.subset(split="val", origin="real")
+    rows = rows[rows["label"].isin(train.labels)]
+    if rows.empty:
+        return np.zeros((0, 1, *train.images.shape[2:]), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    images, image_labels, _ = Preprocessor(train.spec).dataset_images(train.dataset, rows)
+    class_index = {label: index for index, label in enumerate(train.labels)}
+    return images, np.array([class_index[label] for label in image_labels], dtype=np.int64)
+
+
+def _selection_setup(
+    train: _TrainingData, config: ModelConfig, seed: int, main: bool, data: Path
+) -> tuple[HeldOutJudge | None, str | None]:
+    """The held-out judge when selection is on and possible (rank 0 only), else a warning saying why not.
+
+    Raises:
+        InputError: ``max_steps: auto`` without a usable validation split (nothing could say when to stop).
+    """
+    if config.select_every == 0:
+        if config.max_steps == "auto":
+            raise InputError(
+                "config key 'model.max_steps': auto stops on the validation criterion, but model.select_every is 0. "
+                "Fix: set model.select_every (e.g. 100) or a number of steps."
+            )
+        return None, None
+    val_images, val_targets = _validation_images(train)
+    if len(val_targets) < 2:
+        if config.max_steps == "auto":
+            raise InputError(
+                f"{data / 'manifest.csv'}: model.max_steps: auto needs real images in split 'val' to tell when "
+                "training has converged, and there are fewer than 2. Fix: ingest with a val split "
+                "(ingest.split.val > 0), or set model.max_steps to a number."
+            )
+        return None, "no real validation images: model selection is off and the last step is exported"
+    if not main:
+        return None, None
+    judge = HeldOutJudge(
+        train.images, train.targets, val_images, val_targets, len(train.labels), config.latent_dim, seed
+    )
+    return judge, None
+
+
 def _model_meta(config: ModelConfig, seed: int, train: _TrainingData, run_id: str | None, world_size: int) -> ModelMeta:
     """``model.json`` of a run that has not taken a step yet."""
     from pipeline import __version__ as version  # noqa: PLC0415 - package metadata only
@@ -250,7 +321,7 @@ def _model_meta(config: ModelConfig, seed: int, train: _TrainingData, run_id: st
         mlflow_run_ids=[run_id] if run_id else [],
         seed=seed,
         steps=0,
-        steps_planned=config.max_steps,
+        steps_planned=planned_steps(config),
         images_seen=0,
         train_seconds=0.0,
         world_size=world_size,
@@ -261,7 +332,21 @@ def _model_meta(config: ModelConfig, seed: int, train: _TrainingData, run_id: st
         preprocess=train.spec,
         dp=None,
         train_dataset_digest=train.dataset.digest,
+        augmentation=_augmentation_record(config, []),
     )
+
+
+def _augmentation_record(config: ModelConfig, p_history: list[list[float]]) -> dict[str, Any]:
+    """``model.json``'s ``augmentation``: the mode and ops, and ADA's p over time."""
+    if config.augment == "ada":
+        return {
+            "mode": "ada",
+            "ops": list(config.augment_ops),
+            "target": config.ada_target,
+            "speed_images": config.ada_speed_images,
+            "p_history": p_history,
+        }
+    return {"mode": "fixed", "ops": list(config.augment), "p_history": []}
 
 
 @contextlib.contextmanager
@@ -313,6 +398,9 @@ def run(
             last complete checkpoint is kept, ``--resume`` continues from it).
     """
     data, out = Path(data), Path(out)
+    from pipeline.planning.stage import prepare_training  # noqa: PLC0415 - plan `auto` keys, guard the preprocessing
+
+    config = prepare_training(data, out, config, seed=seed, tracker=tracker)
     ddp = init_distributed(config.device)
     try:
         device = select_device(config.device, ddp.local_rank)
@@ -372,6 +460,7 @@ def _run(
         use_bf16 = False  # bf16 autocast is a CUDA feature here; CPU runs stay fp32 (and deterministic)
     memory_format = _memory_format(config)
     _check_writable_model_dir(out, config)
+    planned = planned_steps(config)
 
     # -- data -----------------------------------------------------------------------------------
     train = _load_training_data(data, config)
@@ -384,6 +473,19 @@ def _run(
         raise InputError(
             f"{out}: already holds a checkpoint. Fix: pass --resume to continue it, or choose an empty --out folder."
         )
+    warnings: list[str] = []
+    judge, selection_note = _selection_setup(train, config, seed, ddp.main, data)
+    if selection_note is not None and ddp.main:
+        warnings.append(selection_note)
+        _log.warning("warning: %s", selection_note)
+    selector = Selector(config.patience) if judge is not None else None
+    ada = (
+        AdaController(config.ada_target, config.ada_interval, config.ada_speed_images, config.batch_size * ddp.world_size)
+        if config.augment == "ada"
+        else None
+    )
+    p_history: list[list[float]] = []
+    resumed_converged = False  # known on every rank (rank 0 alone holds the selector)
     gan = _build_gan(meta, config, seed)
     start_step, train_seconds, images_seen = 0, 0.0, 0
     if resume and checkpoint_path.exists():
@@ -401,6 +503,16 @@ def _run(
         meta.mlflow_run_ids = [*previous.mlflow_run_ids, *([tracker.run_id] if tracker.run_id else [])]
         if tracker.run_id is None:
             meta.mlflow_run_id = previous.mlflow_run_id
+        if ada is not None and "ada" in state:
+            ada.load_state_dict(state["ada"])
+            p_history = [list(pair) for pair in (previous.augmentation or {}).get("p_history", []) if pair[0] <= start_step]
+        if "selection" in state:
+            saved = state["selection"]
+            resumed_converged = saved.get("best_step") is not None and int(saved["stale"]) >= config.patience
+        if selector is not None and "selection" in state:
+            selector.load_state_dict(
+                state["selection"], {"ema": state["ema"], "discriminator": state["discriminator"]}
+            )
     gan = _to_device(gan, device, memory_format, ddp)
 
     # -- tracking -------------------------------------------------------------------------------
@@ -418,13 +530,43 @@ def _run(
     last_saved = start_step if checkpoint_path.exists() else None
     loss_log = _LossLog(out / LOSSES_CSV, start_step, enabled=ddp.main)
 
+    def note_p(step_now: int) -> None:
+        """ADA's p at the end of ``step_now`` (after that step's adjustment), for model.json."""
+        if ada is not None and (not p_history or p_history[-1][0] != step_now):
+            p_history.append([step_now, round(ada.p, 5)])
+
     def save(step_now: int, record: StopRecord) -> None:
         nonlocal last_saved
         _apply_stop(meta, record)
+        note_p(step_now)
+        meta.augmentation = _augmentation_record(config, p_history)
+        exported = None
+        if selector is not None:
+            meta.selection = selector.record()
+            meta.selected_step = selector.best.step if selector.best is not None else None
+            if selector.best is not None and selector.best.step != step_now:
+                exported = selector.best_state
         if ddp.main:
             loss_log.flush()  # the rows up to the checkpoint's step, so a resume continues the file exactly
-            save_checkpoint(out, meta, step_now, gan, train_seconds, images_seen)
+            save_checkpoint(
+                out, meta, step_now, gan, train_seconds, images_seen,
+                ada=ada.state_dict() if ada is not None else None,
+                selection=selector.state_dict() if selector is not None else None,
+                exported=exported,
+            )
         last_saved = step_now
+
+    def evaluate(step_now: int) -> None:
+        """Score the EMA generator on the validation split (rank 0) and keep it when it is the best so far."""
+        assert judge is not None and selector is not None
+        score = judge.score(gan.ema, step_now, device, ada.p if ada is not None else None)
+        improved = selector.update(score, gan.ema, gan.discriminator)
+        tracker.log_metrics(
+            {"select_fid": score.fid, "select_label_accuracy": score.label_accuracy, "select_criterion": score.criterion},
+            step=step_now,
+        )
+        if improved:
+            tracker.set_tags({"medsynth.selected_step": step_now})
 
     def grid(step_now: int) -> Path | None:
         if not ddp.main:
@@ -443,20 +585,22 @@ def _run(
     throughput = 0.0
     total_images_session = 0
     session_train_seconds = 0.0
-    warnings: list[str] = []
     eta_checked = False
-    bar = _progress_bar(progress and ddp.main, config.max_steps, start_step)
+    bar = _progress_bar(progress and ddp.main, planned, start_step)
     try:
         with _deferred_interrupt() as interrupt:
             while True:
-                if config.max_steps is not None and step >= config.max_steps:
+                if planned is not None and step >= planned:
                     stopped_by = "max_steps"
+                    break
+                if config.max_steps == "auto" and resumed_converged:
+                    stopped_by = "converged"  # a resumed run that had already converged
                     break
                 if config.max_minutes is not None and train_seconds >= config.max_minutes * 60.0:
                     stopped_by = "max_minutes"  # a resumed run whose time budget was already spent
                     break
                 step_start = time.perf_counter()
-                stats = train_step(step, setup, gan, images)
+                stats = train_step(step, setup, gan, images, ada.p if ada is not None else 1.0)
                 step += 1
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # kernels run asynchronously: time the work, not its launch
@@ -468,8 +612,15 @@ def _run(
                 total_images_session += config.batch_size * ddp.world_size
                 # Stop when one more step would overrun the time budget, so the budget is never exceeded.
                 time_up = config.max_minutes is not None and train_seconds + step_seconds > config.max_minutes * 60.0
-                stats = reduce_stats(stats, {"time_up": time_up, "interrupted": interrupt.is_set()}, ddp)
-                losses = {key: value for key, value in stats.items() if key not in ("time_up", "interrupted")}
+                # Selection runs on rank 0 only; its verdict reaches every rank with the step's flags.
+                converged = False
+                if selector is not None and step % config.select_every == 0:
+                    evaluate(step)
+                    converged = config.max_steps == "auto" and selector.converged
+                stats = reduce_stats(
+                    stats, {"time_up": time_up, "interrupted": interrupt.is_set(), "converged": converged}, ddp
+                )
+                losses = {key: value for key, value in stats.items() if key not in ("time_up", "interrupted", "converged")}
                 bad = [key for key in ("loss_d", "loss_g") if not math.isfinite(losses[key])]
                 if bad:
                     tracker.set_tags({"medsynth.diverged_at_step": step})
@@ -486,8 +637,12 @@ def _run(
                         f"training diverged at step {step}: {bad[0]} is {losses[bad[0]]}; {kept}. "
                         "Fix: lower model.lr_d and model.lr_g (or set model.r1_gamma), then re-run with --resume."
                     )
+                if ada is not None:
+                    # p used by this step, then adjusted from the sign of D(real) (same on every rank: reduced).
+                    losses["augment_p"] = ada.p
+                    ada.observe(step, losses["real_sign"])
                 loss_log.add(step, losses)
-                if step % config.log_every == 0 or step == config.max_steps:
+                if step % config.log_every == 0 or step == planned:
                     elapsed = time.perf_counter() - window_start
                     throughput = window_images / elapsed if elapsed > 0 else 0.0
                     tracker.log_metrics({**losses, "images_per_s": throughput}, step=step)
@@ -511,6 +666,9 @@ def _run(
                     grid(step)
                 if step % config.checkpoint_every == 0:
                     save(step, StopRecord.in_progress(step, config))
+                if stats["converged"] > 0:
+                    stopped_by = "converged"
+                    break
                 if stats["time_up"] > 0:
                     stopped_by = "max_minutes"
                     break
@@ -519,21 +677,35 @@ def _run(
             bar.close()
 
     # -- finish ---------------------------------------------------------------------------------
-    record = StopRecord.finished(step, config, by_time=stopped_by == "max_minutes")
-    if last_saved != step:
+    evaluated_now = selector is not None and step > 0 and step not in selector.evaluated_steps
+    if evaluated_now:
+        evaluate(step)  # the last step is a candidate too
+    converged = selector is not None and selector.converged
+    record = StopRecord.finished(
+        step, config, by_time=stopped_by == "max_minutes", converged=config.max_steps == "auto" and converged,
+        progress=_progress_note(selector),
+    )
+    if last_saved != step or evaluated_now:
         save(step, record)
     else:
         _apply_stop(meta, record)
         if ddp.main:
             write_model_meta(out, meta)  # the same checkpoint, now described as finished (or stopped)
     grid_path = grid(step)
+    exported_ema = gan.ema
+    if selector is not None and selector.best_state is not None and ddp.main:
+        exported_ema = build_generator(meta).to(device)
+        exported_ema.load_state_dict(selector.best_state["ema"])
+        grid_path = _selected_grid(exported_ema, grid_z, grid_y, device, labels, out, config, tracker)
     if ddp.main:
         save_loss_plot(read_losses(out), out / LOSSES_PNG)
-        tracker.set_tags({"medsynth.stopped_early": str(record.stopped_early).lower()})
+        tracker.set_tags(
+            {"medsynth.stopped_early": str(record.stopped_early).lower(), "medsynth.converged": str(record.converged).lower()}
+        )
     weights = weights_digest(gan.generator, gan.discriminator, gan.ema)
     check_same_weights(weights, ddp)
     if ddp.main:
-        _log_final(tracker, out, meta, gan.ema)
+        _log_final(tracker, out, meta, exported_ema)
     session_seconds = time.perf_counter() - session_start
     session_steps = step - start_step
     return TrainSummary(
@@ -559,7 +731,39 @@ def _run(
         num_threads=torch.get_num_threads(),
         seconds_per_step=session_train_seconds / session_steps if session_steps else 0.0,
         warnings=warnings,
+        converged=record.converged,
+        selected=selector.best if selector is not None else None,
+        augment_p=ada.p if ada is not None else None,
     )
+
+
+def _progress_note(selector: Selector | None) -> str:
+    """Where the selection criterion stood, for a time-capped ``max_steps: auto`` run's reason."""
+    if selector is None or selector.best is None:
+        return ""
+    return (
+        f" (best at step {selector.best.step}, {selector.stale} of model.patience={selector.patience} "
+        "evaluations since); raise model.max_minutes and --resume to let it converge"
+    )
+
+
+def _selected_grid(
+    ema: nn.Module,
+    grid_z: torch.Tensor,
+    grid_y: torch.Tensor,
+    device: torch.device,
+    labels: list[str],
+    out: Path,
+    config: ModelConfig,
+    tracker: Tracker,
+) -> Path:
+    """The exported (selected) generator's sample grid, ``samples/selected.png``."""
+    path = out / SAMPLES_DIR / SELECTED_GRID
+    with torch.no_grad():
+        fakes = ema(grid_z.to(device), grid_y.to(device)).float().cpu()
+    save_sample_grid(fakes, labels, path, config.sample_per_class)
+    tracker.log_artifact(path, "samples")
+    return path
 
 
 def _apply_stop(meta: ModelMeta, record: StopRecord) -> None:
@@ -567,6 +771,7 @@ def _apply_stop(meta: ModelMeta, record: StopRecord) -> None:
     meta.steps_planned = record.steps_planned
     meta.stopped_early = record.stopped_early
     meta.stop_reason = record.reason
+    meta.converged = record.converged
 
 
 class _LossLog:

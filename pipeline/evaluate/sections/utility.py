@@ -16,13 +16,15 @@ import numpy as np
 import torch
 
 from pipeline.evaluate.config import EvaluateConfig
-from pipeline.evaluate.networks import ConvNet, TrainingJob, predict_proba, train_classifiers
+from pipeline.evaluate.augmentation import ArmJob, Recipe, arm_job, label_keeping
+from pipeline.evaluate.learning_curve import ClassifierRecipe, learning_curve
+from pipeline.evaluate.networks import ConvNet, TrainingJob, predict_proba
 from pipeline.evaluate.sections.common import put, ratio
 from pipeline.evaluate.seeds import purpose_seed
 from pipeline.evaluate.utility import accuracy, balanced_accuracy, bootstrap_weights, interval, roc_auc
 from pipeline.imaging.images import ImageSet
 
-__all__ = ["Trained", "train_all", "utility_section"]
+__all__ = ["Trained", "train_all", "utility_section", "classifier_recipe", "augmentation_recipe"]
 
 _NO_LABELS = "no synthetic image carries a label of the real training split"
 
@@ -35,6 +37,7 @@ class Trained:
     augmented: list[ConvNet]
     real_reason: str | None
     augmented_reason: str | None
+    synthetic_added: int = 0
 
 
 def train_all(
@@ -61,20 +64,66 @@ def train_all(
             f"known classes; the augmentation comparison needs {config.min_test_subjects} subjects of at least "
             "2 classes (evaluate.min_test_subjects), else its interval is too wide to show harm"
         )
-    else:
-        mixed_images = np.concatenate([train.images, usable.images])
-        mixed_ids = np.array([index[label] for label in np.concatenate([train.labels, usable.labels])])
-        jobs += [TrainingJob(mixed_images, mixed_ids, seed) for seed in seeds]
-    models = train_classifiers(
-        jobs,
-        len(classes),
-        workers=config.num_threads or torch.get_num_threads(),
+    recipe, arm = classifier_recipe(config), augmentation_recipe(config)
+    if augmented_reason is not None or arm.filter:
+        # The filter reads the synthetic images with each seed's real-only classifier: train those first.
+        real_models = recipe.train(jobs, len(classes))
+        if augmented_reason is not None:
+            return Trained(real_models, [], None, augmented_reason)
+        augmented, added = _augmented_jobs(real_models, train, usable, index, seeds, config)
+        return Trained(real_models, recipe.train_arm(augmented, arm, len(classes)), None, None, added)
+    augmented, added = _augmented_jobs(None, train, usable, index, seeds, config)
+    if arm.pretrain:
+        return Trained(
+            recipe.train(jobs, len(classes)), recipe.train_arm(augmented, arm, len(classes)), None, None, added
+        )
+    # One pool for both arms: the mixed arm's jobs are plain classifier jobs.
+    mixed = [TrainingJob(np.concatenate([j.real_images, j.synthetic_images]),
+                         np.concatenate([j.real_ids, j.synthetic_ids]), j.seed) for j in augmented]
+    models = recipe.train(jobs + mixed, len(classes))
+    return Trained(models[: len(seeds)], models[len(seeds) :], None, None, added)
+
+
+def classifier_recipe(config: EvaluateConfig) -> ClassifierRecipe:
+    """The one training recipe of every utility classifier (and of the learning curve's)."""
+    return ClassifierRecipe(
         feature_dim=config.feature_dim,
         steps=config.classifier_steps,
         batch_size=config.classifier_batch_size,
         lr=config.classifier_lr,
+        workers=config.num_threads or torch.get_num_threads(),
     )
-    return Trained(models[: len(seeds)], models[len(seeds) :], None, augmented_reason)
+
+
+def augmentation_recipe(config: EvaluateConfig) -> Recipe:
+    """How synthetic images join the real+synthetic arm (``evaluate.augmentation_ratio``/``_filter``/``_pretrain``)."""
+    return Recipe(
+        synthetic_ratio=config.augmentation_ratio,
+        filter=config.augmentation_filter,
+        pretrain=config.augmentation_pretrain,
+    )
+
+
+def _augmented_jobs(
+    real_models: list[ConvNet] | None,
+    train: ImageSet,
+    usable: ImageSet,
+    index: dict[str, int],
+    seeds: list[int],
+    config: EvaluateConfig,
+) -> tuple[list[ArmJob], int]:
+    """One real+synthetic training job per seed, and the synthetic images added (mean over seeds)."""
+    recipe = augmentation_recipe(config)
+    real_ids = np.array([index[label] for label in train.labels])
+    synthetic_ids = np.array([index[label] for label in usable.labels])
+    jobs, added = [], []
+    for offset, seed in enumerate(seeds):
+        keep = None
+        if recipe.filter and real_models is not None:
+            keep = label_keeping(predict_proba(real_models[offset], usable.images).argmax(axis=1), synthetic_ids)
+        jobs.append(arm_job(train.images, real_ids, usable.images, synthetic_ids, recipe, seed, keep))
+        added.append(len(jobs[-1].synthetic_ids))
+    return jobs, int(round(float(np.mean(added))))
 
 
 def utility_section(
@@ -95,6 +144,7 @@ def utility_section(
         f"{config.classifier_batch_size} class-balanced images with flips and shifts; "
         f"{config.utility_seeds} training seed(s) per arm, figures averaged over seeds"
     )
+    result["augmentation_recipe"] = augmentation_recipe(config).describe()
     if not trained.real:
         for key in ("synthetic_label_accuracy", "augmentation_gain"):
             put(result, key, None, trained.real_reason)
@@ -103,14 +153,54 @@ def utility_section(
         return result
     usable = synthetic.select(known)
     _label_accuracy(result, trained.real, usable, holdout, classes, config)
+    if config.learning_curve:
+        _learning_curve(result, trained, classes, train, test, usable, config)
     if not trained.augmented:
         result["real_only"], result["real_plus_synthetic"] = {}, {}
         for key in ("augmentation_gain", "augmentation_gain_ci_low", "augmentation_gain_ci_high"):
             put(result, key, None, trained.augmented_reason)
         result["augmentation_verdict"] = "not run"
         return result
-    _augmentation(result, trained, classes, test, len(usable), config)
+    _augmentation(result, trained, classes, test, trained.synthetic_added, config)
     return result
+
+
+def _learning_curve(
+    result: dict[str, Any],
+    trained: Trained,
+    classes: list[str],
+    train: ImageSet,
+    test: ImageSet,
+    usable: ImageSet,
+    config: EvaluateConfig,
+) -> None:
+    """``utility.learning_curve`` (``evaluate.learning_curve: true``): the arms at fewer real subjects.
+
+    It runs where the augmentation comparison runs (enough test subjects of two classes, synthetic
+    images with known labels) and uses its seeds, recipe and classifier; the synthetic images come
+    from the generator being evaluated, trained on the whole training split.
+    """
+    if not trained.augmented:
+        put(result, "learning_curve", None, trained.augmented_reason or _NO_LABELS)
+        return
+    known_test = test.select(np.isin(test.labels, classes))
+    curve = learning_curve(
+        classes,
+        train,
+        known_test,
+        usable,
+        sizes=config.learning_curve_sizes,
+        seeds=[purpose_seed(config, "learning_curve", 1 + offset) for offset in range(config.utility_seeds)],
+        recipe=augmentation_recipe(config),
+        classifier=classifier_recipe(config),
+        bootstrap=config.bootstrap,
+        bootstrap_seed=purpose_seed(config, "learning_curve", 0),
+    )
+    curve["generator"] = (
+        "the evaluated generator, trained on the whole real training split: an optimistic proxy for a study "
+        "with fewer subjects (benchmarks/learning_curves.py trains one generator per size)"
+    )
+    result["learning_curve"] = curve
 
 
 def _label_accuracy(

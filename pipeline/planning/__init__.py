@@ -1,0 +1,1 @@
+"""Planning: dataset fingerprint, training plan and preprocessing guards (docs/models.md, "Planning")."""
