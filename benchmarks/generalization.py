@@ -119,7 +119,7 @@ def _figures(root: Path, model: Path, report: Path) -> dict[str, Any]:
     meta = json.loads((model / "model.json").read_text())
     document = json.loads((report / "report.json").read_text())
     values = {key: entry.get("value") if isinstance(entry, dict) else entry for key, entry in plan["plan"].items()}
-    utility, fidelity, privacy = document["utility"], document["fidelity"], document["privacy"]
+    utility, fidelity = document["utility"], document["fidelity"]
     ratios = fidelity.get("ratios") or {}
     return {
         "plan": {key: values.get(key) for key in ("spatial_dims", "image_size", "spacing", "intensity", "window",

@@ -44,7 +44,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -52,12 +51,10 @@ sys.path.insert(0, str(REPO))
 from pipeline.contracts.dataset import read_dataset, write_manifest  # noqa: E402
 from pipeline.evaluate.augmentation import Recipe, label_keeping, mixed_training_set  # noqa: E402
 from pipeline.evaluate.config import EvaluateConfig  # noqa: E402
-from pipeline.evaluate.learning_curve import paired_comparison, subject_subset  # noqa: E402
+from pipeline.evaluate.learning_curve import paired_comparison  # noqa: E402
 from pipeline.evaluate.networks import (  # noqa: E402
     ConvNet,
     TrainingJob,
-    _augment,
-    _balanced_indices,
     predict_proba,
     train_classifier,
     train_classifiers,
@@ -138,24 +135,12 @@ def train_generator(data: Path, work: Path, steps: int, minutes: float, seed: in
 
 
 def fine_tune(model: ConvNet, images: np.ndarray, labels: np.ndarray, steps: int, seed: int) -> ConvNet:
-    """Continue training ``model`` on ``images`` (the evaluate recipe's loop, starting from given weights)."""
-    generator = torch.Generator().manual_seed(seed + 7)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=CLASSIFIER.classifier_lr, weight_decay=1e-4, foreach=True)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=CLASSIFIER.classifier_lr, total_steps=steps, pct_start=0.15
+    """Continue training ``model`` on ``images`` (the evaluate recipe, starting from its weights)."""
+    return train_classifier(
+        images, labels, int(model.head.out_features),
+        feature_dim=CLASSIFIER.feature_dim, steps=steps, batch_size=CLASSIFIER.classifier_batch_size,
+        lr=CLASSIFIER.classifier_lr, seed=seed + 7, init=model,
     )
-    loss_fn = nn.CrossEntropyLoss()
-    data = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    targets = torch.as_tensor(labels, dtype=torch.long)
-    order = _balanced_indices(labels, steps * CLASSIFIER.classifier_batch_size, generator).view(steps, -1)
-    model.train()
-    for step in range(steps):
-        loss = loss_fn(model(_augment(data[order[step]], generator)), targets[order[step]])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    return model.eval()
 
 
 def pretrain_then_fine_tune(job: TrainingJob, synthetic: np.ndarray, synthetic_ids: np.ndarray, n_classes: int) -> ConvNet:

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from pipeline.cli import main

@@ -18,17 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
-# The classifier's own batch sampler and augmentation, so fine-tuning continues exactly its recipe.
-from pipeline.evaluate.networks import (
-    ConvNet,
-    TrainingJob,
-    _augment,
-    _balanced_indices,
-    train_classifier,
-    train_classifiers,
-)
+from pipeline.evaluate.networks import ConvNet, TrainingJob, train_classifier, train_classifiers
 
 __all__ = [
     "Recipe",
@@ -217,25 +208,7 @@ def pretrain_then_fine_tune(
         synthetic_images, synthetic_ids, n_classes, feature_dim=feature_dim, steps=first, batch_size=batch_size,
         lr=lr, seed=seed,
     )
-    return _continue(model, real_images, real_ids, max(1, steps - first), batch_size, lr, seed)
-
-
-def _continue(
-    model: ConvNet, images: np.ndarray, labels: np.ndarray, steps: int, batch_size: int, lr: float, seed: int
-) -> ConvNet:
-    """More steps of the classifier's recipe (class-balanced batches, flips and shifts) from ``model``'s weights."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4, foreach=True)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
-    loss_fn = nn.CrossEntropyLoss()
-    data = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    targets = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    order = _balanced_indices(np.asarray(labels), steps * batch_size, generator).view(steps, batch_size)
-    model.train()
-    for step in range(steps):
-        loss = loss_fn(model(_augment(data[order[step]], generator)), targets[order[step]])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    return model.eval()
+    return train_classifier(
+        real_images, real_ids, n_classes, feature_dim=feature_dim, steps=max(1, steps - first),
+        batch_size=batch_size, lr=lr, seed=seed + 1, init=model,
+    )

@@ -131,6 +131,7 @@ def train_classifier(
     batch_size: int,
     lr: float,
     seed: int,
+    init: ConvNet | None = None,
 ) -> ConvNet:
     """Train a :class:`ConvNet` classifier (class-balanced batches, flips and shifts); eval mode.
 
@@ -143,10 +144,12 @@ def train_classifier(
         batch_size: images per step.
         lr: Adam learning rate.
         seed: same seed, same weights (no global RNG is touched, so it is safe in threads).
+        init: continue from this network's weights (fine-tuning; trained in place) instead of a
+            fresh one: the schedule restarts (warm-up, cosine decay), the usual transfer recipe.
     """
     generator = torch.Generator().manual_seed(seed)
     spatial_dims = images.ndim - 2
-    model = ConvNet(spatial_dims, tuple(images.shape[2:]), feature_dim, n_classes, seed=seed)
+    model = init if init is not None else ConvNet(spatial_dims, tuple(images.shape[2:]), feature_dim, n_classes, seed=seed)
     # foreach: one fused update over all parameters instead of ~14 tiny ops per tensor per step.
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4, foreach=True)
     # Cosine decay to zero: the last iterate (the one we keep) is a settled one, not a noisy step.
