@@ -95,7 +95,7 @@ def run(
             ),
             "preprocessing": preprocessing,
             # The training plan (model/plan.json: planned keys with reasons, guards, preprocessed grid).
-            "plan": plan_record(model_dir) if model_dir is not None else None,
+            **_plan_entry(model_dir),
             "mlflow": {
                 "run_id": tracker.run_id,
                 "experiment_id": tracker.experiment_id,
@@ -185,3 +185,13 @@ def _track(
     )
     for path in written:
         tracker.log_artifact(path, artifact_path="report")
+
+
+def _plan_entry(model_dir: Path | None) -> dict[str, Any]:
+    """The report's ``plan`` (model/plan.json as rows), or null with the reason there is none."""
+    if model_dir is None:
+        return {"plan": None, "plan_reason": "evaluated without --model: no training plan"}
+    record = plan_record(model_dir)
+    if record is None:
+        return {"plan": None, "plan_reason": "the model folder has no plan.json (written by an older medsynth, or not by medsynth train)"}
+    return {"plan": record}
