@@ -93,7 +93,13 @@ def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    out: Path, meta: ModelMeta, step: int, gan: GanModules, train_seconds: float, images_seen: int
+    out: Path,
+    meta: ModelMeta,
+    step: int,
+    gan: GanModules,
+    train_seconds: float,
+    images_seen: int,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Write ``checkpoint.pt``, then ``model.json`` updated to the same step (both atomically).
 
@@ -105,6 +111,7 @@ def save_checkpoint(
         gan: the networks (saved as plain CPU state dicts, unwrapped from DDP) and optimizers.
         train_seconds: wall-clock training time so far, summed over resumes.
         images_seen: real images shown to the discriminator so far.
+        extra: more entries to keep with the weights (the DP accountant's history).
     """
     state = {
         "format_version": FORMAT_VERSION,
@@ -117,6 +124,7 @@ def save_checkpoint(
         "train_seconds": train_seconds,
         "images_seen": images_seen,
         "rng": _rng_states(),
+        **(extra or {}),
     }
     with atomic_path(out / CHECKPOINT) as tmp:
         torch.save(state, tmp)

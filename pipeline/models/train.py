@@ -76,6 +76,7 @@ from pipeline.models.distributed import (
     shutdown_distributed,
     wrap_ddp,
 )
+from pipeline.models.dp import PrivateTraining, check_dp_resume, image_subjects
 from pipeline.models.grid import save_loss_plot, save_sample_grid
 from pipeline.models.step import BatchOrder, GanModules, StepSetup, TrainingImages, train_step
 from pipeline.tracking import NullTracker, Tracker
@@ -115,6 +116,7 @@ class TrainSummary:
     num_threads: int = 1
     seconds_per_step: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    privacy: str | None = None
 
     def lines(self) -> list[str]:
         """Human-readable summary (an early stop first, then what was done)."""
@@ -130,6 +132,8 @@ class TrainSummary:
             + (f" ({self.num_threads} thread{'s' if self.num_threads != 1 else ''})" if self.device == "cpu" else ""),
         ]
         lines += [f"  warning: {warning}" for warning in self.warnings]
+        if self.privacy:
+            lines.append(f"  {self.privacy}")
         if losses:
             lines.append(f"  last losses: {losses}")
         lines.append(f"  model: {self.model_dir}")
@@ -151,6 +155,7 @@ class _TrainingData:
         spec: the resolved preprocessing spec (recorded in ``model.json``).
         images: the preprocessed images, ``(N, 1, *image_size)`` float32 in [-1, 1].
         targets: their label ids, ``(N,)`` int64.
+        image_ids: each image's id (``<sample_id>#z<k>`` for a 2D slice): DP samples by subject.
     """
 
     dataset: Dataset
@@ -159,6 +164,7 @@ class _TrainingData:
     spec: dict[str, Any]
     images: torch.Tensor
     targets: torch.Tensor
+    image_ids: list[str] = field(default_factory=list)
 
 
 def _train_rows(dataset: Dataset, data: Path) -> pd.DataFrame:
@@ -177,7 +183,7 @@ def _load_training_data(data: Path, config: ModelConfig) -> _TrainingData:
     rows = _train_rows(dataset, data)
     labels = sorted(rows["label"].unique().tolist())
     spec = build_spec(config, dataset, rows)
-    images_np, image_labels, _ = Preprocessor(spec).dataset_images(dataset, rows)
+    images_np, image_labels, image_ids = Preprocessor(spec).dataset_images(dataset, rows)
     if len(images_np) == 0:
         raise InputError(
             f"{data / 'manifest.csv'}: no usable image in split 'train' after preprocessing (every slice empty). "
@@ -185,7 +191,7 @@ def _load_training_data(data: Path, config: ModelConfig) -> _TrainingData:
         )
     class_index = {label: index for index, label in enumerate(labels)}
     targets = torch.tensor([class_index[label] for label in image_labels], dtype=torch.long)
-    return _TrainingData(dataset, rows, labels, spec, torch.from_numpy(images_np), targets)
+    return _TrainingData(dataset, rows, labels, spec, torch.from_numpy(images_np), targets, image_ids)
 
 
 def _model_meta(config: ModelConfig, seed: int, train: _TrainingData, run_id: str | None, world_size: int) -> ModelMeta:
@@ -329,10 +335,16 @@ def _run(
         )
     gan = _build_gan(meta, config, seed)
     start_step, train_seconds, images_seen = 0, 0.0, 0
+    private = None  # differential privacy (model.dp): the private discriminator step and its accountant
+    if config.dp is not None:
+        private = PrivateTraining.create(config, image_subjects(train.rows, train.image_ids), ddp.world_size, seed)
     if resume and checkpoint_path.exists():
         previous = read_model_meta(out)
         check_resume_compatible(previous, meta, config, out)
+        check_dp_resume(previous, config, str(out / MODEL_JSON))
         state = load_checkpoint(out)
+        if private is not None:
+            private.resume(state, str(out / CHECKPOINT))
         restore_modules(state, gan)
         _set_lr(gan.opt_g, config.lr_g)  # the config's learning rates win (e.g. lowered after a divergence)
         _set_lr(gan.opt_d, config.lr_d)
@@ -364,9 +376,11 @@ def _run(
     def save(step_now: int, record: StopRecord) -> None:
         nonlocal last_saved
         _apply_stop(meta, record)
+        meta.dp = private.record() if private is not None else None
         if ddp.main:
             loss_log.flush()  # the rows up to the checkpoint's step, so a resume continues the file exactly
-            save_checkpoint(out, meta, step_now, gan, train_seconds, images_seen)
+            extra = private.checkpoint_state() if private is not None else None
+            save_checkpoint(out, meta, step_now, gan, train_seconds, images_seen, extra)
         last_saved = step_now
 
     def grid(step_now: int) -> Path | None:
@@ -398,8 +412,11 @@ def _run(
                 if config.max_minutes is not None and train_seconds >= config.max_minutes * 60.0:
                     stopped_by = "max_minutes"  # a resumed run whose time budget was already spent
                     break
+                if private is not None and private.exhausted(step):
+                    stopped_by = "privacy_budget"  # the next step would spend more than model.dp.epsilon
+                    break
                 step_start = time.perf_counter()
-                stats = train_step(step, setup, gan, images)
+                stats = (private.train_step if private is not None else train_step)(step, setup, gan, images)
                 step += 1
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # kernels run asynchronously: time the work, not its launch
@@ -463,10 +480,13 @@ def _run(
 
     # -- finish ---------------------------------------------------------------------------------
     record = StopRecord.finished(step, config, by_time=stopped_by == "max_minutes")
+    if stopped_by == "privacy_budget" and private is not None:
+        record = private.stop_record(step)
     if last_saved != step:
         save(step, record)
     else:
         _apply_stop(meta, record)
+        meta.dp = private.record() if private is not None else None
         if ddp.main:
             write_model_meta(out, meta)  # the same checkpoint, now described as finished (or stopped)
     grid_path = grid(step)
@@ -476,6 +496,8 @@ def _run(
     weights = weights_digest(gan.generator, gan.discriminator, gan.ema)
     check_same_weights(weights, ddp)
     if ddp.main:
+        if private is not None:
+            tracker.log_metrics({"dp_epsilon": private.epsilon(), "dp_delta": private.delta}, step=step)
         _log_final(tracker, out, meta, gan.ema)
     session_seconds = time.perf_counter() - session_start
     session_steps = step - start_step
@@ -502,6 +524,7 @@ def _run(
         num_threads=torch.get_num_threads(),
         seconds_per_step=session_train_seconds / session_steps if session_steps else 0.0,
         warnings=warnings,
+        privacy=private.summary_line() if private is not None else None,
     )
 
 
