@@ -112,6 +112,7 @@ def save_checkpoint(
     ada: dict[str, Any] | None = None,
     selection: dict[str, Any] | None = None,
     exported: dict[str, dict[str, torch.Tensor]] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Write ``checkpoint.pt``, then ``model.json`` updated to the same step (both atomically).
 
@@ -126,6 +127,7 @@ def save_checkpoint(
         ada: :meth:`pipeline.models.augment.AdaController.state_dict` (None without ADA).
         selection: :meth:`pipeline.models.selection.Selector.state_dict` (None without selection).
         exported: ``{"ema": ..., "discriminator": ...}`` state dicts of the selected step (None: the current ones).
+        extra: more entries to keep with the weights (the DP accountant's history).
     """
     state = {
         "format_version": FORMAT_VERSION,
@@ -138,6 +140,7 @@ def save_checkpoint(
         "train_seconds": train_seconds,
         "images_seen": images_seen,
         "rng": _rng_states(),
+        **(extra or {}),
     }
     if exported is not None:
         state["train_ema"], state["train_discriminator"] = state["ema"], state["discriminator"]

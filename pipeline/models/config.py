@@ -19,7 +19,7 @@ from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, mo
 from pipeline.core.section import Section
 from pipeline.imaging.levels import network_levels
 
-__all__ = ["ModelConfig", "GenerateConfig", "AUGMENTATIONS", "AUTO", "PLANNED_KEYS"]
+__all__ = ["ModelConfig", "GenerateConfig", "DPConfig", "AUGMENTATIONS", "AUTO", "PLANNED_KEYS"]
 
 AUGMENTATIONS: tuple[str, ...] = ("translation", "cutout", "brightness", "contrast")
 # `auto`: the key is planned from the dataset's fingerprint when training starts (pipeline.planning).
@@ -28,6 +28,46 @@ PLANNED_KEYS: tuple[str, ...] = (
     "spatial_dims", "image_size", "spacing", "intensity", "window", "percentiles", "batch_size", "augment",
     "max_steps", "max_minutes",
 )
+
+
+class DPConfig(Section):
+    """Differentially private training (``model.dp``): DP-SGD on the discriminator, the patient as the unit.
+
+    docs/models.md, "Differential privacy", explains the mechanism and the accounting.
+    """
+
+    epsilon: float = Field(
+        10.0, gt=0.0, description="Target epsilon: the noise is calibrated so that the planned steps spend it exactly."
+    )
+    delta: float | Literal["auto"] = Field(
+        "auto", description="Target delta; auto: 1 / (10 x training subjects). Must be below 1 / training subjects."
+    )
+    max_grad_norm: float = Field(
+        1.0, gt=0.0, description="Clipping bound of each subject's discriminator gradient (all its slices together)."
+    )
+    noise_multiplier: float | None = Field(
+        None,
+        gt=0.0,
+        description="Gaussian noise std / max_grad_norm; null: the smallest that keeps max_steps within epsilon. "
+        "Set it and training stops when the next step would exceed epsilon.",
+    )
+    subjects_per_step: int = Field(
+        16,
+        ge=1,
+        description="Expected subjects per discriminator step: each subject is drawn independently with "
+        "probability subjects_per_step / training subjects (Poisson sampling; 1 when there are fewer).",
+    )
+    slices_per_subject: int = Field(
+        2, ge=1, le=64, description="2D: slices drawn (with replacement) from each sampled subject; 3D: volumes."
+    )
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="Opacus accountant: rdp (Renyi DP, Mironov 2017) or prv (Gopi et al. 2021, tighter)."
+    )
+    frozen_features: bool = Field(
+        False,
+        description="Keep the discriminator's convolutions at their random initialisation (seeded, no data) and "
+        "train only its heads privately: far fewer noised parameters, so far less noise in total.",
+    )
 
 
 class ModelConfig(Section):
@@ -151,6 +191,12 @@ class ModelConfig(Section):
         "then goes on with it instead of stopping with exit 1.",
     )
 
+    dp: DPConfig | None = Field(
+        None,
+        description="Differentially private training (DP-SGD on the discriminator, per patient); null: off. "
+        "docs/models.md, 'Differential privacy'.",
+    )
+
     # --- bookkeeping ---
     checkpoint_every: int = Field(200, ge=1, description="Write checkpoint.pt every N steps (and at the end).")
     log_every: int = Field(10, ge=1, description="Log losses and images/s every N steps.")
@@ -223,7 +269,37 @@ class ModelConfig(Section):
             raise ValueError("num_threads must be at least 1, 'auto' or null")
         if self.max_steps is None and self.max_minutes is None:
             raise ValueError("set max_steps and/or max_minutes (training needs a budget)")
+        if self.dp is not None:
+            _check_dp(self)
         return self
+
+
+def _check_dp(config: ModelConfig) -> None:
+    """Keys that DP training needs set a certain way (the message names the key and why).
+
+    Everything that reads the training images outside the noisy discriminator update would leak
+    past the accounted epsilon: the plan (spacing, window, size from dataset statistics), ADA (its p
+    follows D's outputs on real images) and model selection (its judge trains on the real images).
+    """
+    planned = [key for key in config.auto_keys if key != "max_steps"]
+    if planned:
+        raise ValueError(
+            f"dp needs every planned key set, not auto ({', '.join(planned)}): the plan derives them from "
+            "statistics of the private training data that no noise protects (configs/dp.yaml sets them all)"
+        )
+    if config.augment == "ada":
+        raise ValueError("dp cannot use augment: ada (its p follows the discriminator's outputs on real images, "
+                         "outside the privacy accounting): set a fixed list, e.g. [translation, cutout]")
+    if config.select_every != 0:
+        raise ValueError("dp needs select_every: 0 (model selection trains its judge on the real training images, "
+                         "outside the privacy accounting); the last step is exported")
+    if config.max_steps in (None, AUTO):
+        raise ValueError("dp needs max_steps: the noise is calibrated so that the planned steps spend dp.epsilon")
+    if config.spacing is None:
+        raise ValueError(
+            "dp needs spacing set (e.g. [5.0, 5.0]): null takes the median spacing of the training split, "
+            "a statistic of the private data that no noise protects"
+        )
 
 
 class GenerateConfig(Section):

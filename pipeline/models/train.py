@@ -96,6 +96,7 @@ from pipeline.models.distributed import (
     shutdown_distributed,
     wrap_ddp,
 )
+from pipeline.models.dp import PrivateTraining, check_dp_resume, image_subjects
 from pipeline.models.grid import save_loss_plot, save_sample_grid
 from pipeline.models.selection import HeldOutJudge, SelectionScore, Selector
 from pipeline.models.step import BatchOrder, GanModules, StepSetup, TrainingImages, train_step
@@ -139,6 +140,7 @@ class TrainSummary:
     converged: bool = False
     selected: SelectionScore | None = None
     augment_p: float | None = None
+    privacy: str | None = None
 
     def lines(self) -> list[str]:
         """Human-readable summary (an early stop first, then what was done)."""
@@ -163,6 +165,8 @@ class TrainSummary:
         if self.augment_p is not None:
             lines.append(f"  ADA: augmentation probability p = {self.augment_p:.3f} at the end")
         lines += [f"  warning: {warning}" for warning in self.warnings]
+        if self.privacy:
+            lines.append(f"  {self.privacy}")
         if losses:
             lines.append(f"  last losses: {losses}")
         lines.append(f"  model: {self.model_dir}")
@@ -184,6 +188,7 @@ class _TrainingData:
         spec: the resolved preprocessing spec (recorded in ``model.json``).
         images: the preprocessed images, ``(N, 1, *image_size)`` float32 in [-1, 1].
         targets: their label ids, ``(N,)`` int64.
+        image_ids: each image's id (``<sample_id>#z<k>`` for a 2D slice): DP samples by subject.
     """
 
     dataset: Dataset
@@ -192,6 +197,7 @@ class _TrainingData:
     spec: dict[str, Any]
     images: torch.Tensor
     targets: torch.Tensor
+    image_ids: list[str] = field(default_factory=list)
 
 
 def _train_rows(dataset: Dataset, data: Path) -> pd.DataFrame:
@@ -220,7 +226,7 @@ def _load_training_data(data: Path, config: ModelConfig) -> _TrainingData:
     _refuse_unusable(data, labels, images_np, image_labels, image_ids)
     class_index = {label: index for index, label in enumerate(labels)}
     targets = torch.tensor([class_index[label] for label in image_labels], dtype=torch.long)
-    return _TrainingData(dataset, rows, labels, spec, torch.from_numpy(images_np), targets)
+    return _TrainingData(dataset, rows, labels, spec, torch.from_numpy(images_np), targets, image_ids)
 
 
 def _check_writable_model_dir(out: Path, config: ModelConfig) -> None:
@@ -488,10 +494,16 @@ def _run(
     resumed_converged = False  # known on every rank (rank 0 alone holds the selector)
     gan = _build_gan(meta, config, seed)
     start_step, train_seconds, images_seen = 0, 0.0, 0
+    private = None  # differential privacy (model.dp): the private discriminator step and its accountant
+    if config.dp is not None:
+        private = PrivateTraining.create(config, image_subjects(train.rows, train.image_ids), ddp.world_size, seed)
     if resume and checkpoint_path.exists():
         previous = read_model_meta(out)
         check_resume_compatible(previous, meta, config, out)
+        check_dp_resume(previous, config, str(out / MODEL_JSON))
         state = load_checkpoint(out)
+        if private is not None:
+            private.resume(state, str(out / CHECKPOINT))
         restore_modules(state, gan)
         _set_lr(gan.opt_g, config.lr_g)  # the config's learning rates win (e.g. lowered after a divergence)
         _set_lr(gan.opt_d, config.lr_d)
@@ -540,6 +552,7 @@ def _run(
         _apply_stop(meta, record)
         note_p(step_now)
         meta.augmentation = _augmentation_record(config, p_history)
+        meta.dp = private.record() if private is not None else None
         exported = None
         if selector is not None:
             meta.selection = selector.record()
@@ -553,6 +566,7 @@ def _run(
                 ada=ada.state_dict() if ada is not None else None,
                 selection=selector.state_dict() if selector is not None else None,
                 exported=exported,
+                extra=private.checkpoint_state() if private is not None else None,
             )
         last_saved = step_now
 
@@ -599,8 +613,14 @@ def _run(
                 if config.max_minutes is not None and train_seconds >= config.max_minutes * 60.0:
                     stopped_by = "max_minutes"  # a resumed run whose time budget was already spent
                     break
+                if private is not None and private.exhausted(step):
+                    stopped_by = "privacy_budget"  # the next step would spend more than model.dp.epsilon
+                    break
                 step_start = time.perf_counter()
-                stats = train_step(step, setup, gan, images, ada.p if ada is not None else 1.0)
+                if private is not None:
+                    stats = private.train_step(step, setup, gan, images)
+                else:
+                    stats = train_step(step, setup, gan, images, ada.p if ada is not None else 1.0)
                 step += 1
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # kernels run asynchronously: time the work, not its launch
@@ -685,10 +705,13 @@ def _run(
         step, config, by_time=stopped_by == "max_minutes", converged=config.max_steps == "auto" and converged,
         progress=_progress_note(selector),
     )
+    if stopped_by == "privacy_budget" and private is not None:
+        record = private.stop_record(step)
     if last_saved != step or evaluated_now:
         save(step, record)
     else:
         _apply_stop(meta, record)
+        meta.dp = private.record() if private is not None else None
         if ddp.main:
             write_model_meta(out, meta)  # the same checkpoint, now described as finished (or stopped)
     grid_path = grid(step)
@@ -705,6 +728,8 @@ def _run(
     weights = weights_digest(gan.generator, gan.discriminator, gan.ema)
     check_same_weights(weights, ddp)
     if ddp.main:
+        if private is not None:
+            tracker.log_metrics({"dp_epsilon": private.epsilon(), "dp_delta": private.delta}, step=step)
         _log_final(tracker, out, meta, exported_ema)
     session_seconds = time.perf_counter() - session_start
     session_steps = step - start_step
@@ -734,6 +759,7 @@ def _run(
         converged=record.converged,
         selected=selector.best if selector is not None else None,
         augment_p=ada.p if ada is not None else None,
+        privacy=private.summary_line() if private is not None else None,
     )
 
 
