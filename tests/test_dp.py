@@ -153,6 +153,11 @@ def test_dp_config_is_checked_at_the_edge(phantom_data: Path, tmp_path: Path) ->
         tiny_config(max_steps=None, max_minutes=1.0, dp=DPConfig())
     with pytest.raises(InputError, match="model.dp.delta"):
         train.run(phantom_data, tmp_path / "m", dp_config(dp={"delta": 0.5}), seed=0)
+    # Anything that reads the training images outside the noisy update is refused, naming the key.
+    with pytest.raises(ValueError, match=r"dp needs every planned key set, not auto \(window"):
+        tiny_config(window="auto", dp=DPConfig())
+    with pytest.raises(ValueError, match="dp cannot use augment: ada"):
+        tiny_config(augment="ada", dp=DPConfig())
 
 
 def test_dp_under_ddp_is_refused_with_a_clear_message() -> None:
@@ -174,7 +179,9 @@ def test_report_and_card_show_epsilon_delta_and_the_privacy_unit(tmp_path: Path)
     make_cohort(tmp_path / "raw", subjects=8, seed=5)
     ingest.run([tmp_path / "raw" / "dicom", tmp_path / "raw" / "nifti"], tmp_path / "real", IngestConfig(workers=1),
                labels=tmp_path / "raw" / "labels.csv", private=tmp_path / "private")
-    config = ModelConfig(image_size=[32, 32], spacing=[10.0, 10.0], max_steps=3, batch_size=8, d_width=4,
+    config = ModelConfig(spatial_dims=2, image_size=[32, 32], spacing=[10.0, 10.0], intensity="ct",
+                         window=[-160.0, 240.0], percentiles=[1.0, 99.0], augment=["translation", "cutout"],
+                         max_steps=3, max_minutes=None, batch_size=8, d_width=4,
                          sample_every=0, log_model=False, device="cpu", r1_gamma=0.0,
                          dp=DPConfig(epsilon=8.0, subjects_per_step=2))
     train.run(tmp_path / "real", tmp_path / "model", config, seed=0)

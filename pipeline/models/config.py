@@ -279,7 +279,8 @@ def _check_dp(config: ModelConfig) -> None:
 
     Everything that reads the training images outside the noisy discriminator update would leak
     past the accounted epsilon: the plan (spacing, window, size from dataset statistics), ADA (its p
-    follows D's outputs on real images) and model selection (its judge trains on the real images).
+    follows D's outputs on real images) and model selection (its judge trains on the real images;
+    training switches it off under DP and says so).
     """
     planned = [key for key in config.auto_keys if key != "max_steps"]
     if planned:
@@ -290,9 +291,6 @@ def _check_dp(config: ModelConfig) -> None:
     if config.augment == "ada":
         raise ValueError("dp cannot use augment: ada (its p follows the discriminator's outputs on real images, "
                          "outside the privacy accounting): set a fixed list, e.g. [translation, cutout]")
-    if config.select_every != 0:
-        raise ValueError("dp needs select_every: 0 (model selection trains its judge on the real training images, "
-                         "outside the privacy accounting); the last step is exported")
     if config.max_steps in (None, AUTO):
         raise ValueError("dp needs max_steps: the noise is calibrated so that the planned steps spend dp.epsilon")
     if config.spacing is None:

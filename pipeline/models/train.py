@@ -287,6 +287,9 @@ def _selection_setup(
     Raises:
         InputError: ``max_steps: auto`` without a usable validation split (nothing could say when to stop).
     """
+    if config.dp is not None:  # max_steps: auto is refused with dp when the config loads
+        return None, ("DP training: model selection is off (its judge would read the training images outside the "
+                      "privacy accounting); the last step is exported")
     if config.select_every == 0:
         if config.max_steps == "auto":
             raise InputError(
