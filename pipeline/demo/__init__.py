@@ -15,15 +15,12 @@ Every family plants the same fake PHI (:mod:`pipeline.demo.common`) and writes `
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.core.errors import InputError
-from pipeline.demo.common import PHI_PLACES, CohortSummary, SubjectPHI
+from pipeline.demo import ct_abdomen, mr_brain, xray_chest
+from pipeline.demo.common import PHI_PLACES, CohortSummary, Family, SubjectPHI, write_cohort
 from pipeline.demo.ct_abdomen import LABELS, phantom_affine, phantom_volume
-from pipeline.demo.ct_abdomen import make_cohort as make_ct_abdomen
-from pipeline.demo.mr_brain import make_cohort as make_mr_brain
-from pipeline.demo.xray_chest import make_cohort as make_xray_chest
 
 __all__ = [
     "FAMILIES",
@@ -38,11 +35,7 @@ __all__ = [
 ]
 
 DEFAULT_FAMILY = "ct-abdomen"
-FAMILIES: dict[str, Callable[..., CohortSummary]] = {
-    "ct-abdomen": make_ct_abdomen,
-    "mr-brain": make_mr_brain,
-    "xray-chest": make_xray_chest,
-}
+FAMILIES: dict[str, Family] = {family.name: family for family in (ct_abdomen.FAMILY, mr_brain.FAMILY, xray_chest.FAMILY)}
 
 
 def make_cohort(out: str | Path, subjects: int = 40, seed: int = 0, family: str = DEFAULT_FAMILY) -> CohortSummary:
@@ -62,4 +55,4 @@ def make_cohort(out: str | Path, subjects: int = 40, seed: int = 0, family: str 
     """
     if family not in FAMILIES:
         raise InputError(f"--family {family!r} is not one of {', '.join(FAMILIES)}. Fix: pass one of them.")
-    return FAMILIES[family](out, subjects=subjects, seed=seed)
+    return write_cohort(out, subjects, seed, FAMILIES[family])

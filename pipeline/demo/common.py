@@ -3,7 +3,8 @@
 Every subject of every family carries fake PHI in the places real scans carry it (see
 :data:`PHI_PLACES`), all drawn from a seeded generator, so the anonymization and the leak audit
 have real work to do. The families (``ct_abdomen``, ``mr_brain``, ``xray_chest``) draw anatomy
-and pixels; this module draws who the subject is and writes it where headers and files hold it.
+and encode pixels; this module draws who the subject is, writes it where headers and files hold
+it, and runs the cohort loop every family shares (:func:`write_cohort` with a family's :class:`Family`).
 
 Geometry: volumes are indexed ``[x, y, z]`` = (DICOM column, DICOM row, slice). Columns run
 towards the patient's left and rows towards posterior (ImageOrientationPatient 1\\0\\0\\0\\1\\0),
@@ -17,6 +18,7 @@ import gzip
 import hashlib
 import io
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import numpy as np
 from pydicom.dataset import Dataset as DicomDataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pipeline.core.errors import InputError
 from pipeline.core.files import atomic_path, atomic_write_text
@@ -35,12 +37,24 @@ __all__ = [
     "PHI_PLACES",
     "PRIVATE_CREATOR",
     "phantom_affine",
+    "check_label",
+    "centred_axes",
     "SubjectPHI",
     "CohortSummary",
     "CohortPlan",
     "plan_cohort",
     "write_labels",
     "write_truncated",
+    "Subject",
+    "SeriesTemplate",
+    "image_dataset",
+    "axial_slice",
+    "pixel_module",
+    "Scan",
+    "SliceWriter",
+    "axial_series",
+    "Family",
+    "write_cohort",
 ]
 
 PRIVATE_CREATOR = "MEDSYNTH PHANTOM PHI"
@@ -140,6 +154,21 @@ def _ellipse(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, ax: float, ay
     return u * u + v * v <= 1.0
 
 
+def check_label(label: str, labels: tuple[str, ...]) -> None:
+    """Refuse a class the family does not draw.
+
+    Raises:
+        InputError: ``label`` is not one of ``labels``.
+    """
+    if label not in labels:
+        raise InputError(f"phantom label {label!r} is not one of {', '.join(labels)}.")
+
+
+def centred_axes(shape: tuple[int, ...], spacing: tuple[float, ...]) -> list[np.ndarray]:
+    """Voxel-centre coordinates in mm along each axis, 0 at the centre of the field of view."""
+    return [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)]
+
+
 def phantom_affine(spacing: tuple[float, float, float], shape: tuple[int, int, int], z0: float) -> np.ndarray:
     """RAS affine of a phantom stored with DICOM's LPS pixel layout (see module docstring)."""
     sx, sy, sz = spacing
@@ -224,9 +253,7 @@ def _patient_module(ds: DicomDataset, who: SubjectPHI, seed: int | str, subject:
     ds.ReferencedPatientSequence = Sequence([referenced])
 
 
-def _study_module(
-    ds: DicomDataset, who: SubjectPHI, seed: int | str, subject: int, procedure: tuple[str, str, str] = ("CT", "ABDOMEN", "Abdomen")
-) -> None:
+def _study_module(ds: DicomDataset, who: SubjectPHI, seed: int | str, subject: int, procedure: tuple[str, str, str]) -> None:
     """General study and equipment attributes; ``procedure`` is (modality, body part, body part in prose)."""
     modality, part, prose = procedure
     ds.StudyInstanceUID = _uid(seed, subject, "study")
@@ -292,9 +319,7 @@ def _write_dicom(ds: DicomDataset, target: Path) -> None:
         tmp.write_bytes(buffer.getvalue())
 
 
-def _text_report(
-    who: SubjectPHI, seed: int | str, subject: int, procedure: tuple[str, str, str] = ("CT", "ABDOMEN", "Abdomen")
-) -> DicomDataset:
+def _text_report(who: SubjectPHI, seed: int | str, subject: int, procedure: tuple[str, str, str]) -> DicomDataset:
     """A Basic Text SR (non-image DICOM) that names the patient in its content: ingest must quarantine it."""
     sop_instance = _uid(seed, subject, "report")
     ds = DicomDataset()
@@ -317,6 +342,141 @@ def _text_report(
     item.TextValue = f"Findings for {who.given} {who.family} ({who.patient_id}): see images."
     ds.ContentSequence = Sequence([item])
     return ds
+
+
+# --------------------------------------------------------------------------------------------
+# The image modules every family writes the same way
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One subject as the DICOM writers see it: its place in the cohort, who it is, its UID seed."""
+
+    index: int
+    who: SubjectPHI
+    uid_seed: int | str  # CohortPlan.uid_seed: distinct per family
+
+
+@dataclass(frozen=True)
+class SeriesTemplate:
+    """What a family's scanner writes into every image of a series, whoever the subject is."""
+
+    sop_class: str
+    procedure: tuple[str, str, str]  # (modality, body part, body part in prose)
+    model: str
+    image_type: tuple[str, ...]
+    number: int
+    description: str  # the subject's family name follows it, as technologists type it
+
+
+def image_dataset(series: SeriesTemplate, subject: Subject, instance: tuple[object, ...]) -> DicomDataset:
+    """A new image with file meta, SOP, equipment, patient, study, private and series attributes.
+
+    What is left to the family is the image's own part: instance, geometry and pixel modules.
+
+    Args:
+        series: the family's series attributes.
+        subject: whose image it is.
+        instance: the image's name inside the series (``("slice", k)``): it derives the SOP
+            Instance UID, so the same name in the same cohort gives the same UID.
+
+    Returns:
+        The dataset, written in explicit VR little endian unless the caller changes it.
+    """
+    who, seed, index = subject.who, subject.uid_seed, subject.index
+    sop_instance = _uid(seed, index, "series", *instance)
+    ds = DicomDataset()
+    ds.file_meta = _file_meta(series.sop_class, sop_instance, ExplicitVRLittleEndian)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = list(series.image_type)
+    ds.SOPClassUID = series.sop_class
+    ds.SOPInstanceUID = sop_instance
+    ds.Modality = series.procedure[0]
+    ds.Manufacturer = "Medsynth Phantom Works"
+    ds.ManufacturerModelName = series.model
+    ds.DeviceSerialNumber = f"SN{who.patient_id[-5:]}"
+    ds.SoftwareVersions = "0.1"
+    _patient_module(ds, who, seed, index)
+    _study_module(ds, who, seed, index, series.procedure)
+    _private_block(ds, who)
+    ds.SeriesInstanceUID = _uid(seed, index, "series")
+    ds.SeriesNumber = series.number
+    ds.SeriesDescription = f"{series.description} {who.family}"
+    ds.BodyPartExamined = series.procedure[1]
+    return ds
+
+
+def axial_slice(
+    ds: DicomDataset,
+    subject: Subject,
+    k: int,
+    z: float,
+    matrix: tuple[int, int],
+    spacing: tuple[float, float, float],
+    position: str,
+) -> None:
+    """Instance and plane attributes of slice ``k`` of an axial series (geometry: module docstring).
+
+    Args:
+        ds: the slice's dataset (from :func:`image_dataset`).
+        subject: whose slice it is.
+        k: the slice's index from inferior to superior.
+        z: the slice's position along the body axis in mm.
+        matrix: the slice's size ``(x, y)`` = (columns, rows).
+        spacing: voxel size in mm along x, y, z.
+        position: PatientPosition (``HFS``, ``FFS``).
+    """
+    nx, ny = matrix
+    sx, sy, sz = spacing
+    who = subject.who
+    ds.FrameOfReferenceUID = _uid(subject.uid_seed, subject.index, "frame")
+    ds.InstanceNumber = k + 1
+    ds.ImageComments = f"slice {k + 1} of {who.given} {who.family}"
+    ds.PatientPosition = position
+    # The slab is centred on the isocentre in x and y: the first voxel's centre lies half a field of view off.
+    ds.ImagePositionPatient = [-(nx - 1) / 2 * sx, -(ny - 1) / 2 * sy, z]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [sy, sx]  # row spacing (between rows), column spacing
+    ds.SliceThickness = sz
+    ds.SpacingBetweenSlices = sz
+    ds.SliceLocation = z
+
+
+def pixel_module(
+    ds: DicomDataset,
+    stored: np.ndarray,
+    bits_stored: int,
+    burned_in: bool,
+    who: SubjectPHI,
+    k: int,
+    bright: int | None = None,
+    photometric: str = "MONOCHROME2",
+) -> None:
+    """The image pixel module of an unsigned grey image, with the identity burned in if asked.
+
+    Args:
+        ds: the image's dataset.
+        stored: the stored values as ``rows x columns`` uint16 (the family's encoding applied).
+        bits_stored: how many of the 16 allocated bits hold the values.
+        burned_in: whether the subject's identity is burned into the pixels (and the header says so).
+        who: the subject, whose identity is burned in.
+        k: the image's index: the burned-in layout changes with it.
+        bright: grey level of the burned-in text; None: the image's brightest value, so the text
+            stands out whatever the scale of the family's values.
+        photometric: PhotometricInterpretation of ``stored``.
+    """
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = stored.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.BurnedInAnnotation = "YES" if burned_in else "NO"
+    if burned_in:
+        stored = _burn_in_text(stored, who, k, bright=int(stored.max()) if bright is None else bright)
+    ds.PixelData = stored.tobytes()
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,3 +575,153 @@ def write_truncated(ds: DicomDataset, target: Path) -> None:
     data = buffer.getvalue()
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data[: len(data) - len(data) // 3])
+
+
+# --------------------------------------------------------------------------------------------
+# The cohort loop every family runs
+# --------------------------------------------------------------------------------------------
+
+_REPORT_SUBJECT = 0  # gets a Basic Text SR naming the patient
+_TRUNCATED_SUBJECT = 2  # gets an extra image cut inside its pixels
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One subject's drawn phantom and how its family turns it into files."""
+
+    volume: np.ndarray  # what the NIfTI file holds, indexed [x, y(, z)]
+    affine: np.ndarray  # its RAS affine
+    files: tuple[str, ...]  # the DICOM images' paths, relative to the subject's folder
+    image: Callable[[int, bool], DicomDataset]  # image k, with the identity burned in or not
+
+
+SliceWriter = Callable[[np.ndarray, int, float, Subject, tuple[float, float, float], bool], DicomDataset]
+"""Writes one axial slice: ``(values[x, y], k, z, subject, spacing, burned_in) -> dataset``."""
+
+
+def axial_series(
+    volume: np.ndarray,
+    spacing: tuple[float, float, float],
+    z0: float,
+    subject: Subject,
+    modality: str,
+    write_slice: SliceWriter,
+    implicit: bool = False,
+) -> Scan:
+    """A slab written as one DICOM file per axial slice, slice ``k`` at ``z0 + k * dz``.
+
+    Args:
+        volume: the slab, indexed ``[x, y, z]``.
+        spacing: voxel size in mm along x, y, z.
+        z0: the first slice's position along the body axis in mm (the table position).
+        subject: whose slab it is.
+        modality: names the series folder, as PACS exports do.
+        write_slice: the family's slice writer.
+        implicit: write implicit VR little endian files without a file extension, as some PACS
+            exports do, so that ingest must read both kinds.
+
+    Returns:
+        The subject's :class:`Scan`.
+    """
+    who = subject.who
+
+    def image(k: int, burned_in: bool) -> DicomDataset:
+        ds = write_slice(volume[:, :, k], k, z0 + k * spacing[2], subject, spacing, burned_in)
+        if implicit:
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        return ds
+
+    suffix = "" if implicit else ".dcm"
+    files = tuple(f"{modality}_{who.accession}/{who.patient_id}_{k:03d}{suffix}" for k in range(volume.shape[2]))
+    return Scan(volume=volume, affine=phantom_affine(spacing, volume.shape, z0), files=files, image=image)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What makes a phantom family: its classes, random stream, procedure and phantom."""
+
+    name: str  # as ``--family`` spells it
+    labels: tuple[str, ...]  # (normal, finding): the burned-in subject is the first finding in DICOM
+    stream: int  # see plan_cohort
+    procedure: tuple[str, str, str]  # of the text report (see SeriesTemplate)
+    extra: str  # what the truncated extra image is (scout, localizer, ...): its file name and UIDs
+    scan: Callable[[np.random.Generator, str, Subject], Scan]  # draws one subject from its own generator
+
+
+def _as_nifti(index: int) -> bool:
+    """Every fifth subject is written as NIfTI, so ingest meets both formats in one cohort."""
+    return index % 5 == 4
+
+
+def _write_broken(family: Family, scan: Scan, subject: Subject, folder: Path) -> int:
+    """Write the subject's files that ingest must quarantine (if it is one that gets any); return how many."""
+    who, seed, index = subject.who, subject.uid_seed, subject.index
+    if index == _REPORT_SUBJECT:
+        _write_dicom(_text_report(who, seed, index, family.procedure), folder / f"report_{who.family}.dcm")
+        return 1
+    if index == _TRUNCATED_SUBJECT:
+        extra = scan.image(0, False)
+        # Its own series and instance, so that it is a separate (broken) image, not a duplicate of image 0.
+        extra.SeriesInstanceUID = _uid(seed, index, family.extra)
+        extra.SOPInstanceUID = extra.file_meta.MediaStorageSOPInstanceUID = _uid(seed, index, family.extra, 0)
+        write_truncated(extra, folder / f"{family.extra}_{who.patient_id}.dcm")
+        return 1
+    return 0
+
+
+def write_cohort(out: str | Path, subjects: int, seed: int, family: Family) -> CohortSummary:
+    """Write ``family``'s cohort to ``out``: ``dicom/``, ``nifti/``, ``labels.csv``.
+
+    Every fifth subject is written as NIfTI, the rest as DICOM. The first subject with the finding
+    written as DICOM carries ``BurnedInAnnotation=YES`` with glyphs in its pixels; subject 0 gets
+    a Basic Text SR and subject 2 a truncated extra image.
+
+    Args:
+        out: output folder (created; existing phantom files are overwritten).
+        subjects: number of subjects (at least 4).
+        seed: seed of every random choice: same seed, same bytes.
+        family: the family's phantom and attributes.
+
+    Returns:
+        A :class:`CohortSummary`; its ``planted_phi`` lists every planted PHI string.
+
+    Raises:
+        InputError: too few subjects, or a folder that cannot be created.
+    """
+    plan = plan_cohort(out, subjects, seed, family.labels, family.stream)
+    finding = family.labels[1]
+    burned_subject = next(i for i, label in enumerate(plan.labels) if label == finding and not _as_nifti(i))
+    label_rows: list[tuple[str, str]] = []
+    dicom_files = broken = burned = n_nifti = 0
+    for index, (who, label) in enumerate(zip(plan.identities, plan.labels)):
+        subject = Subject(index=index, who=who, uid_seed=plan.uid_seed)
+        scan = family.scan(np.random.default_rng(plan.subject_seeds[index]), label, subject)
+        folder_name = f"{who.family}_{who.given}_{who.patient_id}"
+        if _as_nifti(index):
+            n_nifti += 1
+            relative = f"{folder_name}.nii.gz"
+            _write_phi_nifti(scan.volume, scan.affine, who, plan.out / "nifti" / relative)
+            label_rows.append((relative, label))
+            continue
+        label_rows.append((who.patient_id, label))
+        folder = plan.out / "dicom" / folder_name
+        is_burned = index == burned_subject
+        burned += is_burned
+        for k, relative in enumerate(scan.files):
+            _write_dicom(scan.image(k, is_burned), folder / relative)
+        written_broken = _write_broken(family, scan, subject, folder)
+        dicom_files += len(scan.files) + written_broken
+        broken += written_broken
+    write_labels(plan.out, label_rows)
+    return CohortSummary(
+        out=plan.out,
+        subjects=subjects,
+        dicom_subjects=subjects - n_nifti,
+        nifti_subjects=n_nifti,
+        dicom_files=dicom_files,
+        labels=plan.counts(),
+        burned_in_subjects=burned,
+        broken_files=broken,
+        planted_phi=plan.planted(),
+        family=family.name,
+    )

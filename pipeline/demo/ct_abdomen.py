@@ -1,51 +1,54 @@
 """The CT abdomen family (the default demo): CT-like abdominal slabs in HU.
 
-``make_cohort`` writes CT-like abdominal phantoms as DICOM series (most subjects) and NIfTI
-volumes (some subjects), a ``labels.csv`` and a few files that ingest must quarantine. Every
-subject carries fake PHI in the places real scans carry it (:data:`pipeline.demo.common.PHI_PLACES`).
+:data:`FAMILY` draws CT-like abdominal phantoms; :func:`pipeline.demo.common.write_cohort`
+writes them as DICOM series (one file per slice; subject 1 in implicit VR and without file
+extensions) and NIfTI volumes (every fifth subject), a ``labels.csv`` and a few files that ingest
+must quarantine. Every subject carries fake PHI in the places real scans carry it
+(:data:`pipeline.demo.common.PHI_PLACES`).
 
 Two classes: ``normal`` and ``lesion`` (a hypodense liver lesion, elongated along the body axis
 so it shows on every axial slice of the slab).
 
-Geometry: volumes are indexed ``[x, y, z]`` = (DICOM column, DICOM row, slice). Columns run
-towards the patient's left and rows towards posterior (ImageOrientationPatient 1\\0\\0\\0\\1\\0),
-slices from inferior to superior, so the NIfTI affine is ``diag(-dx, -dy, dz)`` in RAS.
+Geometry as in :mod:`pipeline.demo.common`: ``[x, y, z]`` arrays, axial slices from inferior to
+superior.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from pydicom.dataset import Dataset as DicomDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import CTImageStorage
 from scipy.ndimage import gaussian_filter
 
-from pipeline.core.errors import InputError
 from pipeline.demo.common import (
-    CohortSummary,
-    SubjectPHI,
-    _burn_in_text,
+    Family,
+    Scan,
+    SeriesTemplate,
+    Subject,
     _ellipse,
-    _file_meta,
-    _patient_module,
-    _private_block,
-    _study_module,
-    _text_report,
-    _uid,
-    _write_dicom,
-    _write_phi_nifti,
+    axial_series,
+    axial_slice,
+    centred_axes,
+    check_label,
+    image_dataset,
     phantom_affine,
-    plan_cohort,
-    write_labels,
-    write_truncated,
+    pixel_module,
 )
 
-__all__ = ["LABELS", "SHAPE", "SPACING", "phantom_volume", "phantom_affine", "make_cohort"]
+__all__ = ["LABELS", "SHAPE", "SPACING", "PROCEDURE", "FAMILY", "phantom_volume", "phantom_affine"]
 
 LABELS: tuple[str, ...] = ("normal", "lesion")
 SHAPE: tuple[int, int, int] = (128, 128, 16)
 SPACING: tuple[float, float, float] = (2.5, 2.5, 4.0)
+PROCEDURE = ("CT", "ABDOMEN", "Abdomen")
+_SERIES = SeriesTemplate(
+    sop_class=CTImageStorage,
+    procedure=PROCEDURE,
+    model="Phantom CT 1",
+    image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+    number=2,
+    description="Abdomen portal venous",
+)
 
 
 def phantom_volume(
@@ -70,14 +73,10 @@ def phantom_volume(
     Returns:
         ``(hu, spacing)`` with ``hu`` int16 in [-1024, 3071].
     """
-    if label not in LABELS:
-        raise InputError(f"phantom label {label!r} is not one of {', '.join(LABELS)}.")
+    check_label(label, LABELS)
     nx, ny, nz = shape
-    sx, sy, sz = spacing
     # mm coordinates, origin at the slab centre; x towards patient left, y towards posterior.
-    xs = (np.arange(nx) - (nx - 1) / 2) * sx
-    ys = (np.arange(ny) - (ny - 1) / 2) * sy
-    zs = (np.arange(nz) - (nz - 1) / 2) * sz
+    xs, ys, zs = centred_axes(shape, spacing)
     xx, yy = np.meshgrid(xs, ys, indexing="ij")
 
     body_ax, body_ay = rng.uniform(125, 150), rng.uniform(92, 112)
@@ -141,132 +140,30 @@ def _ct_slice(
     hu_slice: np.ndarray,
     k: int,
     z: float,
-    who: SubjectPHI,
-    seed: int,
-    subject: int,
+    subject: Subject,
     spacing: tuple[float, float, float],
     burned_in: bool,
 ) -> DicomDataset:
-    nx, ny = hu_slice.shape
-    sx, sy, sz = spacing
-    sop_instance = _uid(seed, subject, "series", "slice", k)
-    ds = DicomDataset()
-    ds.file_meta = _file_meta(CTImageStorage, sop_instance, ExplicitVRLittleEndian)
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_instance
-    ds.Modality = "CT"
-    ds.Manufacturer = "Medsynth Phantom Works"
-    ds.ManufacturerModelName = "Phantom CT 1"
-    ds.DeviceSerialNumber = f"SN{who.patient_id[-5:]}"
-    ds.SoftwareVersions = "0.1"
-    _patient_module(ds, who, seed, subject)
-    _study_module(ds, who, seed, subject)
-    _private_block(ds, who)
-    ds.SeriesInstanceUID = _uid(seed, subject, "series")
-    ds.FrameOfReferenceUID = _uid(seed, subject, "frame")
-    ds.SeriesNumber = 2
-    ds.SeriesDescription = f"Abdomen portal venous {who.family}"
-    ds.BodyPartExamined = "ABDOMEN"
-    ds.InstanceNumber = k + 1
-    ds.ImageComments = f"slice {k + 1} of {who.given} {who.family}"
-    ds.PatientPosition = "FFS"
-    ds.ImagePositionPatient = [-(nx - 1) / 2 * sx, -(ny - 1) / 2 * sy, z]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing = [sy, sx]  # row spacing (between rows), column spacing
-    ds.SliceThickness = sz
-    ds.SpacingBetweenSlices = sz
-    ds.SliceLocation = z
+    """Slice ``k`` of the subject's CT series: HU stored as 12-bit unsigned values with a -1024 rescale."""
+    ds = image_dataset(_SERIES, subject, ("slice", k))
+    axial_slice(ds, subject, k, z, hu_slice.shape, spacing, position="FFS")
     ds.KVP = 120
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = ny, nx
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
     ds.RescaleIntercept = -1024
     ds.RescaleSlope = 1
     ds.RescaleType = "HU"
     ds.WindowCenter = 40
     ds.WindowWidth = 400
-    ds.BurnedInAnnotation = "YES" if burned_in else "NO"
     stored = np.clip(hu_slice.T.astype(np.int32) + 1024, 0, 4095).astype(np.uint16)  # rows x columns
-    if burned_in:
-        stored = _burn_in_text(stored, who, k)
-    ds.PixelData = stored.tobytes()
+    pixel_module(ds, stored, bits_stored=12, burned_in=burned_in, who=subject.who, k=k, bright=4000)
     return ds
 
 
-def make_cohort(out: str | Path, subjects: int = 40, seed: int = 0) -> CohortSummary:
-    """Write the phantom cohort to ``out``: ``dicom/``, ``nifti/``, ``labels.csv``.
+def _scan(rng: np.random.Generator, label: str, subject: Subject) -> Scan:
+    """Draw the subject's slab and its table position; one DICOM file per slice."""
+    hu, spacing = phantom_volume(rng, label)
+    z0 = float(rng.uniform(-400.0, -300.0))
+    # One subject in implicit VR is enough for ingest to meet both encodings in every cohort.
+    return axial_series(hu, spacing, z0, subject, PROCEDURE[0], _ct_slice, implicit=subject.index == 1)
 
-    Every fifth subject is written as NIfTI, the rest as DICOM series (one file per slice; one
-    subject in implicit VR and without file extensions). The first lesion subject written as DICOM
-    carries ``BurnedInAnnotation=YES`` with glyphs in its pixels; one subject gets a Basic Text SR,
-    one a truncated scout slice. Labels are balanced and shuffled.
 
-    Args:
-        out: output folder (created; existing phantom files are overwritten).
-        subjects: number of subjects (at least 4).
-        seed: seed of every random choice: same seed, same bytes.
-
-    Returns:
-        A :class:`CohortSummary`; its ``planted_phi`` lists every planted PHI string.
-    """
-    plan = plan_cohort(out, subjects, seed, LABELS)
-    out, labels, identities, subject_seeds = plan.out, plan.labels, plan.identities, plan.subject_seeds
-
-    label_rows: list[tuple[str, str]] = []
-    dicom_files = broken = burned = 0
-    n_dicom = n_nifti = 0
-    burned_subject = next(i for i, label in enumerate(labels) if label == "lesion" and i % 5 != 4)
-    for index, (who, label) in enumerate(zip(identities, labels)):
-        subject_rng = np.random.default_rng(subject_seeds[index])
-        hu, spacing = phantom_volume(subject_rng, label)
-        z0 = float(subject_rng.uniform(-400.0, -300.0))
-        folder_name = f"{who.family}_{who.given}_{who.patient_id}"
-        if index % 5 == 4:
-            n_nifti += 1
-            relative = f"{folder_name}.nii.gz"
-            _write_phi_nifti(hu, phantom_affine(spacing, hu.shape, z0), who, out / "nifti" / relative)
-            label_rows.append((relative, label))
-            continue
-        n_dicom += 1
-        label_rows.append((who.patient_id, label))
-        is_burned = index == burned_subject
-        burned += is_burned
-        implicit = index == 1
-        series_dir = out / "dicom" / folder_name / f"CT_{who.accession}"
-        for k in range(hu.shape[2]):
-            ds = _ct_slice(hu[:, :, k], k, z0 + k * spacing[2], who, seed, index, spacing, is_burned)
-            if implicit:
-                ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-            name = f"{who.patient_id}_{k:03d}" + ("" if implicit else ".dcm")
-            _write_dicom(ds, series_dir / name)
-            dicom_files += 1
-        if index == 0:
-            _write_dicom(_text_report(who, seed, index), out / "dicom" / folder_name / f"report_{who.family}.dcm")
-            dicom_files += 1
-            broken += 1
-        if index == 2:
-            scout = _ct_slice(hu[:, :, 0], 0, z0, who, seed, index, spacing, False)
-            scout.SeriesInstanceUID = _uid(seed, index, "scout")
-            scout.SOPInstanceUID = scout.file_meta.MediaStorageSOPInstanceUID = _uid(seed, index, "scout", 0)
-            write_truncated(scout, out / "dicom" / folder_name / f"scout_{who.patient_id}.dcm")
-            dicom_files += 1
-            broken += 1
-
-    write_labels(out, label_rows)
-    return CohortSummary(
-        out=out,
-        subjects=subjects,
-        dicom_subjects=n_dicom,
-        nifti_subjects=n_nifti,
-        dicom_files=dicom_files,
-        labels=plan.counts(),
-        burned_in_subjects=burned,
-        broken_files=broken,
-        planted_phi=plan.planted(),
-    )
+FAMILY = Family(name="ct-abdomen", labels=LABELS, stream=0, procedure=PROCEDURE, extra="scout", scan=_scan)

@@ -12,43 +12,44 @@ elongated along z so it shows on most axial slices). The tumour changes a local 
 the volume's overall brightness, which the subject gain dominates anyway.
 
 Geometry and files as in :mod:`pipeline.demo.ct_abdomen`: ``[x, y, z]`` arrays, DICOM series
-(MR Image Storage, one file per slice) for most subjects and NIfTI for every fifth.
+(MR Image Storage, one file per slice) for most subjects and NIfTI for every fifth, written by
+:func:`pipeline.demo.common.write_cohort` from :data:`FAMILY`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from pydicom.dataset import Dataset as DicomDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import MRImageStorage
 from scipy.ndimage import gaussian_filter
 
-from pipeline.core.errors import InputError
 from pipeline.demo.common import (
-    CohortSummary,
-    SubjectPHI,
-    _burn_in_text,
-    _file_meta,
-    _patient_module,
-    _private_block,
-    _study_module,
-    _text_report,
-    _uid,
-    _write_dicom,
-    _write_phi_nifti,
-    phantom_affine,
-    plan_cohort,
-    write_labels,
-    write_truncated,
+    Family,
+    Scan,
+    SeriesTemplate,
+    Subject,
+    axial_series,
+    axial_slice,
+    centred_axes,
+    check_label,
+    image_dataset,
+    pixel_module,
 )
 
-__all__ = ["LABELS", "SHAPE", "SPACING", "PROCEDURE", "brain_volume", "make_cohort"]
+__all__ = ["LABELS", "SHAPE", "SPACING", "PROCEDURE", "FAMILY", "brain_volume"]
 
 LABELS: tuple[str, ...] = ("normal", "tumour")
 SHAPE: tuple[int, int, int] = (112, 112, 12)
 SPACING: tuple[float, float, float] = (1.8, 1.8, 5.0)
 PROCEDURE = ("MR", "HEAD", "Head")
+_SERIES = SeriesTemplate(
+    sop_class=MRImageStorage,
+    procedure=PROCEDURE,
+    model="Phantom MR 1.5",
+    image_type=("ORIGINAL", "PRIMARY", "M", "ND"),
+    number=5,
+    description="T1 axial post-contrast",
+)
 _T1 = {"scalp": 1.0, "skull": 0.08, "csf": 0.22, "grey": 0.52, "white": 0.74, "core": 0.3, "rim": 0.98, "oedema": 0.46}
 
 
@@ -81,13 +82,9 @@ def brain_volume(
     Returns:
         ``(values, spacing)`` with ``values`` uint16 (gain, bias field and Rician noise applied).
     """
-    if label not in LABELS:
-        raise InputError(f"phantom label {label!r} is not one of {', '.join(LABELS)}.")
+    check_label(label, LABELS)
     nx, ny, nz = shape
-    sx, sy, sz = spacing
-    xs = (np.arange(nx) - (nx - 1) / 2) * sx
-    ys = (np.arange(ny) - (ny - 1) / 2) * sy
-    zs = (np.arange(nz) - (nz - 1) / 2) * sz
+    xs, ys, zs = centred_axes(shape, spacing)
     xx, yy = np.meshgrid(xs, ys, indexing="ij")
 
     # The finding draws from its own stream: the same seed gives the same patient with or without it.
@@ -165,34 +162,13 @@ def _mr_slice(
     values: np.ndarray,
     k: int,
     z: float,
-    who: SubjectPHI,
-    seed: int | str,
-    subject: int,
+    subject: Subject,
     spacing: tuple[float, float, float],
     burned_in: bool,
 ) -> DicomDataset:
-    nx, ny = values.shape
-    sx, sy, sz = spacing
-    sop_instance = _uid(seed, subject, "series", "slice", k)
-    ds = DicomDataset()
-    ds.file_meta = _file_meta(MRImageStorage, sop_instance, ExplicitVRLittleEndian)
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
-    ds.SOPClassUID = MRImageStorage
-    ds.SOPInstanceUID = sop_instance
-    ds.Modality = "MR"
-    ds.Manufacturer = "Medsynth Phantom Works"
-    ds.ManufacturerModelName = "Phantom MR 1.5"
-    ds.DeviceSerialNumber = f"SN{who.patient_id[-5:]}"
-    ds.SoftwareVersions = "0.1"
-    _patient_module(ds, who, seed, subject)
-    _study_module(ds, who, seed, subject, PROCEDURE)
-    _private_block(ds, who)
-    ds.SeriesInstanceUID = _uid(seed, subject, "series")
-    ds.FrameOfReferenceUID = _uid(seed, subject, "frame")
-    ds.SeriesNumber = 5
-    ds.SeriesDescription = f"T1 axial post-contrast {who.family}"
-    ds.BodyPartExamined = "HEAD"
+    """Slice ``k`` of the subject's T1 series: scanner units stored as they are, in all 16 bits."""
+    ds = image_dataset(_SERIES, subject, ("slice", k))
+    axial_slice(ds, subject, k, z, values.shape, spacing, position="HFS")
     ds.ScanningSequence = "GR"
     ds.SequenceVariant = "SP"
     ds.MRAcquisitionType = "2D"
@@ -200,92 +176,16 @@ def _mr_slice(
     ds.EchoTime = 2.5
     ds.FlipAngle = 70
     ds.MagneticFieldStrength = 1.5
-    ds.InstanceNumber = k + 1
-    ds.ImageComments = f"slice {k + 1} of {who.given} {who.family}"
-    ds.PatientPosition = "HFS"
-    ds.ImagePositionPatient = [-(nx - 1) / 2 * sx, -(ny - 1) / 2 * sy, z]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing = [sy, sx]
-    ds.SliceThickness = sz
-    ds.SpacingBetweenSlices = sz
-    ds.SliceLocation = z
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = ny, nx
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.BurnedInAnnotation = "YES" if burned_in else "NO"
     stored = np.ascontiguousarray(values.T)  # rows x columns
-    if burned_in:
-        stored = _burn_in_text(stored, who, k, bright=int(stored.max()))
-    ds.PixelData = stored.tobytes()
+    pixel_module(ds, stored, bits_stored=16, burned_in=burned_in, who=subject.who, k=k)
     return ds
 
 
-def make_cohort(out: str | Path, subjects: int = 40, seed: int = 0) -> CohortSummary:
-    """Write the MR brain cohort to ``out``: ``dicom/``, ``nifti/``, ``labels.csv``.
+def _scan(rng: np.random.Generator, label: str, subject: Subject) -> Scan:
+    """Draw the subject's head slab and its table position; one DICOM file per slice."""
+    values, spacing = brain_volume(rng, label)
+    z0 = float(rng.uniform(-20.0, 20.0))
+    return axial_series(values, spacing, z0, subject, PROCEDURE[0], _mr_slice)
 
-    Every fifth subject is written as NIfTI, the rest as DICOM series. The first tumour subject
-    written as DICOM carries ``BurnedInAnnotation=YES`` with glyphs in its pixels; subject 0 gets
-    a Basic Text SR and subject 2 a truncated extra slice.
 
-    Args:
-        out: output folder (created; existing phantom files are overwritten).
-        subjects: number of subjects (at least 4).
-        seed: seed of every random choice: same seed, same bytes.
-
-    Returns:
-        A :class:`CohortSummary`; its ``planted_phi`` lists every planted PHI string.
-    """
-    plan = plan_cohort(out, subjects, seed, LABELS, stream=1)
-    out, uid_seed = plan.out, plan.uid_seed
-    label_rows: list[tuple[str, str]] = []
-    dicom_files = broken = burned = n_dicom = n_nifti = 0
-    burned_subject = next(i for i, label in enumerate(plan.labels) if label == "tumour" and i % 5 != 4)
-    for index, (who, label) in enumerate(zip(plan.identities, plan.labels)):
-        subject_rng = np.random.default_rng(plan.subject_seeds[index])
-        values, spacing = brain_volume(subject_rng, label)
-        z0 = float(subject_rng.uniform(-20.0, 20.0))
-        folder_name = f"{who.family}_{who.given}_{who.patient_id}"
-        if index % 5 == 4:
-            n_nifti += 1
-            relative = f"{folder_name}.nii.gz"
-            _write_phi_nifti(values, phantom_affine(spacing, values.shape, z0), who, out / "nifti" / relative)
-            label_rows.append((relative, label))
-            continue
-        n_dicom += 1
-        label_rows.append((who.patient_id, label))
-        is_burned = index == burned_subject
-        burned += is_burned
-        series_dir = out / "dicom" / folder_name / f"MR_{who.accession}"
-        for k in range(values.shape[2]):
-            ds = _mr_slice(values[:, :, k], k, z0 + k * spacing[2], who, uid_seed, index, spacing, is_burned)
-            _write_dicom(ds, series_dir / f"{who.patient_id}_{k:03d}.dcm")
-            dicom_files += 1
-        if index == 0:
-            report = _text_report(who, uid_seed, index, PROCEDURE)
-            _write_dicom(report, out / "dicom" / folder_name / f"report_{who.family}.dcm")
-            dicom_files += 1
-            broken += 1
-        if index == 2:
-            extra = _mr_slice(values[:, :, 0], 0, z0, who, uid_seed, index, spacing, False)
-            extra.SeriesInstanceUID = _uid(uid_seed, index, "localizer")
-            extra.SOPInstanceUID = extra.file_meta.MediaStorageSOPInstanceUID = _uid(uid_seed, index, "localizer", 0)
-            write_truncated(extra, out / "dicom" / folder_name / f"localizer_{who.patient_id}.dcm")
-            dicom_files += 1
-            broken += 1
-    write_labels(out, label_rows)
-    return CohortSummary(
-        out=out,
-        subjects=subjects,
-        dicom_subjects=n_dicom,
-        nifti_subjects=n_nifti,
-        dicom_files=dicom_files,
-        labels=plan.counts(),
-        burned_in_subjects=burned,
-        broken_files=broken,
-        planted_phi=plan.planted(),
-        family="mr-brain",
-    )
+FAMILY = Family(name="mr-brain", labels=LABELS, stream=1, procedure=PROCEDURE, extra="localizer", scan=_scan)

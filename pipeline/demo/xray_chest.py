@@ -4,7 +4,8 @@ Each subject is one PA chest radiograph: a single-frame DICOM file without patie
 (DX "for presentation" in MONOCHROME2 for most subjects, CR in MONOCHROME1 for every third),
 12 bits stored in 16, on a small matrix (:data:`MATRIX`) whose pixel spacing is the subject's
 field of view over the matrix (about 1.4-1.7 mm; a detector's 0.14-0.2 mm pitch binned down so
-the demo stays fast). Every fifth subject is a 2D NIfTI file ``(x, y)`` instead.
+the demo stays fast). Every fifth subject is a 2D NIfTI file ``(x, y)`` instead
+(:func:`pipeline.demo.common.write_cohort` writes :data:`FAMILY`).
 
 Pixels are built as an attenuation map (lungs low; mediastinum, heart, spine, ribs, clavicles
 and the abdomen below the diaphragm high) turned into detector values with a per-subject
@@ -18,42 +19,45 @@ rows towards the feet (PatientOrientation ``L\\F``).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from pydicom.dataset import Dataset as DicomDataset
-from pydicom.uid import (
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
-)
+from pydicom.uid import ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 
-from pipeline.core.errors import InputError
 from pipeline.demo.common import (
-    CohortSummary,
-    SubjectPHI,
-    _burn_in_text,
+    Family,
+    Scan,
+    SeriesTemplate,
+    Subject,
     _ellipse,
-    _file_meta,
-    _patient_module,
-    _private_block,
-    _study_module,
-    _text_report,
-    _uid,
-    _write_dicom,
-    _write_phi_nifti,
-    plan_cohort,
-    write_labels,
-    write_truncated,
+    centred_axes,
+    check_label,
+    image_dataset,
+    pixel_module,
 )
 
-__all__ = ["LABELS", "MATRIX", "PROCEDURE", "radiograph", "radiograph_affine", "make_cohort"]
+__all__ = ["LABELS", "MATRIX", "PROCEDURE", "FAMILY", "radiograph", "radiograph_affine"]
 
 LABELS: tuple[str, ...] = ("normal", "nodule")
 MATRIX: tuple[int, int] = (256, 256)
 PROCEDURE = ("DX", "CHEST", "Chest")
 _MAX_STORED = 4095  # 12 bits stored
+_DX = SeriesTemplate(
+    sop_class=DigitalXRayImageStorageForPresentation,
+    procedure=PROCEDURE,
+    model="Phantom DR 3",
+    image_type=("ORIGINAL", "PRIMARY"),
+    number=1,
+    description="Chest PA",
+)
+_CR = SeriesTemplate(
+    sop_class=ComputedRadiographyImageStorage,
+    procedure=("CR", *PROCEDURE[1:]),
+    model="Phantom CR 2",
+    image_type=_DX.image_type,
+    number=_DX.number,
+    description=_DX.description,
+)
 # The nodule: large and dense enough that the evaluate stage's small classifier, at the ~7 mm pixels a
 # CPU plan gives a chest, reads it on held-out images from ~70 training images (balanced accuracy ~0.8;
 # at 12-20 mm and +0.22-0.32 it read chance), yet not trivially (about twice a rib crossing's contrast).
@@ -75,15 +79,13 @@ def radiograph(
         ``(values, spacing)``: uint16 detector values in 0..4095 (MONOCHROME2 sense) and the
         pixel spacing (x, y) in mm.
     """
-    if label not in LABELS:
-        raise InputError(f"phantom label {label!r} is not one of {', '.join(LABELS)}.")
+    check_label(label, LABELS)
     nx, ny = matrix
     # The finding draws from its own stream: the same seed gives the same patient with or without it.
     finding_rng = np.random.default_rng(rng.integers(2**32))
     field_of_view = rng.uniform(360.0, 430.0)
     spacing = (round(field_of_view / nx, 4), round(field_of_view / ny, 4))
-    xs = (np.arange(nx) - (nx - 1) / 2) * spacing[0]
-    ys = (np.arange(ny) - (ny - 1) / 2) * spacing[1]
+    xs, ys = centred_axes(matrix, spacing)
     xx, yy = np.meshgrid(xs, ys, indexing="ij")  # x: patient left, y: towards the feet
     dx, dy = rng.uniform(-15, 15), rng.uniform(-15, 15)  # patient not centred on the detector
     xx, yy = xx - dx, yy - dy
@@ -142,130 +144,49 @@ def radiograph_affine(spacing: tuple[float, float]) -> np.ndarray:
 
 def _xray_file(
     values: np.ndarray,
-    who: SubjectPHI,
-    seed: int | str,
-    subject: int,
+    subject: Subject,
     spacing: tuple[float, float],
     computed: bool,
     burned_in: bool,
 ) -> DicomDataset:
     """One single-frame radiograph: DX for presentation (MONOCHROME2) or CR (MONOCHROME1)."""
-    nx, ny = values.shape
-    sop_class = ComputedRadiographyImageStorage if computed else DigitalXRayImageStorageForPresentation
-    modality = "CR" if computed else "DX"
-    sop_instance = _uid(seed, subject, "series", "image", 0)
-    ds = DicomDataset()
-    ds.file_meta = _file_meta(sop_class, sop_instance, ExplicitVRLittleEndian)
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_instance
-    ds.Modality = modality
-    ds.Manufacturer = "Medsynth Phantom Works"
-    ds.ManufacturerModelName = "Phantom CR 2" if computed else "Phantom DR 3"
-    ds.DeviceSerialNumber = f"SN{who.patient_id[-5:]}"
-    ds.SoftwareVersions = "0.1"
-    _patient_module(ds, who, seed, subject)
-    _study_module(ds, who, seed, subject, (modality, *PROCEDURE[1:]))
-    _private_block(ds, who)
-    ds.SeriesInstanceUID = _uid(seed, subject, "series")
-    ds.SeriesNumber = 1
-    ds.SeriesDescription = f"Chest PA {who.family}"
-    ds.BodyPartExamined = "CHEST"
+    ds = image_dataset(_CR if computed else _DX, subject, ("image", 0))
     ds.ViewPosition = "PA"
     ds.PatientOrientation = ["L", "F"]
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.InstanceNumber = 1
-    ds.ImageComments = f"chest of {who.given} {who.family}"
+    ds.ImageComments = f"chest of {subject.who.given} {subject.who.family}"
     ds.KVP = 120
     ds.ExposureTime = 10
     ds.ImagerPixelSpacing = [spacing[1], spacing[0]]  # between rows, between columns
     ds.PixelSpacing = [spacing[1], spacing[0]]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME1" if computed else "MONOCHROME2"
     if not computed:
         ds.PresentationLUTShape = "IDENTITY"
-    ds.Rows, ds.Columns = ny, nx
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
     ds.RescaleIntercept = 0
     ds.RescaleSlope = 1
     ds.RescaleType = "US"
     ds.WindowCenter = 2048
     ds.WindowWidth = 4096
-    ds.BurnedInAnnotation = "YES" if burned_in else "NO"
     stored = np.ascontiguousarray(values.T)  # rows x columns
     if computed:
         stored = (_MAX_STORED - stored).astype(np.uint16)  # MONOCHROME1: attenuating = low values
-    if burned_in:
-        stored = _burn_in_text(stored, who, 0, bright=int(stored.max()))
-    ds.PixelData = stored.tobytes()
+    photometric = "MONOCHROME1" if computed else "MONOCHROME2"
+    pixel_module(ds, stored, bits_stored=12, burned_in=burned_in, who=subject.who, k=0, photometric=photometric)
     return ds
 
 
-def make_cohort(out: str | Path, subjects: int = 40, seed: int = 0) -> CohortSummary:
-    """Write the chest X-ray cohort to ``out``: ``dicom/``, ``nifti/``, ``labels.csv``.
+def _scan(rng: np.random.Generator, label: str, subject: Subject) -> Scan:
+    """Draw the subject's radiograph; one DICOM file, from a CR reader for every third subject."""
+    values, spacing = radiograph(rng, label)
+    # Both detector kinds in one cohort: ingest must bring MONOCHROME1 to the MONOCHROME2 sense.
+    computed = subject.index % 3 == 1
+    modality = _CR.procedure[0] if computed else _DX.procedure[0]
 
-    One single-frame file per subject (every third a CR in MONOCHROME1, the others DX); every
-    fifth subject is a 2D NIfTI file instead. The first nodule subject written as DICOM carries
-    ``BurnedInAnnotation=YES`` with glyphs in its pixels; subject 0 gets a Basic Text SR and
-    subject 2 a truncated second image.
+    def image(k: int, burned_in: bool) -> DicomDataset:
+        return _xray_file(values, subject, spacing, computed, burned_in)
 
-    Args:
-        out: output folder (created; existing phantom files are overwritten).
-        subjects: number of subjects (at least 4).
-        seed: seed of every random choice: same seed, same bytes.
+    files = (f"{modality}_{subject.who.accession}.dcm",)
+    return Scan(volume=values, affine=radiograph_affine(spacing), files=files, image=image)
 
-    Returns:
-        A :class:`CohortSummary`; its ``planted_phi`` lists every planted PHI string.
-    """
-    plan = plan_cohort(out, subjects, seed, LABELS, stream=2)
-    out, uid_seed = plan.out, plan.uid_seed
-    label_rows: list[tuple[str, str]] = []
-    dicom_files = broken = burned = n_dicom = n_nifti = 0
-    burned_subject = next(i for i, label in enumerate(plan.labels) if label == "nodule" and i % 5 != 4)
-    for index, (who, label) in enumerate(zip(plan.identities, plan.labels)):
-        subject_rng = np.random.default_rng(plan.subject_seeds[index])
-        values, spacing = radiograph(subject_rng, label)
-        folder_name = f"{who.family}_{who.given}_{who.patient_id}"
-        if index % 5 == 4:
-            n_nifti += 1
-            relative = f"{folder_name}.nii.gz"
-            _write_phi_nifti(values, radiograph_affine(spacing), who, out / "nifti" / relative)
-            label_rows.append((relative, label))
-            continue
-        n_dicom += 1
-        label_rows.append((who.patient_id, label))
-        is_burned = index == burned_subject
-        burned += is_burned
-        computed = index % 3 == 1
-        ds = _xray_file(values, who, uid_seed, index, spacing, computed, is_burned)
-        _write_dicom(ds, out / "dicom" / folder_name / f"{ds.Modality}_{who.accession}.dcm")
-        dicom_files += 1
-        if index == 0:
-            report = _text_report(who, uid_seed, index, PROCEDURE)
-            _write_dicom(report, out / "dicom" / folder_name / f"report_{who.family}.dcm")
-            dicom_files += 1
-            broken += 1
-        if index == 2:
-            extra = _xray_file(values, who, uid_seed, index, spacing, computed, False)
-            extra.SeriesInstanceUID = _uid(uid_seed, index, "lateral")
-            extra.SOPInstanceUID = extra.file_meta.MediaStorageSOPInstanceUID = _uid(uid_seed, index, "lateral", 0)
-            write_truncated(extra, out / "dicom" / folder_name / f"lateral_{who.patient_id}.dcm")
-            dicom_files += 1
-            broken += 1
-    write_labels(out, label_rows)
-    return CohortSummary(
-        out=out,
-        subjects=subjects,
-        dicom_subjects=n_dicom,
-        nifti_subjects=n_nifti,
-        dicom_files=dicom_files,
-        labels=plan.counts(),
-        burned_in_subjects=burned,
-        broken_files=broken,
-        planted_phi=plan.planted(),
-        family="xray-chest",
-    )
+
+FAMILY = Family(name="xray-chest", labels=LABELS, stream=2, procedure=PROCEDURE, extra="lateral", scan=_scan)
