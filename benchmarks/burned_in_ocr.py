@@ -16,10 +16,11 @@ Three image sets, all drawn or shipped offline:
 
 Usage::
 
-    python benchmarks/burned_in_ocr.py [--images 24] [--margin 3] [--no-cookies] [--sets tuning,test,demo]
+    python benchmarks/burned_in_ocr.py [--images 24] [--margin 3] [--no-cookies] [--sets tuning,test,demo] [--small]
 
-Prints recall per set and per condition (font, cap height, contrast, background, pixel format),
-the blanked share of text-free images, how many images would be quarantined, and images/s.
+Prints recall per set and per condition (legible or not, font, cap height, contrast, background,
+pixel format), the blanked share of text-free images, how many images would be quarantined, images/s
+and CPU seconds per image (one onnxruntime thread: the wall time per image on an idle core).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.demo.text import TextImage, text_free_test_set, text_test_set  # noqa: E402
+from pipeline.demo.text import _SHAPES, TextImage, text_free_test_set, text_test_set  # noqa: E402
 from pipeline.ingest.burned_in import find_text_regions  # noqa: E402
 
 
@@ -64,11 +65,11 @@ def _demo_images() -> list[TextImage]:
     return images
 
 
-def _recall(images: list[TextImage], margin: int, conditions: dict[str, dict[str, list[int]]]) -> tuple[int, int, int, float, list[str]]:
-    """Boxes found / planted, images quarantined, seconds, and one line per miss; tallies ``conditions``."""
+def _recall(images: list[TextImage], margin: int, conditions: dict[str, dict[str, list[int]]]) -> tuple[int, int, int, float, float, list[str]]:
+    """Boxes found / planted, images quarantined, seconds, CPU seconds, and one line per miss; tallies ``conditions``."""
     found = total = unsure = 0
     misses: list[str] = []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for index, image in enumerate(images):
         scan = find_text_regions(image.pixels, image.photometric, 1, margin)
         unsure += scan.unsure > 0
@@ -78,7 +79,8 @@ def _recall(images: list[TextImage], margin: int, conditions: dict[str, dict[str
             hit = box.covered(mask)
             found += hit
             fmt = f"{image.photometric}-{image.pixels.dtype.itemsize * 8}"
-            for condition, value in (("font", box.font), ("cap height px", box.height), ("contrast", box.contrast),
+            for condition, value in (("legible (cap height >= 7 px)", box.legible), ("font", box.font),
+                                     ("cap height px", box.height), ("contrast", box.contrast),
                                      ("background", image.kind), ("format", fmt)):
                 tally = conditions.setdefault(condition, {}).setdefault(str(value), [0, 0])
                 tally[0] += hit
@@ -89,18 +91,18 @@ def _recall(images: list[TextImage], margin: int, conditions: dict[str, dict[str
                     f"image {index} ({image.kind}, {image.photometric}, {image.pixels.shape[1]}x{image.pixels.shape[0]}): "
                     f"{box.font} {box.height}px contrast {box.contrast:g}, {share:.0%} of its ink blanked"
                 )
-    return found, total, unsure, time.perf_counter() - start, misses
+    return found, total, unsure, time.perf_counter() - start, time.process_time() - cpu, misses
 
 
-def _text_free(images: list[np.ndarray], photometrics: list[str], margin: int) -> tuple[float, int, float]:
+def _text_free(images: list[np.ndarray], photometrics: list[str], margin: int) -> tuple[float, int, float, float]:
     area = 0.0
     unsure = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for pixels, photometric in zip(images, photometrics):
         scan = find_text_regions(pixels, photometric, 1, margin)
         unsure += scan.unsure > 0
         area += float(_mask(pixels.shape, scan.regions).mean())
-    return area / max(len(images), 1), unsure, time.perf_counter() - start
+    return area / max(len(images), 1), unsure, time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -109,25 +111,28 @@ def main() -> None:
     parser.add_argument("--margin", type=int, default=3, help="pixels added around each detected box")
     parser.add_argument("--no-cookies", action="store_true", help="skip the seven 2048 x 1536 deid-data photographs")
     parser.add_argument("--sets", default="tuning,test,demo", help="comma-separated planted sets: tuning, test, demo")
+    parser.add_argument("--small", action="store_true", help="only 128 and 256 px planted images (the slow test's set)")
     args = parser.parse_args()
     wanted = set(args.sets.split(","))
 
     # Load the engine once before timing (ingest does it once per worker process).
     find_text_regions(np.zeros((32, 32), np.uint8), "MONOCHROME2", 1, 0)
-    print("| set | images | boxes | found | recall | unsure images | images/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| set | images | boxes | found | recall | unsure images | images/s | CPU s/image |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     all_misses = []
     per_set: dict[str, dict[str, dict[str, list[int]]]] = {}
-    sets_planted = {"tuning": lambda: text_test_set(seed=0, images=args.images),
-                    "test": lambda: text_test_set(seed=1000, images=args.images), "demo": _demo_images}
+    shapes = ((128, 128), (256, 256)) if args.small else _SHAPES
+    sets_planted = {"tuning": lambda: text_test_set(seed=0, images=args.images, shapes=shapes),
+                    "test": lambda: text_test_set(seed=1000, images=args.images, shapes=shapes), "demo": _demo_images}
     for name, draw in sets_planted.items():
         if name not in wanted:
             continue
         images = draw()
         conditions = per_set.setdefault(name, {})
-        found, total, unsure, seconds, misses = _recall(images, args.margin, conditions)
+        found, total, unsure, seconds, cpu, misses = _recall(images, args.margin, conditions)
         all_misses += [f"{name}: {miss}" for miss in misses]
-        print(f"| {name} | {len(images)} | {total} | {found} | {found / max(total, 1):.3f} | {unsure} | {len(images) / seconds:.2f} |", flush=True)
+        print(f"| {name} | {len(images)} | {total} | {found} | {found / max(total, 1):.3f} | {unsure} "
+              f"| {len(images) / seconds:.2f} | {cpu / len(images):.2f} |", flush=True)
     for name, conditions in per_set.items():
         print()
         print(f"Recall per condition, {name} set:")
@@ -143,11 +148,11 @@ def main() -> None:
         cookies = sorted((Path(deid_data.__file__).parent / "data" / "dicom-cookies").glob("*.dcm"))
         sets.append(("deid-data cookies", [pydicom.dcmread(path).pixel_array for path in cookies], ["RGB"] * len(cookies)))
     print()
-    print("| text-free set | images | blanked area (mean share) | unsure images | images/s |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| text-free set | images | blanked area (mean share) | unsure images | images/s | CPU s/image |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, pixels, photometrics in sets:
-        area, unsure, seconds = _text_free(pixels, photometrics, args.margin)
-        print(f"| {name} | {len(pixels)} | {area:.4f} | {unsure} | {len(pixels) / seconds:.2f} |")
+        area, unsure, seconds, cpu = _text_free(pixels, photometrics, args.margin)
+        print(f"| {name} | {len(pixels)} | {area:.4f} | {unsure} | {len(pixels) / seconds:.2f} | {cpu / len(pixels):.2f} |")
     for miss in all_misses:
         print("missed:", miss)
 

@@ -17,7 +17,14 @@ import pytest
 from conftest import REPO
 from pipeline.demo.text import paint_text, text_free_test_set, text_test_set
 from pipeline.ingest import run
-from pipeline.ingest.burned_in import blank_regions, detector_model_path, find_text_regions, recognizer_model_path
+from pipeline.ingest.burned_in import (
+    blank_regions,
+    detector_model_path,
+    find_text_regions,
+    frames_to_scan,
+    luminance_view,
+    recognizer_model_path,
+)
 from pipeline.ingest.config import IngestConfig
 
 DEID_DATA = Path(__import__("deid_data").__file__).parent / "data"
@@ -97,17 +104,28 @@ def test_planted_text_in_small_images_is_blanked() -> None:
 
 @pytest.mark.slow
 def test_recall_is_one_on_fifty_planted_boxes() -> None:
-    """The test set (seed 1000, never tuned on): >= 50 lines, 14 fonts, 6-24 px, contrast 0.15-1.
+    """The test set (seed 1000, never tuned on): >= 50 legible lines (cap height >= 7 px), 14 fonts,
+    contrast 0.15-1, all blanked; no image quarantined.
 
-    Recall is 50/52, not yet 1.0: two 6 px lines are missed (full-contrast text saturated into bright
-    speckle; 0.15-contrast text on a colour image). This test keeps that floor from slipping and
-    fails loudly on any new miss; no image may be quarantined.
+    The set also paints 6 px lines, below :data:`LEGIBLE_CAP_HEIGHT`: they are scanned and counted
+    too, and at most two of them may be missed (bright speckle swallowing a 4 px tall full-contrast
+    line; a 0.15-contrast line on a colour photo), so that a new miss there still fails.
     """
-    images = text_test_set(seed=1000, images=18, shapes=_SMALL)
-    assert sum(len(image.boxes) for image in images) >= 50
-    assert len({box.font for image in images for box in image.boxes}) == 14
-    found, total = _recall_one_by_one(images, strict=False)
-    assert (found, total) >= (50, 52) and total - found <= 2, (found, total)
+    images = text_test_set(seed=1000, images=24, shapes=_SMALL)
+    legible = [box for image in images for box in image.boxes if box.legible]
+    assert len(legible) >= 50 and len({box.font for box in legible}) == 14
+    found = {True: 0, False: 0}
+    total = {True: 0, False: 0}
+    for image in images:
+        scan = find_text_regions(image.pixels, image.photometric, 1, margin=2)
+        assert scan.unsure == 0
+        mask = _mask(image.pixels.shape, scan.regions)
+        for box in image.boxes:
+            total[box.legible] += 1
+            found[box.legible] += box.covered(mask)
+            assert box.covered(mask) or not box.legible, (image.kind, image.photometric, box.font, box.height, box.contrast)
+    assert found[True] == total[True] >= 50
+    assert total[False] - found[False] <= 2, (found, total)
 
 
 def test_text_free_images_are_left_alone_and_kept() -> None:
@@ -125,6 +143,32 @@ def test_multiframe_monochrome1_16bit_blanks_every_frame() -> None:
     blanked = blank_regions(frames, scan.regions, "MONOCHROME1", 3)
     x0, y0, x1, y1 = scan.regions[0]
     assert np.all(blanked[:, y0:y1, x0:x1] == frames.max())  # black as displayed, in every frame
+
+
+def test_a_cine_loop_is_scanned_through_four_images_and_every_line_is_blanked() -> None:
+    """A 12-frame loop over moving speckle: a name in every frame and a clock line drawn in frames 5-7 only."""
+    rng = np.random.default_rng(7)
+    frames = np.zeros((12, 120, 200), np.uint8)
+    frames[:, 40:, 20:180] = rng.integers(20, 120, (12, 80, 160))  # the image area changes every frame
+    boxes = [paint_text(frame, "DOE^JANE 1961", 6, 8, "hershey-simplex", 10, 230) for frame in frames]
+    clock = [paint_text(frame, "14:22:07", 120, 8, "dejavu-sans-mono", 8, 200) for frame in frames[5:8]]
+    assert len(frames_to_scan(frames)) == 4 and len(frames_to_scan(frames[:3])) == 3
+    scan = find_text_regions(frames, "MONOCHROME2", 12, margin=2)
+    mask = _mask(frames.shape[1:], scan.regions)
+    assert all(box.covered(mask) for box in boxes + clock), scan
+
+
+def test_the_luminance_view_leaves_the_colour_dataset_as_it_is() -> None:
+    """The volume's grayscale copy of a colour image must not change the image ingest writes."""
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
+    ds.SamplesPerPixel = 3  # converted elements, as ingest has them after reading attributes
+    before = (ds.PhotometricInterpretation, ds.BitsAllocated, bytes(ds.PixelData), ds.pixel_array.shape)
+    view = luminance_view(ds)
+    assert view.pixel_array.shape == before[3][:2] and view.PhotometricInterpretation == "MONOCHROME2"
+    assert (ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.BitsAllocated) == (3, before[0], before[1])
+    assert bytes(ds.PixelData) == before[2]
 
 
 def _copy(files: list[Path], target: Path) -> None:
@@ -161,6 +205,30 @@ def test_ingest_blanks_ultrasound_text_and_keeps_the_cookie(tmp_path: Path) -> N
     assert len(regions) >= 10
     assert all(set(rule) == {"tag", "keyword", "action", "rule", "image", "region", "count"} for rule in regions)
     assert all(len(rule["region"]) == 4 for rule in regions)
+
+
+def test_a_blanked_colour_image_is_written_in_colour(tmp_path: Path) -> None:
+    """Text on an RGB secondary capture: blanked, and the output is still a consistent RGB image."""
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb.dcm"))
+    pixels = ds.pixel_array.copy()
+    pixels[:, :] = (40, 90, 160)
+    box = paint_text(pixels, "DOE^JANE", 8, 40, "hershey-simplex", 10, (255, 255, 255))
+    ds.PixelData = pixels.tobytes()
+    folder = tmp_path / "source" / "normal" / "p1"
+    folder.mkdir(parents=True)
+    ds.save_as(folder / "sc.dcm", enforce_file_format=True)
+    summary = run([tmp_path / "source"], tmp_path / "out", IngestConfig(workers=1), private=tmp_path / "private")
+    assert summary.series_written == 1 and summary.quarantined == {}
+    (path,) = (tmp_path / "out" / "dicom").rglob("*.dcm")
+    out = pydicom.dcmread(path)
+    assert (out.SamplesPerPixel, out.PhotometricInterpretation, out.BurnedInAnnotation) == (3, "RGB", "NO")
+    written = out.pixel_array
+    assert written.shape == pixels.shape
+    assert np.all(written[box.y0 : box.y1, box.x0 : box.x1][box.ink] == 0)
+    changed = np.any(written != pixels, axis=2)
+    assert 0 < changed.mean() < 0.5 and np.all(written[~changed] == pixels[~changed])
 
 
 def test_text_free_ct_never_reaches_the_detector(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 
 __all__ = [
     "FONTS",
+    "LEGIBLE_CAP_HEIGHT",
     "TextBox",
     "TextImage",
     "paint_text",
@@ -52,6 +53,11 @@ FONTS: tuple[str, ...] = (*_HERSHEY, *_TRUETYPE)
 # A pixel counts as ink when the glyph covers at least this share of it (anti-aliased edges below
 # that are a fraction of the text contrast, not a readable stroke).
 _INK = 0.5
+# The smallest cap height at which every letter and digit has a shape of its own: the 5 x 7 dot
+# matrix, the smallest classic font of device displays, draws capitals 7 px tall. The test set also
+# paints 6 px lines (4-5 px of ink in the stroke fonts), which a reader recognises as text but
+# cannot read letter by letter; they are drawn and reported, and held to a lower bar.
+LEGIBLE_CAP_HEIGHT = 7
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,11 @@ class TextBox:
     font: str
     height: int  # requested cap height in pixels
     contrast: float  # |text - background| as a share of the image's value range
+
+    @property
+    def legible(self) -> bool:
+        """True when the line is drawn at a readable size (:data:`LEGIBLE_CAP_HEIGHT` or more)."""
+        return self.height >= LEGIBLE_CAP_HEIGHT
 
     def covered(self, blanked: np.ndarray) -> bool:
         """True when every ink pixel lies inside ``blanked`` (a bool mask of the whole image)."""

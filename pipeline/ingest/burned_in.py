@@ -9,9 +9,10 @@ line of text is text after all (a large heading) or a shape the detector mistook
 Each frame is looked at in several 8-bit views, because no single rendering shows every kind of
 burned-in text (:data:`VIEWS`): a robust percentile stretch (dim text on a dark background), CLAHE
 (text at a fraction of the local contrast) and a local-contrast view (thin text over speckle or a
-textured photograph). Every view is enlarged at least twice (and to at least
-``min_side``) so that 6-7 px device fonts reach the detector's working size. The union of the
-line-shaped boxes found in any frame and view, each grown to cover the whole ink, is blanked in
+textured photograph). The stretch view is enlarged up to three times and the others twice, so
+that 6-7 px device fonts reach the detector's working size (:class:`DetectorSettings`). A cine
+loop is looked at through four images rather than frame by frame (:func:`frames_to_scan`). The
+union of the line-shaped boxes found in any frame and view, each grown to cover the whole ink, is blanked in
 every frame.
 
 The engines are created lazily, once per process (ingest workers are processes), and never for an
@@ -39,6 +40,7 @@ __all__ = [
     "render_views",
     "detect_text",
     "read_text_score",
+    "frames_to_scan",
     "find_text_regions",
     "blank_regions",
     "blank_fill",
@@ -59,10 +61,12 @@ class DetectorSettings:
         pixel_threshold: DB probability above which a pixel is text.
         box_threshold: mean probability a candidate box needs to count as text.
         unclip_ratio: how far DB grows a text kernel back to the whole line (PP-OCR: 1.5-2.0).
-        min_scale: every view is enlarged at least this much (small device fonts), within ``max_side``.
-        min_side: ... and until its shorter side reaches this.
-        max_side: the enlarged view's longer side never exceeds this (time and memory); larger
+        max_side: an enlarged view's longer side never exceeds this (time and memory); larger
             images are looked at as they are, or shrunk.
+        wide_side: a view enlarged more than twice is enlarged only until its longer side reaches
+            this (and at least twice): the extra enlargement helps small images, whose 6-8 px
+            lines are small next to the detector's field of view, and the detector's time grows
+            with the area.
         threads: onnxruntime threads per process (ingest parallelises over processes).
         max_line_height: a box taller than this share of the image's shorter side (and than 32 px)
             and not ``line_aspect`` times wider than tall is not a line of text but a blob: the
@@ -74,22 +78,28 @@ class DetectorSettings:
         grow: each box is grown above and below by this share of its height (ascenders, descenders) ...
         grow_along: ... and left and right by this share of its height (about one glyph), so that the
             first and last glyphs of a dim line the detector drew too tight are covered.
-        views: which of :data:`VIEWS` to look at.
+        views: which of :data:`VIEWS` to look at, each with the factor it is enlarged by (within
+            ``max_side``) so that 6-7 px device fonts reach the detector's working size: the
+            stretch view, which finds most text, the most; the others, which find what it misses
+            (dim text, thin text over speckle), less, because the detector's time grows with the area.
+        all_frames_up_to: a multi-frame image with at most this many frames is looked at frame by
+            frame; a longer one through its first frame and its temporal median, maximum and
+            minimum (:func:`frames_to_scan`).
     """
 
     pixel_threshold: float = 0.2
     box_threshold: float = 0.3
     unclip_ratio: float = 1.8
-    min_scale: float = 2.0
-    min_side: int = 736
     max_side: int = 2048
+    wide_side: int = 1024
     threads: int = 1
     max_line_height: float = 0.2
     line_aspect: float = 2.5
     blob_text_score: float = 0.8
     grow: float = 0.35
     grow_along: float = 0.75
-    views: tuple[str, ...] = VIEWS
+    views: tuple[tuple[str, float], ...] = (("stretch", 3.0), ("clahe", 2.0), ("local", 2.0))
+    all_frames_up_to: int = 4
 
 
 @dataclass
@@ -219,10 +229,12 @@ def render_views(frame: np.ndarray, photometric: str, views: tuple[str, ...] = V
             image = cv2.createCLAHE(clipLimit=3.0, tileGridSize=(8, 8)).apply(gray)
         elif view == "local":
             # Distance from the local mean in local standard deviations, dark where it is large:
-            # thin strokes over speckle or texture stand out whatever their absolute level.
+            # thin strokes over speckle or texture stand out whatever their absolute level. The
+            # spread is at least 2 of 255 levels, so that compression noise of a level or two on a
+            # flat field does not turn into strokes.
             values = gray.astype(np.float32)
             mean = cv2.GaussianBlur(values, (0, 0), 6)
-            spread = np.sqrt(np.maximum(cv2.GaussianBlur((values - mean) ** 2, (0, 0), 6), 1.0))
+            spread = np.sqrt(np.maximum(cv2.GaussianBlur((values - mean) ** 2, (0, 0), 6), 4.0))
             image = np.clip(255.0 - 60.0 * np.abs(values - mean) / spread, 0, 255).astype(np.uint8)
         else:
             raise ValueError(f"unknown detector view {view!r}; one of {', '.join(VIEWS)}")
@@ -230,12 +242,14 @@ def render_views(frame: np.ndarray, photometric: str, views: tuple[str, ...] = V
     return out
 
 
-def detect_text(image: np.ndarray, settings: DetectorSettings = DEFAULT_SETTINGS) -> list[Region]:
-    """Axis-aligned boxes of the text lines the detector finds in one 8-bit ``H x W x 3`` image."""
+def detect_text(image: np.ndarray, settings: DetectorSettings = DEFAULT_SETTINGS, scale: float = 2.0) -> list[Region]:
+    """Axis-aligned boxes of the text lines the detector finds in one 8-bit ``H x W x 3`` image
+    enlarged ``scale`` times (less where that would pass ``settings.wide_side`` or ``max_side``)."""
     import cv2
 
     rows, columns = image.shape[:2]
-    scale = max(settings.min_scale, settings.min_side / max(min(rows, columns), 1))
+    if scale > 2.0:
+        scale = max(2.0, min(scale, settings.wide_side / max(rows, columns)))
     scale = min(scale, settings.max_side / max(rows, columns))  # huge images are shrunk to max_side
     work = image
     if scale != 1.0:
@@ -274,6 +288,32 @@ def _is_line(box: Region, tallest: float, settings: DetectorSettings) -> bool:
     return height <= tallest or width >= settings.line_aspect * height
 
 
+def frames_to_scan(
+    stack: np.ndarray, all_frames_up_to: int = DEFAULT_SETTINGS.all_frames_up_to
+) -> list[np.ndarray]:
+    """The images of a ``frames x rows x columns [x 3]`` stack that the detector looks at.
+
+    A short stack: every frame. A cine loop (ultrasound, endoscopy video) can hold hundreds of
+    frames and the detector costs about the same per frame, so a longer stack is looked at through
+    four images: its first frame; its per-pixel temporal median (of up to 31 evenly spaced frames),
+    where an overlay drawn at the same place in every frame stays sharp whatever moves beneath it;
+    and its maximum and minimum, where a line drawn in only some frames (a running clock) shows,
+    bright or dark, wherever the background under it holds still, as it does in the border where
+    devices write. The risk left: text drawn in only a few frames over moving content.
+
+    Args:
+        stack: the frames.
+        all_frames_up_to: a stack of at most this many frames is returned whole.
+    """
+    if len(stack) <= max(all_frames_up_to, 1):
+        return list(stack)
+    sample = stack[np.linspace(0, len(stack) - 1, num=min(len(stack), 31)).round().astype(int)]
+    median = np.empty(stack.shape[1:], dtype=stack.dtype)
+    for row in range(0, stack.shape[1], 64):  # row bands: np.median works in float64, a band at a time
+        median[row : row + 64] = np.median(sample[:, row : row + 64], axis=0).astype(stack.dtype)
+    return [stack[0], median, stack.max(axis=0), stack.min(axis=0)]
+
+
 def find_text_regions(
     pixels: np.ndarray,
     photometric: str,
@@ -281,7 +321,8 @@ def find_text_regions(
     margin: int,
     settings: DetectorSettings = DEFAULT_SETTINGS,
 ) -> TextScan:
-    """Every text region of an image (all frames, all views), grown to the ink and by ``margin`` pixels.
+    """Every text region of an image (its frames as :func:`frames_to_scan` picks them, every view),
+    grown to the ink and by ``margin`` pixels.
 
     Args:
         pixels: stored values as pydicom returns them (colour as RGB).
@@ -298,9 +339,10 @@ def find_text_regions(
     tallest = max(32.0, settings.max_line_height * min(rows, columns))
     found: set[Region] = set()
     blobs: dict[Region, np.ndarray] = {}
-    for frame in stack:
-        for image in render_views(frame, photometric, settings.views):
-            for box in detect_text(image, settings):
+    for frame in frames_to_scan(stack, settings.all_frames_up_to):
+        names = tuple(name for name, _ in settings.views)
+        for image, (_, scale) in zip(render_views(frame, photometric, names), settings.views):
+            for box in detect_text(image, settings, scale):
                 if _is_line(box, tallest, settings):
                     found.add(box)
                 else:
@@ -358,12 +400,16 @@ def luminance_view(ds: Dataset) -> Dataset:
     bits = int(ds.get("BitsAllocated", 8) or 8)
     dtype = np.uint8 if bits <= 8 else np.uint16
     view = Dataset(dict(ds._dict))
+    # Setting an attribute the copy shares with ds would change the shared element, and so ds:
+    # the pixel description is dropped from the copy first and set anew.
+    for keyword in ("SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "BitsAllocated",
+                    "BitsStored", "HighBit", "PixelRepresentation", "PixelData"):
+        if keyword in view:
+            del view[keyword]
     view.file_meta = FileMetaDataset()  # a new one: FileMetaDataset(ds.file_meta) would share its elements
     view.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     view.SamplesPerPixel = 1
     view.PhotometricInterpretation = "MONOCHROME2"
-    if "PlanarConfiguration" in view:
-        del view.PlanarConfiguration
     view.BitsAllocated = 8 if dtype == np.uint8 else 16
     view.BitsStored = view.BitsAllocated
     view.HighBit = view.BitsAllocated - 1

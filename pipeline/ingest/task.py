@@ -49,7 +49,7 @@ from pipeline.ingest.discover import SourceFile
 from pipeline.ingest.pool import quiet_readers
 from pipeline.ingest.keys import date_offset_days, keyed_hex, sample_pseudonym, subject_pseudonym
 from pipeline.ingest.profile import CID7050, TABLE_EDITION, Profile, profile_for
-from pipeline.ingest.volume import SeriesProblem, build_volume, frames_of, image_problem
+from pipeline.ingest.volume import Frame, SeriesProblem, build_volume, frames_of, image_problem
 
 __all__ = [
     "STATE_DIR",
@@ -416,8 +416,6 @@ def _screen(ds: Dataset, config: IngestConfig) -> tuple[str, str, list[Region]]:
     return "", decision, regions
 
 
-# What blanking rewrites: the raw source elements must not be put back over these.
-_BLANKED_TAGS = frozenset({0x7FE00010, 0x00280004, 0x00280006})  # PixelData, PhotometricInterpretation, PlanarConfiguration
 _DETECTOR_RULE = "burned-in text (detector)"
 _DEVICE_RULE = "burned-in text (device regions)"
 
@@ -471,7 +469,8 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
     )
     datasets: dict[int, Dataset] = {}
     blanked: dict[int, tuple[str, list[Region]]] = {}  # file index -> (rule, regions blanked)
-    frames = []
+    to_clean: dict[int, tuple[str, list[Region]]] = {}  # file index -> (burned-in decision, device regions)
+    frames: dict[int, list[Frame]] = {}
     for index, (file, content) in enumerate(zip(task.files, contents)):
         if not content:
             result.quarantined.append((file, "unreadable file (empty, permission or I/O error)"))
@@ -492,13 +491,9 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
             result.quarantined.append((file, reason))
             continue
         try:
-            reason, regions = _blank(ds, decision, regions, config)
-            if reason:
-                result.quarantined.append((file, reason))
-                continue
-            if regions:
-                blanked[index] = (_DETECTOR_RULE if decision == "detect" else _DEVICE_RULE, regions)
-            frames.extend(frames_of(luminance_view(ds), index))
+            # Decode and place the image first: a file or series the volume cannot use is
+            # quarantined before the (slow) text detector ever looks at it.
+            frames[index] = frames_of(luminance_view(ds), index)
         except SeriesProblem as exc:
             result.quarantined.append((file, str(exc)))
             continue
@@ -508,20 +503,50 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
             continue
         ds._pixel_array = None  # the decoded copy is no longer needed: keep one series in memory, not two
         # Reading attributes converted some raw elements; put the raw ones back (values unchanged)
-        # so that the writer copies their bytes instead of re-encoding them.
+        # so that the writer copies their bytes instead of re-encoding them. Blanking, later,
+        # replaces the pixel elements it rewrites.
         for tag, raw in raw_elements.items():
-            if tag in ds._dict and not (index in blanked and tag in _BLANKED_TAGS):
+            if tag in ds._dict:
                 ds._dict[tag] = raw
         contents[index] = b""
         datasets[index] = ds
+        if decision in ("blank", "detect"):
+            to_clean[index] = (decision, regions)
     if not datasets:
         return
     try:
-        volume = build_volume(frames)
+        volume = build_volume([frame for index in sorted(frames) for frame in frames[index]])
     except SeriesProblem as exc:
         for index in sorted(datasets):
             result.quarantined.append((task.files[index], f"inconsistent series: {exc}"))
         return
+    if to_clean:
+        dropped = False
+        for index, (decision, regions) in sorted(to_clean.items()):
+            ds = datasets[index]
+            try:
+                reason, regions = _blank(ds, decision, regions, config)
+                if not reason and regions:
+                    frames[index] = frames_of(luminance_view(ds), index)
+            except Exception as exc:
+                _reraise_environment(exc, "decoding a series")
+                reason = f"undecodable pixel data ({_ts_name(ds)}; {type(exc).__name__})"
+            ds._pixel_array = None
+            if reason:
+                result.quarantined.append((task.files[index], reason))
+                del datasets[index], frames[index]
+                dropped = True
+            elif regions:
+                blanked[index] = (_DETECTOR_RULE if decision == "detect" else _DEVICE_RULE, regions)
+        if not datasets:
+            return
+        if blanked or dropped:  # the volume holds the blanked pixels, and only the files kept
+            try:
+                volume = build_volume([frame for index in sorted(frames) for frame in frames[index]])
+            except SeriesProblem as exc:
+                for index in sorted(datasets):
+                    result.quarantined.append((task.files[index], f"inconsistent series: {exc}"))
+                return
     problem = image_problem(volume.data)
     if problem is not None:
         result.quarantined.extend((task.files[index], problem) for index in sorted(datasets))
