@@ -326,12 +326,16 @@ def test_date_shift_keeps_intervals_and_options_retain(tmp_path: Path) -> None:
     run([source], out, config)
     written = [pydicom.dcmread(path) for path in sorted((out / "dicom").rglob("*.dcm"))]
     shifted = next(item for item in written if item.SeriesDate != item.StudyDate)
-    from datetime import date
+    from datetime import datetime
 
-    def day(text: str) -> date:
-        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    def instant(day: str, time: str) -> datetime:
+        return datetime.strptime(day + time[:6], "%Y%m%d%H%M%S")
 
-    assert (day(shifted.SeriesDate) - day(shifted.StudyDate)).days == 3
+    # A date and the time of the same event move as one instant (one keyed offset of days and
+    # seconds), so the interval between two events is kept exactly, even across midnight.
+    interval = instant(ds.SeriesDate, ds.SeriesTime) - instant(ds.StudyDate, ds.StudyTime)
+    assert interval.days == 3
+    assert instant(shifted.SeriesDate, shifted.SeriesTime) - instant(shifted.StudyDate, shifted.StudyTime) == interval
     assert shifted.PatientSex == "F" and shifted.PatientAge == "071Y" and shifted.DeviceSerialNumber == "SN-4471"
     # Clean Descriptors keeps the description without the patient's name
     assert "scan of" in shifted.StudyDescription and NAME_FAMILY.lower() not in shifted.StudyDescription.lower()
@@ -548,7 +552,7 @@ def test_unusable_images_are_quarantined_with_a_reason_and_2d_images_are_kept(tm
     assert all(by_name[path.name].startswith("unusable image: some voxels are NaN") for path in overflow.glob("*.dcm"))
     assert len(reasons) == len(zoo) + 2
     manifest = read_dataset(out).manifest
-    assert summary.series_written == 2 and sorted(manifest["shape"]) == ["16x16x4", "64x48"]
+    assert summary.series_written == 2 and sorted(manifest["shape"]) == ["16x16x4", "64x48x1"]
     # A re-run remembers the decisions (they are properties of the files) and changes nothing.
     before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
     again = run([source], out, IngestConfig(workers=1))

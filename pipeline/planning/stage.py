@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.contracts.dataset import read_dataset
+from pipeline.contracts.dataset import read_dataset, verify_files
+from pipeline.contracts.model import check_image_size
 from pipeline.core.errors import InputError
 from pipeline.core.files import atomic_write_json
 from pipeline.imaging.preprocess import build_spec
@@ -100,6 +101,7 @@ def plan_training(data: str | os.PathLike[str], config: Any, seed: int = 0) -> P
             f"{data / 'manifest.csv'}: no real images in split 'train'. "
             "Fix: plan from a dataset written by `medsynth ingest` (it assigns splits by subject)."
         )
+    verify_files(dataset, rows)  # a tampered image is named by its row before anything decodes it
     sample = load_sample(dataset, rows, seed=seed)
     fp = fingerprint(dataset, rows, sample, seed=seed)
     plan = make_plan(fp, config, compute_budget(config.device))
@@ -107,6 +109,12 @@ def plan_training(data: str | os.PathLike[str], config: Any, seed: int = 0) -> P
         resolved = type(config).model_validate({**config.model_dump(), **plan.updates()})
     except ValueError as exc:  # an explicit key the planned ones contradict (e.g. a 3-value image_size in 2D)
         raise InputError(f"model: the plan does not fit the explicit keys ({exc}). Fix: set them consistently or to auto.") from exc
+    problem = check_image_size(list(resolved.image_size), resolved.spatial_dims)
+    if problem is not None:  # before the guards preprocess anything onto that grid
+        raise InputError(
+            f"model.image_size {list(resolved.image_size)} {problem}. Fix: set a smaller model.image_size "
+            "(e.g. 64 x 64 slices or 64^3 volumes), or auto."
+        )
     spec = build_spec(resolved, dataset, rows)
     guards = None if config.guards == "off" else run_guards(sample, spec, fp.modality, fp.intensity, seed)
     return PlanResult(resolved, plan, spec, guards, config.guards)
