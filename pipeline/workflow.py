@@ -236,42 +236,28 @@ def _execute(
     run_ids: dict[str, str],
 ) -> StageOutcome:
     """Run one stage in its nested MLflow run, its outputs locked, and emptied first unless it resumes."""
-    with entry.writing(paths.roles()):
-        return _execute_locked(entry, config, paths, params, digest, resume, progress, run_ids)
-
-
-def _execute_locked(
-    entry: Stage,
-    config: MedsynthConfig,
-    paths: RunPaths,
-    params: dict[str, Any],
-    digest: str,
-    resume: bool,
-    progress: bool,
-    run_ids: dict[str, str],
-) -> StageOutcome:
-    """:func:`_execute` once the stage's output folders are locked."""
     from pipeline import tracking
 
-    if not resume:
-        for role in entry.outputs:
-            _reset(paths.roles()[role])
-    started = time.perf_counter()
-    with tracking.stage_run(
-        entry.name, config.experiment_name, params=_stage_params(params, entry.section),
-        tags={"medsynth.input_digest": digest}, owner=entry.owner(paths.roles()),
-    ) as tracker:
-        context = StageContext(
-            config=config, paths=paths.roles(), tracker=tracker, progress=progress, resume=resume,
-            links=dict(run_ids),
-        )
-        try:
-            result = entry.run(context)
-        except CheckFailed:
-            tracker.set_tags({"medsynth.refused": "true"})
-            raise
-        run_ids[entry.name] = tracker.run_id
-    return StageOutcome(entry.name, "ran", run_ids[entry.name], time.perf_counter() - started, result)
+    with entry.writing(paths.roles()):
+        if not resume:
+            for role in entry.outputs:
+                _reset(paths.roles()[role])
+        started = time.perf_counter()
+        with tracking.stage_run(
+            entry.name, config.experiment_name, params=_stage_params(params, entry.section),
+            tags={"medsynth.input_digest": digest}, owner=entry.owner(paths.roles()),
+        ) as tracker:
+            context = StageContext(
+                config=config, paths=paths.roles(), tracker=tracker, progress=progress, resume=resume,
+                links=dict(run_ids),
+            )
+            try:
+                result = entry.run(context)
+            except CheckFailed:
+                tracker.set_tags({"medsynth.refused": "true"})
+                raise
+            run_ids[entry.name] = tracker.run_id
+        return StageOutcome(entry.name, "ran", run_ids[entry.name], time.perf_counter() - started, result)
 
 
 # Source folders and the labels file are often named after patients (".../Smith_John_MRN123/"):

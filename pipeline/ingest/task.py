@@ -49,7 +49,7 @@ from pipeline.ingest.discover import SourceFile
 from pipeline.ingest.pool import quiet_readers
 from pipeline.ingest.keys import date_offset_days, keyed_hex, sample_pseudonym, subject_pseudonym
 from pipeline.ingest.profile import CID7050, TABLE_EDITION, Profile, profile_for
-from pipeline.ingest.volume import Frame, SeriesProblem, build_volume, frames_of, image_problem
+from pipeline.ingest.volume import Frame, SeriesProblem, Volume, build_volume, frames_of, image_problem
 
 __all__ = [
     "STATE_DIR",
@@ -514,11 +514,8 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
             to_clean[index] = (decision, regions)
     if not datasets:
         return
-    try:
-        volume = build_volume([frame for index in sorted(frames) for frame in frames[index]])
-    except SeriesProblem as exc:
-        for index in sorted(datasets):
-            result.quarantined.append((task.files[index], f"inconsistent series: {exc}"))
+    volume = _series_volume(task, frames, datasets, result)
+    if volume is None:
         return
     if to_clean:
         dropped = False
@@ -541,11 +538,8 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
         if not datasets:
             return
         if blanked or dropped:  # the volume holds the blanked pixels, and only the files kept
-            try:
-                volume = build_volume([frame for index in sorted(frames) for frame in frames[index]])
-            except SeriesProblem as exc:
-                for index in sorted(datasets):
-                    result.quarantined.append((task.files[index], f"inconsistent series: {exc}"))
+            volume = _series_volume(task, frames, datasets, result)
+            if volume is None:
                 return
     problem = image_problem(volume.data)
     if problem is not None:
@@ -588,6 +582,18 @@ def _dicom(task: SeriesTask, contents: list[bytes], key: bytes, config: IngestCo
     result.kept_text = ctx.kept_text
     result.audit = _audit_rows(ctx.audit) + _region_rows(order, blanked)
     result.row = _row(result, rel, "dicom", modality, volume.data, volume.spacing, volume.geometry, len(order))
+
+
+def _series_volume(
+    task: SeriesTask, frames: dict[int, list[Frame]], datasets: dict[int, Dataset], result: SeriesResult
+) -> Volume | None:
+    """The series' volume from its files' frames in z order; None (every file quarantined) if they do not form one."""
+    try:
+        return build_volume([frame for index in sorted(frames) for frame in frames[index]])
+    except SeriesProblem as exc:
+        for index in sorted(datasets):
+            result.quarantined.append((task.files[index], f"inconsistent series: {exc}"))
+        return None
 
 
 def _identity_elements(ctx: DeidContext, result: SeriesResult, profile: Profile, blanked: bool) -> dict[int, DataElement]:

@@ -47,7 +47,7 @@ from pipeline.imaging.gan import ema_update
 from pipeline.models.augment import diff_augment
 from pipeline.models.budget import StopRecord
 from pipeline.models.config import DPConfig, ModelConfig
-from pipeline.models.step import GanModules, StepSetup, TrainingImages
+from pipeline.models.step import GanModules, StepSetup, TrainingImages, update_generator
 
 __all__ = [
     "HEAD_PREFIXES",
@@ -417,7 +417,10 @@ class PrivateTraining:
         optimizer.zero_grad(set_to_none=True)
         self.history = _merged(self.history, self.noise, self.sample_rate, 1)
 
-        loss_g, cls_fake, diversity = _generator_step(gan, config, z, fake, fake_labels, half, augment, device)
+        loss_g, cls_fake, diversity = update_generator(  # post-processing: no real image
+            gan, config, z, fake, fake_labels, half,
+            lambda images: gan.discriminator(augment(images), fake_labels, with_class_logits=True),
+        )
         self._freeze(discriminator)  # the generator's step set every discriminator parameter trainable again
         decay = min(config.ema_decay, (1.0 + step) / (10.0 + step))
         ema_update(gan.ema, gan.generator, decay)
@@ -480,38 +483,6 @@ class PrivateTraining:
             params, real, labels
         )
         return gradients, {key: value.detach().mean() for key, value in aux.items()}
-
-
-def _generator_step(
-    gan: GanModules,
-    config: ModelConfig,
-    z: torch.Tensor,
-    fake: torch.Tensor,
-    fake_labels: torch.Tensor,
-    half: int,
-    augment: Any,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The generator's step against the updated (private) discriminator: post-processing, no real image."""
-    gan.discriminator.requires_grad_(False)
-    try:
-        scores, class_logits = gan.discriminator(augment(fake), fake_labels, with_class_logits=True)
-        loss_g = -scores.mean() if config.loss == "hinge" else F.softplus(-scores).mean()
-        cls_fake = F.cross_entropy(class_logits, fake_labels)
-        if config.cls_weight > 0:
-            loss_g = loss_g + config.cls_weight * cls_fake
-        diversity = torch.zeros((), device=device)
-        if half:
-            image_gap = (fake[:half] - fake[half : 2 * half]).abs().mean()
-            noise_gap = (z[:half] - z[half : 2 * half]).abs().mean()
-            diversity = image_gap / noise_gap
-            loss_g = loss_g + config.diversity_weight / (diversity + 1e-5)
-        gan.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        gan.opt_g.step()
-    finally:
-        gan.discriminator.requires_grad_(True)
-    return loss_g, cls_fake, diversity
 
 
 def check_dp_resume(previous: ModelMeta, config: ModelConfig, where: str) -> None:

@@ -12,6 +12,7 @@ interrupted one stopped without replaying any random stream.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from pipeline.models.augment import ada_augment, diff_augment
 from pipeline.models.config import ModelConfig
 from pipeline.imaging.gan import ema_update
 
-__all__ = ["BatchOrder", "StepSetup", "GanModules", "TrainingImages", "train_step"]
+__all__ = ["BatchOrder", "StepSetup", "GanModules", "TrainingImages", "train_step", "update_generator"]
 
 
 class BatchOrder:
@@ -195,30 +196,13 @@ def train_step(
     loss_d.backward()
     gan.opt_d.step()
 
-    # Generator: against the updated discriminator (its own gradients are not needed).
-    gan.discriminator.requires_grad_(False)
-    try:
+    def judge(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast:
-            scores, class_logits_g = gan.discriminator(
-                augment(fake).contiguous(memory_format=memory_format), fake_labels, with_class_logits=True
+            return gan.discriminator(
+                augment(images).contiguous(memory_format=memory_format), fake_labels, with_class_logits=True
             )
-        scores = scores.float()
-        loss_g = -scores.mean() if config.loss == "hinge" else F.softplus(-scores).mean()
-        cls_fake = F.cross_entropy(class_logits_g.float(), fake_labels)
-        if config.cls_weight > 0:
-            loss_g = loss_g + config.cls_weight * cls_fake
-        diversity = torch.zeros((), device=device)
-        if half:
-            # Mode seeking (Mao et al. 2019): same class, different z -> different images.
-            image_gap = (fake[:half] - fake[half : 2 * half]).float().abs().mean()
-            noise_gap = (z[:half] - z[half : 2 * half]).abs().mean()
-            diversity = image_gap / noise_gap
-            loss_g = loss_g + config.diversity_weight / (diversity + 1e-5)
-        gan.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        gan.opt_g.step()
-    finally:
-        gan.discriminator.requires_grad_(True)
+
+    loss_g, cls_fake, diversity = update_generator(gan, config, z, fake, fake_labels, half, judge)
 
     decay = min(config.ema_decay, (1.0 + step) / (10.0 + step))
     ema_update(gan.ema, gan.generator, decay)
@@ -233,3 +217,42 @@ def train_step(
         "diversity": diversity.detach(),
         "real_sign": torch.sign(d_real.detach()).mean(),
     }
+
+
+def update_generator(
+    gan: GanModules,
+    config: ModelConfig,
+    z: torch.Tensor,
+    fake: torch.Tensor,
+    fake_labels: torch.Tensor,
+    half: int,
+    judge: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One generator step against the just-updated discriminator; returns (loss_g, cls_fake, diversity).
+
+    ``judge(fake)`` gives the discriminator's scores and class logits for the fakes, augmented as
+    the discriminator saw them (the plain and the private step differ only there). The terms:
+    the adversarial loss, the auxiliary classifier pushing fakes towards their label, and mode
+    seeking (Mao et al. 2019: same class, different z -> different images) on the first ``2 * half``
+    fakes. The discriminator's own gradients are not needed, so they are switched off meanwhile.
+    """
+    gan.discriminator.requires_grad_(False)
+    try:
+        scores, class_logits = judge(fake)
+        scores = scores.float()
+        loss_g = -scores.mean() if config.loss == "hinge" else F.softplus(-scores).mean()
+        cls_fake = F.cross_entropy(class_logits.float(), fake_labels)
+        if config.cls_weight > 0:
+            loss_g = loss_g + config.cls_weight * cls_fake
+        diversity = torch.zeros((), device=fake.device)
+        if half:
+            image_gap = (fake[:half] - fake[half : 2 * half]).float().abs().mean()
+            noise_gap = (z[:half] - z[half : 2 * half]).abs().mean()
+            diversity = image_gap / noise_gap
+            loss_g = loss_g + config.diversity_weight / (diversity + 1e-5)
+        gan.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        gan.opt_g.step()
+    finally:
+        gan.discriminator.requires_grad_(True)
+    return loss_g, cls_fake, diversity
