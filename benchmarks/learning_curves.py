@@ -38,7 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from pipeline.evaluate.learning_curve import paired_comparison  # noqa: E402
 from pipeline.evaluate.networks import (  # noqa: E402
     ConvNet,
     TrainingJob,
+    side_by_side,
     predict_proba,
     train_classifier,
     train_classifiers,
@@ -211,15 +212,9 @@ def run_size(
     for offset, lever in enumerate(recipe_jobs):
         models[lever] = trained[offset * len(seeds) : (offset + 1) * len(seeds)]
     if "pretrain + fine-tune" in levers:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                models["pretrain + fine-tune"] = list(
-                    pool.map(lambda job: pretrain_then_fine_tune(job, synthetic.images, synthetic_ids, len(classes)), real_jobs)
-                )
-        finally:
-            torch.set_num_threads(previous)
+        models["pretrain + fine-tune"] = side_by_side(
+            [partial(pretrain_then_fine_tune, job, synthetic.images, synthetic_ids, len(classes)) for job in real_jobs], 2
+        )
         added["pretrain + fine-tune"] = float(len(synthetic))
     result: dict[str, Any] = {"family": family, "per_class": size, "generator": gan_facts, "seeds": len(seeds),
                               "n_real_images": float(np.mean([m.sum() for m in masks])), "synthetic_added": added}

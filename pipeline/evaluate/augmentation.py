@@ -13,13 +13,12 @@ best on the validation split (docs/models.md, "Does augmentation help?").
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
-import torch
 
-from pipeline.evaluate.networks import ConvNet, TrainingJob, train_classifier, train_classifiers
+from pipeline.evaluate.networks import ConvNet, TrainingJob, side_by_side, train_classifier, train_classifiers
 
 __all__ = [
     "Recipe",
@@ -164,20 +163,14 @@ def train_arm(
             ],
             n_classes, workers=workers, feature_dim=feature_dim, steps=steps, batch_size=batch_size, lr=lr,
         )
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # small networks: threads side by side beat intra-op threads (see train_classifiers)
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            futures = [
-                pool.submit(
-                    pretrain_then_fine_tune, job.real_images, job.real_ids, job.synthetic_images, job.synthetic_ids,
-                    n_classes, feature_dim=feature_dim, steps=steps, batch_size=batch_size, lr=lr, seed=job.seed,
-                )
-                for job in jobs
-            ]
-            return [future.result() for future in futures]
-    finally:
-        torch.set_num_threads(previous)
+    return side_by_side(
+        [
+            partial(pretrain_then_fine_tune, job.real_images, job.real_ids, job.synthetic_images, job.synthetic_ids,
+                    n_classes, feature_dim=feature_dim, steps=steps, batch_size=batch_size, lr=lr, seed=job.seed)
+            for job in jobs
+        ],
+        workers,
+    )
 
 
 def pretrain_then_fine_tune(

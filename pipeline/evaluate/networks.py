@@ -9,8 +9,10 @@ classifier. It works at the images' native resolution, in 2D or 3D.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -24,6 +26,7 @@ __all__ = [
     "TrainingJob",
     "train_classifier",
     "train_classifiers",
+    "side_by_side",
     "embed",
     "predict_proba",
     "stage_count",
@@ -50,32 +53,31 @@ def train_classifiers(
     batch_size: int,
     lr: float,
 ) -> list[ConvNet]:
-    """Train several classifiers side by side, one per worker thread, each on one intra-op thread.
+    """Train several classifiers side by side (:func:`side_by_side`); results do not depend on ``workers``."""
+    return side_by_side(
+        [
+            partial(train_classifier, job.images, job.labels, n_classes, feature_dim=feature_dim, steps=steps,
+                    batch_size=batch_size, lr=lr, seed=job.seed)
+            for job in jobs
+        ],
+        workers,
+    )
+
+
+def side_by_side(trainings: list[Callable[[], ConvNet]], workers: int) -> list[ConvNet]:
+    """Run independent trainings in ``workers`` threads, each on one intra-op thread; results in order.
 
     These networks are too small for intra-op parallelism to pay (measured here: 2 threads per op
     were no faster than 1 on an idle 2-core machine, and 2-4x slower when another process held a
     core, as OpenMP threads wait on each other at every tiny op). Torch releases the GIL inside
     its kernels, so independent trainings in threads use the cores instead. The intra-op thread
-    count is restored afterwards. Results do not depend on ``workers``.
+    count is restored afterwards.
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            futures = [
-                pool.submit(
-                    train_classifier,
-                    job.images,
-                    job.labels,
-                    n_classes,
-                    feature_dim=feature_dim,
-                    steps=steps,
-                    batch_size=batch_size,
-                    lr=lr,
-                    seed=job.seed,
-                )
-                for job in jobs
-            ]
+            futures = [pool.submit(training) for training in trainings]
             return [future.result() for future in futures]
     finally:
         torch.set_num_threads(previous)
