@@ -97,14 +97,29 @@ def ensure_cohort(root: Path, family: str, subjects: int, seed: int) -> Path:
     return data
 
 
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def subset_dataset(data: Path, out: Path, keep_subjects: set[str]) -> Path:
-    """A dataset folder whose train split holds only ``keep_subjects`` (val/test whole; files linked)."""
+    """A dataset folder whose train split holds only ``keep_subjects`` (val/test whole).
+
+    The files are hard links (copies across file systems): every stage refuses an image that resolves
+    outside its dataset folder, which a symbolic link to the full cohort would.
+    """
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     for entry in data.iterdir():
-        if entry.name != "manifest.csv":
-            (out / entry.name).symlink_to(entry.resolve())
+        if entry.name == "manifest.csv":
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, out / entry.name, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, out / entry.name)
     manifest = read_dataset(data).manifest
     train = manifest["split"] == "train"
     write_manifest(out, manifest[~train | manifest["subject_id"].isin(keep_subjects)].reset_index(drop=True))

@@ -10,8 +10,9 @@ explicit config values win and are recorded as such. The rules (docs/models.md, 
   :data:`FOV_MARGIN`; the spacing is the native one, coarsened until the field of view fits the
   budget's longest side; the size is the field of view at that spacing, rounded up to what the
   networks' 2x levels need (:func:`pipeline.imaging.levels.network_levels`).
-- **Intensity:** CT keeps HU, windowed at the foreground's [0.5, 99.5] percentiles (as nnU-Net
-  clips CT); every other modality is scaled per image by its own percentiles.
+- **Intensity:** CT keeps HU, windowed to the foreground's central 90% of HU plus a margin
+  (:func:`ct_window`, never past the [0.5, 99.5] percentiles nnU-Net clips CT to); every other
+  modality is scaled per image by its own percentiles.
 - **Batch, augmentation, budget:** a batch of 32 (64 on a GPU) capped at a quarter of the training
   images; no brightness/contrast jitter on HU; ``max_steps`` stays ``auto`` (the train stage stops
   on convergence of its validation criterion) and ``max_minutes`` is the time budget, a multiple of
@@ -37,10 +38,12 @@ __all__ = [
     "MIN_STEPS",
     "MAX_STEPS",
     "MIN_3D_SLICES",
+    "CT_WINDOW_MARGIN",
     "Budget",
     "Planned",
     "Plan",
     "compute_budget",
+    "ct_window",
     "make_plan",
     "network_size",
 ]
@@ -54,6 +57,8 @@ EPOCHS = 50
 MIN_STEPS = 600
 MAX_STEPS = 4000
 MIN_3D_SLICES = 32
+# The CT window's margin beyond the foreground's central 90% of HU, as a share of that range's width.
+CT_WINDOW_MARGIN = 0.25
 # Seconds per step per unit of step work (images x voxels x widest network) measured for the demo
 # recipe on one CPU thread, and the multiple of the expected time the safety cap allows.
 _SECONDS_PER_WORK = 0.06 / (32 * 64 * 48 * 8)
@@ -217,6 +222,23 @@ def _geometry(fp: Fingerprint, config: Any, dims: int, budget: Budget) -> tuple[
     return spacing, size
 
 
+def ct_window(percentiles: dict[str, float]) -> list[float]:
+    """The planned CT window from the foreground's pooled HU percentiles.
+
+    The bulk of the foreground (its central 90%) fills the window, with a margin of
+    :data:`CT_WINDOW_MARGIN` of that width on each side; the window never reaches past the [0.5, 99.5]
+    percentiles that nnU-Net clips CT to. The outer tails (gas, bone, contrast agent: a few percent of
+    a body) saturate, which keeps the contrast between the tissues that make up most of the image (a
+    liver lesion 70 HU below the liver) at two to three times what the full [0.5, 99.5] range gives
+    it; the clipping guard checks that saturation on the sample.
+    """
+    bulk_low, bulk_high = percentiles["p5"], percentiles["p95"]
+    margin = CT_WINDOW_MARGIN * max(bulk_high - bulk_low, 0.0)
+    low = math.floor(max(percentiles["p0.5"], bulk_low - margin) / 10.0) * 10.0
+    high = math.ceil(min(percentiles["p99.5"], bulk_high + margin) / 10.0) * 10.0
+    return [low, high if high > low else low + 10.0]
+
+
 def _intensity(fp: Fingerprint, config: Any) -> tuple[Planned, Planned, Planned]:
     p = fp.intensity
     if config.intensity != AUTO:
@@ -229,11 +251,11 @@ def _intensity(fp: Fingerprint, config: Any) -> tuple[Planned, Planned, Planned]
     if config.window != AUTO:
         window = Planned(list(config.window), "set in the config", "config")
     elif intensity.value == "ct":
-        low = math.floor(p["p0.5"] / 10.0) * 10.0
-        high = math.ceil(p["p99.5"] / 10.0) * 10.0
-        if high <= low:
-            high = low + 10.0
-        window = Planned([low, high], "the foreground HU [0.5, 99.5] percentiles (as nnU-Net clips CT), rounded out to 10 HU")
+        window = Planned(ct_window(p), (
+            f"the foreground's central 90% of HU ({p['p5']:.0f}..{p['p95']:.0f}) widened by "
+            f"{CT_WINDOW_MARGIN:.0%} of that width on each side, within its [0.5, 99.5] percentiles "
+            f"({p['p0.5']:.0f}..{p['p99.5']:.0f}), rounded out to 10 HU"
+        ))
     else:
         window = Planned([-160.0, 240.0], "unused: intensity is per-image percentiles")
     if config.percentiles != AUTO:
