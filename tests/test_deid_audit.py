@@ -154,3 +154,39 @@ def test_explain_needs_the_private_folder(tmp_path: Path) -> None:
 
     with pytest.raises(InputError, match="--private"):
         explain("f-0", tmp_path / "nowhere")
+
+
+def _time_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyTime)
+
+
+def test_a_shifted_time_that_reads_like_another_patients_study_id_is_no_finding(tmp_path: Path) -> None:
+    """Numbers collide by chance at cohort scale: patient A's shifted StudyTime equal to patient B's Study ID is no
+    leak of that ID (a time element holds only times the tool derived); the ID is still found anywhere else and an
+    unshifted date still in a date element."""
+    source = tmp_path / "source"
+    files_a = write_series(source / "lesion" / "a", "CT_small.dcm", 2, series="collide-a", who="1")
+    files_b = write_series(source / "normal" / "b", "CT_small.dcm", 2, series="collide-b", who="2")
+    private = tmp_path / "private"
+    first = run([source], tmp_path / "first", IngestConfig(workers=1), private=private)
+    assert first.audit_findings == 0
+    written = sorted((tmp_path / "first" / "dicom").rglob("*.dcm"))
+    time_a = _time_of(written[0]).split(".")[0]  # one patient's shifted time (HHMMSS)
+    assert len(time_a) == 6
+    _restamp(files_b, StudyID=time_a)  # B's Study ID: a 6-digit number, searched for as an identifier
+
+    out = tmp_path / "second"
+    second = run([source], out, IngestConfig(workers=1), private=private)  # same key: the same shifted times
+    assert second.audit_findings == 0
+    assert time_a in {_time_of(path).split(".")[0] for path in (out / "dicom").rglob("*.dcm")}
+    assert audit(out, [source]).ok
+
+    # The same value in a text element is a finding; so is the source's date left unshifted in a date element.
+    leaked = sorted((out / "dicom").rglob("*.dcm"))[0]
+    ds = pydicom.dcmread(leaked)
+    ds.BodyPartExamined = time_a
+    ds.StudyDate = pydicom.dcmread(files_a[0], stop_before_pixels=True).StudyDate
+    ds.save_as(leaked, enforce_file_format=True)
+    found = {(finding.where, finding.kind) for finding in audit(out, [source]).findings}
+    assert ("(0018,0015) BodyPartExamined", "identifier or text") in found
+    assert ("(0008,0020) StudyDate", "date") in found

@@ -58,7 +58,7 @@ from pipeline.contracts.synthetic import MARKER_KEYWORDS, is_marker_text, is_syn
 from pipeline.core.errors import InputError
 from pipeline.core.faults import EnvironmentFailure
 from pipeline.ingest.config import DeidOptions, IngestConfig
-from pipeline.ingest.deid import STOP_VALUES, DeidContext, anonymize, identifier_candidates, is_identifier, tag_text
+from pipeline.ingest.deid import STOP_VALUES, DeidContext, anonymize, identifier_candidates, identifier_kind, is_identifier, tag_text
 from pipeline.ingest.discover import NIFTI_SUFFIXES, scan_file, walk_sources
 from pipeline.ingest.pool import pool_map, quiet_readers
 from pipeline.ingest.profile import Profile, profile_for
@@ -767,10 +767,20 @@ def _locate_in_dicom(data: bytes, rel: str, matcher: Matcher) -> list[Finding]:
             explained = explained or bool(matcher.matches_in(text))
             if not own:
                 continue
-        findings += matcher.findings(text, rel, where, vocabulary=own)
+        found = matcher.findings(text, rel, where, vocabulary=own)
+        if elem.VR in _DATE_TIME_VRS and found:
+            # A date or time element holds digits derived from the source's own dates and times. At cohort scale
+            # a shifted time reads like some patient's 6-digit Study ID by chance: a coincidence of digits, not a
+            # copy. The source's dates are still searched there (an unshifted date is a leak).
+            explained = True
+            found = [finding for finding in found if finding.kind == identifier_kind("DA")]
+        findings += found
     if findings or explained:
         return findings
     return [Finding(rel, "DICOM header", "identifier between elements")]
+
+
+_DATE_TIME_VRS = frozenset({"DA", "DT", "TM"})
 
 
 def _elements_with_ownership(ds: pydicom.Dataset, own: bool) -> Iterator[tuple[pydicom.DataElement, bool]]:
