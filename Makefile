@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # satisfied and never pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: demo test install notebook clean
+.PHONY: demo demo-dp test install notebook clean
 
 # pip prints each package it collects: the first install takes minutes and should be seen to move.
 $(STAMP): pyproject.toml
@@ -25,6 +25,12 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/medsynth demo
+
+# The private demo (docs/models.md, "Differential privacy"): the model it starts from, trained without DP on a
+# public stand-in cohort, then the DP fine-tune on the demo cohort with epsilon on the card.
+demo-dp: $(STAMP)
+	$(BIN)/medsynth demo -c configs/dp_public.yaml
+	$(BIN)/medsynth demo -c configs/dp.yaml
 
 # The import contracts (pyproject.toml [tool.importlinter]) first: a broken layer fails in a second.
 # make reports any failing recipe as exit 2, so pytest's "no tests collected" (exit 5) is named here.

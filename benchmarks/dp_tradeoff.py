@@ -13,7 +13,13 @@ run the discriminator's mean score per canary subject is the membership attack, 
 :func:`pipeline.evaluate.dp_audit.epsilon_lower_bound` turns it into the epsilon it proves; the
 script checks that it stays below the accountant's epsilon.
 
-    nice -n 10 .venv/bin/python benchmarks/dp_tradeoff.py [--epsilons 1,4,10,inf] [--out runs/bench-dp]
+Public start (``--public-subjects N``): the model of ``--public-config`` (default
+``configs/dp_public.yaml``) is first trained without DP on a phantom cohort of its own seed (other
+patients: a public stand-in), and every run starts from its weights (``model.init_from``); a
+"public only" row evaluates that model as it is, so the table shows what the private fine-tuning
+adds. Without it every run starts from random weights.
+
+    nice -n 10 .venv/bin/python benchmarks/dp_tradeoff.py [--epsilons 1,4,10,inf] [--out runs/bench-dp] [--public-subjects 80]
 
 Exit status 0 when every audited lower bound stays below its accounted epsilon, 1 otherwise.
 """
@@ -97,21 +103,71 @@ def audit(model_dir: Path, data: Path, non_members: Path, members: list[str], de
     return result.as_dict()
 
 
-def run_one(epsilon: float, config, data: Path, non_members: Path, members: list[str], work: Path) -> dict:
-    """Train, generate, evaluate and audit at ``epsilon`` (inf: DP off); the figures of one row."""
-    from pipeline import evaluate
-    from pipeline.contracts.report import Report, headline_figures
-    from pipeline.models import generate, train
+def model_config_at(config, epsilon: float, **changes):
+    """``config.model`` at ``epsilon`` (inf: ``dp: null``) with ``changes``, validated as a config file would be."""
     from pipeline.models.config import DPConfig
 
     dp = None if math.isinf(epsilon) else DPConfig(**{**(config.model.dp.model_dump() if config.model.dp else {}), "epsilon": epsilon})
-    model_config = config.model.model_copy(update={"dp": dp})
-    model_config = type(model_config).model_validate(model_config.model_dump())
-    folder = work / ("eps_inf" if math.isinf(epsilon) else f"eps_{epsilon:g}")
+    model_config = config.model.model_copy(update={"dp": dp, **changes})
+    return type(model_config).model_validate(model_config.model_dump())
+
+
+def train_public_model(public_config, work: Path, subjects: int) -> Path:
+    """The model ``public_config`` trains without DP on a public stand-in: a phantom cohort of its own seed.
+
+    Its seed differs from the private config's, so its patients are others; its weights start every
+    private run (``model.init_from``), and the private training data never reaches it.
+    """
+    from pipeline.models import train
+
+    public = work / f"public_{subjects}_seed{public_config.seed}"
+    if not (public / "model" / "model.json").is_file():
+        shutil.rmtree(public, ignore_errors=True)
+        from train_quality import real_dataset
+
+        data, how = real_dataset(public, subjects, public_config.seed, public_config, force_fallback=False)
+        print(f"public dataset: {how}")
+        model_config = model_config_at(public_config, math.inf, init_from=None)
+        print(f"public model: {model_config.max_steps} steps without DP (load {os.getloadavg()[0]:.2f})", flush=True)
+        summary = train.run(data, public / "model", model_config, seed=public_config.seed)
+        for line in summary.lines():
+            print(f"  {line}")
+    return public / "model"
+
+
+def run_one(
+    epsilon: float,
+    config,
+    data: Path,
+    non_members: Path,
+    members: list[str],
+    work: Path,
+    init_from: Path | None = None,
+    trained: Path | None = None,
+) -> dict:
+    """Train, generate, evaluate and audit at ``epsilon`` (inf: DP off); the figures of one row.
+
+    ``init_from``: start training from this model's weights. ``trained``: evaluate this model as it
+    is, without training on ``data`` (the public-only row).
+    """
+    from pipeline import evaluate
+    from pipeline.contracts.report import Report, headline_figures
+    from pipeline.models import generate, train
+
+    folder = work / ("public_only" if trained else "eps_inf" if math.isinf(epsilon) else f"eps_{epsilon:g}")
     shutil.rmtree(folder, ignore_errors=True)
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    summary = train.run(data, folder / "model", model_config, seed=config.seed)
+    if trained is None:
+        model_config = model_config_at(config, epsilon, init_from=str(init_from) if init_from else None)
+        summary = train.run(data, folder / "model", model_config, seed=config.seed)
+    else:
+        shutil.copytree(trained, folder / "model")
+        meta_public = json.loads((trained / "model.json").read_text())
+        summary = argparse.Namespace(
+            steps=0, stopped_early=False, train_seconds=0.0,
+            lines=lambda: [f"no private training: the public model ({meta_public['steps']} steps) as it is"],
+        )
     train_wall = time.perf_counter() - started
     for line in summary.lines():
         print(f"  {line}")
@@ -124,6 +180,7 @@ def run_one(epsilon: float, config, data: Path, non_members: Path, members: list
     gates = {name: value["status"] if isinstance(value, dict) else value for name, value in report["gates"].items()
              if name in ("fidelity", "diversity", "privacy", "utility")}
     return {
+        "row": "public only" if trained else None,
         "epsilon_target": None if math.isinf(epsilon) else epsilon,
         "epsilon_accounted": figures["epsilon"],
         "delta": figures["delta"],
@@ -162,6 +219,13 @@ def main() -> int:
     parser.add_argument("--canaries", type=int, default=8, help="Member canaries (as many non-members).")
     parser.add_argument("--reuse-data", action="store_true", help="Reuse OUT/ingested (and its canaries).")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a config key (YAML).")
+    parser.add_argument(
+        "--public-subjects", type=int, default=0,
+        help="Train --public-config's model without DP on a public stand-in cohort of this many phantom subjects "
+        "(its own seed: other patients) and start every run from it (model.init_from); adds a 'public only' row. "
+        "0: every run starts from random weights.",
+    )
+    parser.add_argument("--public-config", type=Path, default=REPO / "configs" / "dp_public.yaml")
     args = parser.parse_args()
 
     import yaml
@@ -183,11 +247,16 @@ def main() -> int:
         state.write_text(json.dumps({"members": members}) + "\n")
     epsilons = [float(value) for value in args.epsilons.split(",")]
     rows = []
+    public_model = None
+    if args.public_subjects:
+        public_model = train_public_model(load_config(args.public_config), work, args.public_subjects)
+        print(f"public only (load {os.getloadavg()[0]:.2f})", flush=True)
+        rows.append(run_one(math.inf, config, data, work / "non_member_canaries", members, work, trained=public_model))
     for epsilon in epsilons:
         print(f"epsilon {epsilon:g}: training (load {os.getloadavg()[0]:.2f})", flush=True)
-        rows.append(run_one(epsilon, config, data, work / "non_member_canaries", members, work))
+        rows.append(run_one(epsilon, config, data, work / "non_member_canaries", members, work, init_from=public_model))
         (work / "dp_tradeoff.json").write_text(json.dumps(rows, indent=2) + "\n")
-    baseline = next((row for row in rows if row["epsilon_target"] is None), None)
+    baseline = next((row for row in rows if row["epsilon_target"] is None and not row.get("row")), None)
     header = ("eps target", "eps spent", "delta", "noise", "FID (ref)", "GAN-test bal. acc", "MIA AUC", "TPR@1%FPR",
               "train s", "overhead", "canary eps_lb", "gates F/D/P/U", "load")
     print("| " + " | ".join(header) + " |")
@@ -200,7 +269,7 @@ def main() -> int:
             ok = False
         gates = "/".join(str(row["gates"].get(name, "n/a"))[:4] for name in ("fidelity", "diversity", "privacy", "utility"))
         print("| " + " | ".join([
-            _show(row["epsilon_target"]) if row["epsilon_target"] else "inf (no DP)", _show(row["epsilon_accounted"]),
+            row.get("row") or (_show(row["epsilon_target"]) if row["epsilon_target"] else "inf (no DP)"), _show(row["epsilon_accounted"]),
             _show(row["delta"]), _show(row["noise_multiplier"]), f"{_show(row['fid'])} ({_show(row['reference_fid'])})",
             _show(row["gan_test_balanced_accuracy"]), _show(row["mia_auc"]), _show(row["mia_tpr_at_1pct_fpr"]),
             _show(row["train_seconds"]), f"{overhead:.2f}x" if overhead else "n/a", _show(lower), gates,

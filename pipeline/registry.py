@@ -149,6 +149,26 @@ class FileInput:
             )
 
 
+@dataclass(frozen=True)
+class InitialWeightsInput:
+    """``model.init_from``: the model whose weights start training, by its checkpoint's content."""
+
+    def digest(self, config: MedsynthConfig, paths: Mapping[str, Path]) -> str:
+        if config.model.init_from is None:
+            return "none"
+        checkpoint = Path(config.model.init_from) / CHECKPOINT
+        return sha256_file(checkpoint) if checkpoint.is_file() else "missing"
+
+    def check(self, config: MedsynthConfig, paths: Mapping[str, Path]) -> None:
+        source = config.model.init_from
+        if source is not None and not (Path(source) / MODEL_JSON).is_file():
+            raise InputError(
+                f"config key 'model.init_from': {Path(source) / MODEL_JSON} not found. Fix: train that model first "
+                "(`medsynth run -c` with the config that writes it; for configs/dp.yaml: "
+                "`medsynth demo -c configs/dp_public.yaml`), or set model.init_from: null."
+            )
+
+
 # Where and how wide ingest runs: the same bytes come out of one process, a pool or a Dask cluster.
 INGEST_RUNTIME_KEYS = ("workers", "executor")
 
@@ -350,7 +370,8 @@ def _run_export(ctx: StageContext) -> StageResult:
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", "ingest", (SourcesInput(), SectionInput("ingest", ignore=INGEST_RUNTIME_KEYS), SeedInput()), ("ingested",), _run_ingest),
     Stage(
-        "train", "model", (DatasetInput("ingested"), SectionInput("model"), SeedInput()), ("model",), _run_train,
+        "train", "model", (DatasetInput("ingested"), SectionInput("model"), SeedInput(), InitialWeightsInput()), ("model",),
+        _run_train,
         resumable=True,
     ),
     Stage("generate", "generate", (FileInput("model", CHECKPOINT, "checkpoint"), SectionInput("generate")), ("synthetic",),

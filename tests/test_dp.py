@@ -144,6 +144,73 @@ def test_frozen_features_train_only_the_discriminator_heads(phantom_data: Path, 
     assert any(not torch.equal(trained[name], initial[name]) for name in heads)
 
 
+def test_fine_tuning_from_a_public_model_starts_from_its_weights_and_states_it(
+    phantom_data: Path, tmp_path: Path
+) -> None:
+    from pipeline.models import train
+    from pipeline.models.dp import PUBLIC_START
+
+    public_data = make_phantom_dataset(tmp_path / "public", subjects=10, seed=7)  # other patients: "public"
+    train.run(public_data, tmp_path / "public_model", tiny_config(max_steps=3, sample_every=0), seed=0)
+    public = torch.load(tmp_path / "public_model" / "checkpoint.pt", weights_only=True)
+    private_dir = tmp_path / "private"
+    config = dp_config(max_steps=2, init_from=str(tmp_path / "public_model"))
+    train.run(phantom_data, private_dir, config, seed=0)
+    meta = read_model_meta(private_dir)
+    started = meta.initialized_from
+    assert started["checkpoint_sha256"] == read_model_meta(tmp_path / "public_model").checkpoint_sha256
+    assert started["steps"] == 3 and started["dp_epsilon"] is None
+    assert started["train_dataset_digest"] != meta.train_dataset_digest
+    assert str(tmp_path) not in json.dumps(started)  # a path could name a person or a site
+    assert meta.dp["assumptions"][-1] == PUBLIC_START.format(sha=started["checkpoint_sha256"][:16])
+    assert meta.dp["steps"] == 2 and meta.dp["epsilon"] <= 10.0  # the account covers this run's steps
+    # Two noisy steps move the weights, but from the public model's, not from a random start.
+    tuned = torch.load(private_dir / "checkpoint.pt", weights_only=True)
+    moved = [(tuned["ema"][name] - public["ema"][name]).abs().max().item() for name in public["ema"]]
+    assert max(moved) > 0
+    fresh = train.run(phantom_data, tmp_path / "fresh", dp_config(max_steps=2), seed=0)
+    assert fresh.steps == 2
+    fresh_ema = torch.load(tmp_path / "fresh" / "checkpoint.pt", weights_only=True)["ema"]
+    name = next(name for name in public["ema"] if name.endswith("weight") or name.endswith(".original"))
+    distance_to_public = (tuned["ema"][name] - public["ema"][name]).norm()
+    assert distance_to_public < (fresh_ema[name] - public["ema"][name]).norm()
+    # A resume keeps the record (the checkpoint already carries the start).
+    train.run(phantom_data, private_dir, dp_config(max_steps=3, init_from=config.init_from), seed=0, resume=True)
+    assert read_model_meta(private_dir).initialized_from == started
+
+
+def test_a_start_that_cannot_be_used_is_refused_naming_the_key(phantom_data: Path, tmp_path: Path) -> None:
+    from pipeline.models import train
+
+    train.run(phantom_data, tmp_path / "same_data", tiny_config(max_steps=1, sample_every=0), seed=0)
+    # Trained on the private data itself: its weights would carry the patients outside the account.
+    with pytest.raises(InputError, match="model.init_from: .* was trained on this run's training data"):
+        train.run(phantom_data, tmp_path / "a", dp_config(max_steps=1, init_from=str(tmp_path / "same_data")), seed=0)
+    # Without DP, fine-tuning on the same data is ordinary warm-starting.
+    train.run(phantom_data, tmp_path / "b", tiny_config(max_steps=1, sample_every=0, init_from=str(tmp_path / "same_data")), seed=0)
+    with pytest.raises(InputError, match="model.init_from: .* model.g_width = 8, this run has 16"):
+        train.run(phantom_data, tmp_path / "c", tiny_config(max_steps=1, g_width=16, init_from=str(tmp_path / "same_data")), seed=0)
+    with pytest.raises(InputError, match=r"model.init_from: .* preprocessed its images differently \(window"):
+        config = tiny_config(max_steps=1, window=[-100.0, 200.0], init_from=str(tmp_path / "same_data"))
+        train.run(phantom_data, tmp_path / "d", config, seed=0)
+    with pytest.raises(InputError, match="model.init_from: .*model.json not found"):
+        train.run(phantom_data, tmp_path / "e", tiny_config(max_steps=1, init_from=str(tmp_path / "nowhere")), seed=0)
+
+
+def test_a_start_model_that_is_not_there_is_refused_before_training(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.registry import stage
+
+    config = load_config(REPO / "configs" / "dp.yaml", {"model.init_from": str(tmp_path / "absent")})
+    with pytest.raises(InputError, match=r"config key 'model.init_from': .*absent/model.json not found\. Fix: train"):
+        stage("train").check_inputs(config, {})
+    # The start's content is an input of train: another public model re-runs training.
+    digest_absent = stage("train").digest(config, {"ingested": tmp_path})
+    (tmp_path / "absent").mkdir()
+    (tmp_path / "absent" / "checkpoint.pt").write_bytes(b"weights")
+    assert stage("train").digest(config, {"ingested": tmp_path}) != digest_absent
+
+
 def test_dp_config_is_checked_at_the_edge(phantom_data: Path, tmp_path: Path) -> None:
     from pipeline.models import train
 
@@ -184,6 +251,10 @@ def test_report_and_card_show_epsilon_delta_and_the_privacy_unit(tmp_path: Path)
                          max_steps=3, max_minutes=None, batch_size=8, d_width=4,
                          sample_every=0, log_model=False, device="cpu", r1_gamma=0.0,
                          dp=DPConfig(epsilon=8.0, subjects_per_step=2))
+    # Started from a model of other (public) patients: the card names that start beside the account.
+    public = make_phantom_dataset(tmp_path / "public", subjects=6, seed=9)
+    train.run(public, tmp_path / "public_model", config.model_copy(update={"dp": None}), seed=0)
+    config = config.model_copy(update={"init_from": str(tmp_path / "public_model")})
     train.run(tmp_path / "real", tmp_path / "model", config, seed=0)
     meta = read_model_meta(tmp_path / "model")
     generate.run(tmp_path / "model", tmp_path / "synthetic", GenerateConfig(per_class=6, seed=3))
@@ -204,6 +275,9 @@ def test_report_and_card_show_epsilon_delta_and_the_privacy_unit(tmp_path: Path)
     assert f"epsilon {format_number(meta.dp['epsilon'])}, delta {format_number(meta.dp['delta'])}" in card
     assert "privacy unit: subject" in card and "RDP accountant" in card
     assert "Poisson sampling" in card  # the accountant's assumptions are listed
+    public_sha = read_model_meta(tmp_path / "public_model").checkpoint_sha256
+    assert f"| initial weights | fine-tuned from the model with checkpoint SHA-256 `{public_sha}` (3 steps" in card
+    assert "were trained on data that holds none of the training subjects (public data)" in card
     facts = json.loads((tmp_path / "out" / "export.json").read_text())
     assert facts["generation"]["model"]["dp"]["privacy_unit"] == "subject"
 

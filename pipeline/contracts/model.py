@@ -164,6 +164,11 @@ class ModelMeta(BaseModel):
     config: dict[str, Any] = Field(..., description="The resolved `model:` section.")
     preprocess: dict[str, Any] = Field(..., description="Preprocessing spec (grid, orientation, intensity mapping).")
     dp: dict[str, Any] | None = Field(None, description="Differential-privacy record, None without DP.")
+    initialized_from: dict[str, Any] | None = Field(
+        None,
+        description="`model.init_from`: the source model's checkpoint SHA-256, steps, training-data digest and DP "
+        "epsilon; null: random initialisation.",
+    )
     train_dataset_digest: str | None = Field(None, description="Digest of the dataset it was trained on.")
     checkpoint_sha256: str | None = Field(
         None, description="SHA-256 of the checkpoint.pt this file describes (null: written before the first checkpoint)."

@@ -490,6 +490,7 @@ def build_facts(
             "config_hash": model.config_hash,
             "checkpoint_sha256": model.checkpoint_sha256,
             "train_dataset_digest": meta.train_dataset_digest,
+            "initialized_from": meta.initialized_from,
             "loss": meta.config.get("loss"),
             "g_width": meta.config.get("g_width"),
             "d_width": meta.config.get("d_width"),

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.contracts.model import CHECKPOINT, FORMAT_VERSION, MODEL_JSON, ModelMeta
+from pipeline.contracts.model import CHECKPOINT, FORMAT_VERSION, MODEL_JSON, ModelMeta, read_model_meta
 from pipeline.core.errors import InputError
 from pipeline.core.files import atomic_path
+from pipeline.imaging.model_dir import load_checkpoint, verify_checkpoint
 from pipeline.models.config import ModelConfig
 from pipeline.models.step import GanModules
 
@@ -39,6 +40,7 @@ __all__ = [
     "save_checkpoint",
     "restore_modules",
     "check_resume_compatible",
+    "initialize_from",
     "restore_rng_states",
     "preserved_host_rng",
     "weights_digest",
@@ -222,3 +224,69 @@ def restore_modules(state: dict[str, Any], gan: GanModules) -> None:
     gan.ema.load_state_dict(state.get("train_ema", state["ema"]))
     gan.opt_g.load_state_dict(state["opt_g"])
     gan.opt_d.load_state_dict(state["opt_d"])
+
+
+def initialize_from(source_dir: Path, gan: GanModules, current: ModelMeta, config: ModelConfig) -> dict[str, Any]:
+    """Start ``gan`` from another model's exported networks (``model.init_from``) and say which.
+
+    The EMA generator the source exports starts both the generator and its EMA; its exported
+    discriminator (of the same step) starts the discriminator. The optimizers start fresh: the
+    source's Adam moments belong to its own data.
+
+    Args:
+        source_dir: the source MODEL_DIR.
+        gan: freshly built networks (same architecture), loaded in place.
+        current: this run's metadata (labels, preprocessing, training-data digest).
+        config: this run's ``model:`` section.
+
+    Returns:
+        ``model.json``'s ``initialized_from`` record: the source's checkpoint SHA-256, steps,
+        training-data digest and DP epsilon (None without DP). The folder's path is not recorded.
+
+    Raises:
+        InputError: no model there, a checkpoint that changed since its model.json, or an
+            architecture key, the labels or the preprocessing differ; under ``model.dp``, a source
+            trained on this very dataset (its weights would carry the private subjects unaccounted).
+    """
+    where = source_dir / MODEL_JSON
+    if not where.is_file():
+        raise InputError(
+            f"model.init_from: {where} not found. Fix: point model.init_from at a MODEL_DIR written by `medsynth train`."
+        )
+    source = read_model_meta(source_dir)
+    digest = verify_checkpoint(source_dir, source)
+    fix = f"Fix: set the key to the value of {where}, or train the source model again with this run's keys."
+    for key in ARCHITECTURE_KEYS:
+        if source.config.get(key) != getattr(config, key):
+            raise InputError(
+                f"model.init_from: {where} was trained with model.{key} = {source.config.get(key)!r}, this run has "
+                f"{getattr(config, key)!r}. {fix}"
+            )
+    if source.labels != current.labels:
+        raise InputError(
+            f"model.init_from: {where} has labels {source.labels}, this dataset {current.labels}. "
+            "Fix: start from a model trained on the same label names, in the same order."
+        )
+    changed = sorted(key for key in set(source.preprocess) | set(current.preprocess)
+                     if source.preprocess.get(key) != current.preprocess.get(key))
+    if changed:
+        raise InputError(
+            f"model.init_from: {where} preprocessed its images differently ({', '.join(changed)}). "
+            f"Fix: set model.{changed[0]} as the source did (its model.json, key 'preprocess'), or start without it."
+        )
+    if config.dp is not None and source.train_dataset_digest == current.train_dataset_digest:
+        raise InputError(
+            f"model.init_from: {where} was trained on this run's training data; under model.dp its weights would "
+            "carry the private subjects outside the privacy account. Fix: start from a model trained on public "
+            "data only, or set model.init_from: null."
+        )
+    state = load_checkpoint(source_dir, require=("ema", "discriminator"))
+    gan.generator.load_state_dict(state["ema"])
+    gan.ema.load_state_dict(state["ema"])
+    gan.discriminator.load_state_dict(state["discriminator"])
+    return {
+        "checkpoint_sha256": digest,
+        "steps": source.selected_step if source.selected_step is not None else source.steps,
+        "train_dataset_digest": source.train_dataset_digest,
+        "dp_epsilon": (source.dp or {}).get("epsilon"),
+    }

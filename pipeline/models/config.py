@@ -196,6 +196,12 @@ class ModelConfig(Section):
         description="Differentially private training (DP-SGD on the discriminator, per patient); null: off. "
         "docs/models.md, 'Differential privacy'.",
     )
+    init_from: str | None = Field(
+        None,
+        description="A MODEL_DIR whose exported networks (EMA generator and discriminator) start this run instead "
+        "of a random initialisation: fine-tuning, e.g. of a model trained on public data. Its architecture, "
+        "labels and preprocessing must match; under model.dp it must not have been trained on this dataset.",
+    )
 
     # --- bookkeeping ---
     checkpoint_every: int = Field(200, ge=1, description="Write checkpoint.pt every N steps (and at the end).")

@@ -59,6 +59,7 @@ __all__ = [
     "check_dp_resume",
     "MECHANISM",
     "ASSUMPTIONS",
+    "PUBLIC_START",
 ]
 
 # The discriminator's heads (projection, class embedding, auxiliary classifier): with
@@ -81,6 +82,13 @@ ASSUMPTIONS = [
     "Noise comes from torch's pseudo-random generator (Opacus secure_mode off): a guarantee against "
     "attackers who cannot predict it.",
 ]
+
+
+# The account covers this run's updates only; a start from another model's weights is outside it.
+PUBLIC_START = (
+    "The initial weights (model.init_from, checkpoint {sha}...) were trained on data that holds none of the "
+    "training subjects (public data): the guarantee covers this run's updates, not what those weights hold."
+)
 
 
 def resolve_delta(dp: DPConfig, n_subjects: int) -> float:
@@ -193,6 +201,7 @@ class PrivateTraining:
         self._optimizer: Any = None
         self._epsilon_cache: tuple[int, float] | None = None
         self.stop_reason: str | None = None
+        self.assumptions: list[str] = list(ASSUMPTIONS)
 
     @property
     def sample_rate(self) -> float:
@@ -205,7 +214,12 @@ class PrivateTraining:
 
     @classmethod
     def create(
-        cls, config: ModelConfig, subjects: list[str], world_size: int, seed: int
+        cls,
+        config: ModelConfig,
+        subjects: list[str],
+        world_size: int,
+        seed: int,
+        initialized_from: dict[str, Any] | None = None,
     ) -> PrivateTraining:
         """The private training of a run: sampling rate, delta and the noise for ``config.dp``.
 
@@ -214,6 +228,8 @@ class PrivateTraining:
             subjects: the subject of each training image.
             world_size: DDP processes (DP runs in one process).
             seed: the run's seed.
+            initialized_from: ``model.json``'s ``initialized_from`` record when the weights start from
+                another model (its assumption joins the record's), else None.
 
         Raises:
             InputError: DDP, or an invalid delta.
@@ -240,7 +256,10 @@ class PrivateTraining:
                     accountant=dp.accountant, epsilon_tolerance=0.01,
                 )
             )
-        return cls(config, SubjectSampler(subjects, rate, dp.slices_per_subject, seed), delta, noise, seed)
+        training = cls(config, SubjectSampler(subjects, rate, dp.slices_per_subject, seed), delta, noise, seed)
+        if initialized_from is not None:
+            training.assumptions.append(PUBLIC_START.format(sha=initialized_from["checkpoint_sha256"][:16]))
+        return training
 
     # -- the account ------------------------------------------------------------------------------
 
@@ -323,7 +342,7 @@ class PrivateTraining:
             max_grad_norm=self.dp.max_grad_norm,
             slices_per_subject=self.dp.slices_per_subject,
             mechanism=MECHANISM.format(r1=" and R1 term" if self.config.r1_gamma > 0 else "; R1 off"),
-            assumptions=ASSUMPTIONS,
+            assumptions=self.assumptions,
             history=[[float(noise), float(rate), int(steps)] for noise, rate, steps in self.history],
             budget_exhausted=self.stop_reason is not None,
             stop_reason=self.stop_reason,

@@ -81,6 +81,7 @@ from pipeline.models.budget import (
 )
 from pipeline.models.checkpoint import (
     check_resume_compatible,
+    initialize_from,
     preserved_host_rng,
     restore_modules,
     restore_rng_states,
@@ -498,8 +499,14 @@ def _run(
     gan = _build_gan(meta, config, seed)
     start_step, train_seconds, images_seen = 0, 0.0, 0
     private = None  # differential privacy (model.dp): the private discriminator step and its accountant
+    if resume and checkpoint_path.exists():
+        meta.initialized_from = read_model_meta(out).initialized_from  # the weights already carry the start
+    elif config.init_from is not None:
+        meta.initialized_from = initialize_from(Path(config.init_from), gan, meta, config)
     if config.dp is not None:
-        private = PrivateTraining.create(config, image_subjects(train.rows, train.image_ids), ddp.world_size, seed)
+        private = PrivateTraining.create(
+            config, image_subjects(train.rows, train.image_ids), ddp.world_size, seed, meta.initialized_from
+        )
     if resume and checkpoint_path.exists():
         previous = read_model_meta(out)
         check_resume_compatible(previous, meta, config, out)
