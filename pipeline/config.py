@@ -24,6 +24,7 @@ from pipeline.models.config import GenerateConfig, ModelConfig
 from pipeline.core.section import Section, config_digest, flatten
 
 __all__ = [
+    "check_start_model",
     "Section",
     "MedsynthConfig",
     "load_config",
@@ -204,3 +205,14 @@ def check_input_paths(config: MedsynthConfig, where: str = "config") -> None:
             )
     if config.labels is not None and not Path(config.labels).is_file():
         raise InputError(f"{where}: key 'labels': file {config.labels} not found. Fix: correct the path or remove the key.")
+    check_start_model(config, where)
+
+
+def check_start_model(config: MedsynthConfig, where: str = "config") -> None:
+    """Require ``model.init_from``, when set, to name a trained model (its model.json), before anything runs."""
+    source = config.model.init_from
+    if source is not None and not (Path(source) / "model.json").is_file():
+        raise InputError(
+            f"{where}: key 'model.init_from': {Path(source) / 'model.json'} not found. Fix: train that model first "
+            "(for configs/dp.yaml: `medsynth demo -c configs/dp_public.yaml`), or set model.init_from: null."
+        )

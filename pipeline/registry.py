@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from pipeline.config import MedsynthConfig
+from pipeline.config import MedsynthConfig, check_start_model
 from pipeline.contracts.model import CHECKPOINT, MODEL_JSON
 from pipeline.contracts.report import REPORT_JSON
 from pipeline.contracts.stages import StageResult
@@ -160,13 +160,7 @@ class InitialWeightsInput:
         return sha256_file(checkpoint) if checkpoint.is_file() else "missing"
 
     def check(self, config: MedsynthConfig, paths: Mapping[str, Path]) -> None:
-        source = config.model.init_from
-        if source is not None and not (Path(source) / MODEL_JSON).is_file():
-            raise InputError(
-                f"config key 'model.init_from': {Path(source) / MODEL_JSON} not found. Fix: train that model first "
-                "(`medsynth run -c` with the config that writes it; for configs/dp.yaml: "
-                "`medsynth demo -c configs/dp_public.yaml`), or set model.init_from: null."
-            )
+        check_start_model(config)
 
 
 # Where and how wide ingest runs: the same bytes come out of one process, a pool or a Dask cluster.
@@ -369,8 +363,11 @@ def _run_export(ctx: StageContext) -> StageResult:
 
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", "ingest", (SourcesInput(), SectionInput("ingest", ignore=INGEST_RUNTIME_KEYS), SeedInput()), ("ingested",), _run_ingest),
+    # The start's path is not an input (moving an identical model re-runs nothing); its checkpoint's content is.
     Stage(
-        "train", "model", (DatasetInput("ingested"), SectionInput("model"), SeedInput(), InitialWeightsInput()), ("model",),
+        "train", "model",
+        (DatasetInput("ingested"), SectionInput("model", ignore=("init_from",)), SeedInput(), InitialWeightsInput()),
+        ("model",),
         _run_train,
         resumable=True,
     ),

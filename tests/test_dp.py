@@ -60,14 +60,21 @@ def test_the_spent_epsilon_is_logged_to_mlflow(mlflow_store: Path, phantom_data:
     from pipeline import tracking
     from pipeline.models import train
 
+    public = make_phantom_dataset(tmp_path / "public", subjects=6, seed=4)
+    train.run(public, tmp_path / "public_model", tiny_config(max_steps=1, sample_every=0), seed=0)
+    start = str(tmp_path / "public_model")
     with tracking.stage_run("train", "dp-test") as tracker:
-        train.run(phantom_data, tmp_path / "model", dp_config(max_steps=2, log_model=False), seed=0, tracker=tracker)
+        config = dp_config(max_steps=2, log_model=False, init_from=start)
+        train.run(phantom_data, tmp_path / "model", config, seed=0, tracker=tracker)
     dp = read_model_meta(tmp_path / "model").dp
     run = tracking.get_run(tracker.run_id)
     assert run.data.metrics["dp_epsilon"] == pytest.approx(dp["epsilon"], abs=1e-5)
     assert run.data.metrics["dp_delta"] == pytest.approx(dp["delta"])
     assert run.data.metrics["epsilon"] == pytest.approx(dp["epsilon"], abs=1e-5)  # the per-step curve's last point
     assert run.data.params["model.dp.epsilon"] == "10.0" and run.data.params["model.dp.accountant"] == "rdp"
+    # The start's folder could name a site or a person: MLflow says only that there was one.
+    assert run.data.params["model.init_from.given"] == "True"
+    assert not any(start in value for value in run.data.params.values())
 
 
 def test_resume_continues_the_same_account_and_weights(phantom_data: Path, tmp_path: Path) -> None:
@@ -161,7 +168,8 @@ def test_fine_tuning_from_a_public_model_starts_from_its_weights_and_states_it(
     assert started["checkpoint_sha256"] == read_model_meta(tmp_path / "public_model").checkpoint_sha256
     assert started["steps"] == 3 and started["dp_epsilon"] is None
     assert started["train_dataset_digest"] != meta.train_dataset_digest
-    assert str(tmp_path) not in json.dumps(started)  # a path could name a person or a site
+    # A path could name a person or a site: model.json identifies the start by its checkpoint only.
+    assert str(tmp_path / "public_model") not in (private_dir / "model.json").read_text()
     assert meta.dp["assumptions"][-1] == PUBLIC_START.format(sha=started["checkpoint_sha256"][:16])
     assert meta.dp["steps"] == 2 and meta.dp["epsilon"] <= 10.0  # the account covers this run's steps
     # Two noisy steps move the weights, but from the public model's, not from a random start.
@@ -174,9 +182,13 @@ def test_fine_tuning_from_a_public_model_starts_from_its_weights_and_states_it(
     name = next(name for name in public["ema"] if name.endswith("weight") or name.endswith(".original"))
     distance_to_public = (tuned["ema"][name] - public["ema"][name]).norm()
     assert distance_to_public < (fresh_ema[name] - public["ema"][name]).norm()
-    # A resume keeps the record (the checkpoint already carries the start).
+    # A resume keeps the record and the assumption (the checkpoint already carries the start) ...
     train.run(phantom_data, private_dir, dp_config(max_steps=3, init_from=config.init_from), seed=0, resume=True)
-    assert read_model_meta(private_dir).initialized_from == started
+    resumed = read_model_meta(private_dir)
+    assert resumed.initialized_from == started and resumed.dp["assumptions"] == meta.dp["assumptions"]
+    # ... and refuses a config that now says another start.
+    with pytest.raises(InputError, match="training started from the model with checkpoint .* model.init_from now is null"):
+        train.run(phantom_data, private_dir, dp_config(max_steps=4), seed=0, resume=True)
 
 
 def test_a_start_that_cannot_be_used_is_refused_naming_the_key(phantom_data: Path, tmp_path: Path) -> None:
@@ -184,10 +196,16 @@ def test_a_start_that_cannot_be_used_is_refused_naming_the_key(phantom_data: Pat
 
     train.run(phantom_data, tmp_path / "same_data", tiny_config(max_steps=1, sample_every=0), seed=0)
     # Trained on the private data itself: its weights would carry the patients outside the account.
-    with pytest.raises(InputError, match="model.init_from: .* was trained on this run's training data"):
+    with pytest.raises(InputError, match=r"model.init_from: .* was trained \(or started from a model trained\) on this run's"):
         train.run(phantom_data, tmp_path / "a", dp_config(max_steps=1, init_from=str(tmp_path / "same_data")), seed=0)
-    # Without DP, fine-tuning on the same data is ordinary warm-starting.
+    # Without DP, fine-tuning on the same data is ordinary warm-starting ...
     train.run(phantom_data, tmp_path / "b", tiny_config(max_steps=1, sample_every=0, init_from=str(tmp_path / "same_data")), seed=0)
+    # ... and a public fine-tune of that model still carries the private patients: refused under DP, down the chain.
+    public = make_phantom_dataset(tmp_path / "public", subjects=6, seed=3)
+    train.run(public, tmp_path / "relay", tiny_config(max_steps=1, sample_every=0, init_from=str(tmp_path / "same_data")), seed=0)
+    assert read_model_meta(tmp_path / "relay").initialized_from["train_dataset_digest"] == read_model_meta(tmp_path / "same_data").train_dataset_digest
+    with pytest.raises(InputError, match=r"was trained \(or started from a model trained\) on this run's training data"):
+        train.run(phantom_data, tmp_path / "f", dp_config(max_steps=1, init_from=str(tmp_path / "relay")), seed=0)
     with pytest.raises(InputError, match="model.init_from: .* model.g_width = 8, this run has 16"):
         train.run(phantom_data, tmp_path / "c", tiny_config(max_steps=1, g_width=16, init_from=str(tmp_path / "same_data")), seed=0)
     with pytest.raises(InputError, match=r"model.init_from: .* preprocessed its images differently \(window"):
@@ -202,8 +220,12 @@ def test_a_start_model_that_is_not_there_is_refused_before_training(tmp_path: Pa
     from pipeline.registry import stage
 
     config = load_config(REPO / "configs" / "dp.yaml", {"model.init_from": str(tmp_path / "absent")})
-    with pytest.raises(InputError, match=r"config key 'model.init_from': .*absent/model.json not found\. Fix: train"):
+    with pytest.raises(InputError, match=r"key 'model.init_from': .*absent/model.json not found\. Fix: train"):
         stage("train").check_inputs(config, {})
+    from pipeline.workflow import tracked_params
+
+    params = tracked_params(config)
+    assert params["model.init_from.given"] is True and "model.init_from" not in params
     # The start's content is an input of train: another public model re-runs training.
     digest_absent = stage("train").digest(config, {"ingested": tmp_path})
     (tmp_path / "absent").mkdir()

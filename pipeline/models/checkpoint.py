@@ -31,7 +31,6 @@ from torch import nn
 from pipeline.contracts.model import CHECKPOINT, FORMAT_VERSION, MODEL_JSON, ModelMeta, read_model_meta
 from pipeline.core.errors import InputError
 from pipeline.core.files import atomic_path
-from pipeline.imaging.model_dir import load_checkpoint, verify_checkpoint
 from pipeline.models.config import ModelConfig
 from pipeline.models.step import GanModules
 
@@ -41,6 +40,7 @@ __all__ = [
     "restore_modules",
     "check_resume_compatible",
     "initialize_from",
+    "check_start_unchanged",
     "restore_rng_states",
     "preserved_host_rng",
     "weights_digest",
@@ -226,6 +226,18 @@ def restore_modules(state: dict[str, Any], gan: GanModules) -> None:
     gan.opt_d.load_state_dict(state["opt_d"])
 
 
+# Preprocessing keys measured on the training data rather than set (2D: the median slice thickness, written
+# into exported volumes only): a start trained on other data may differ in them without changing its networks.
+_MEASURED_PREPROCESS_KEYS = frozenset({"slice_spacing"})
+
+
+def _starts(record: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
+    """An ``initialized_from`` record and the records of the starts it was itself fine-tuned from."""
+    while record:
+        yield record
+        record = record.get("initialized_from")
+
+
 def initialize_from(source_dir: Path, gan: GanModules, current: ModelMeta, config: ModelConfig) -> dict[str, Any]:
     """Start ``gan`` from another model's exported networks (``model.init_from``) and say which.
 
@@ -241,12 +253,14 @@ def initialize_from(source_dir: Path, gan: GanModules, current: ModelMeta, confi
 
     Returns:
         ``model.json``'s ``initialized_from`` record: the source's checkpoint SHA-256, steps,
-        training-data digest and DP epsilon (None without DP). The folder's path is not recorded.
+        training-data digest, DP epsilon (None without DP) and its own start (``initialized_from``,
+        so a chain of fine-tunes stays visible). The folder's path is not recorded.
 
     Raises:
-        InputError: no model there, a checkpoint that changed since its model.json, or an
-            architecture key, the labels or the preprocessing differ; under ``model.dp``, a source
-            trained on this very dataset (its weights would carry the private subjects unaccounted).
+        InputError: no model there, a checkpoint that changed since its model.json or does not fit,
+            or an architecture key, the labels or the preprocessing differ; under ``model.dp``, a
+            source trained, or started from a model trained, on this very dataset (its weights would
+            carry the private subjects outside the account).
     """
     where = source_dir / MODEL_JSON
     if not where.is_file():
@@ -254,39 +268,109 @@ def initialize_from(source_dir: Path, gan: GanModules, current: ModelMeta, confi
             f"model.init_from: {where} not found. Fix: point model.init_from at a MODEL_DIR written by `medsynth train`."
         )
     source = read_model_meta(source_dir)
-    digest = verify_checkpoint(source_dir, source)
-    fix = f"Fix: set the key to the value of {where}, or train the source model again with this run's keys."
     for key in ARCHITECTURE_KEYS:
         if source.config.get(key) != getattr(config, key):
             raise InputError(
                 f"model.init_from: {where} was trained with model.{key} = {source.config.get(key)!r}, this run has "
-                f"{getattr(config, key)!r}. {fix}"
+                f"{getattr(config, key)!r}. Fix: set model.{key}: {source.config.get(key)!r} (as in {where}), or "
+                "start from a model trained with this run's value."
             )
     if source.labels != current.labels:
         raise InputError(
             f"model.init_from: {where} has labels {source.labels}, this dataset {current.labels}. "
             "Fix: start from a model trained on the same label names, in the same order."
         )
-    changed = sorted(key for key in set(source.preprocess) | set(current.preprocess)
-                     if source.preprocess.get(key) != current.preprocess.get(key))
+    changed = sorted(
+        key for key in (set(source.preprocess) | set(current.preprocess)) - _MEASURED_PREPROCESS_KEYS
+        if source.preprocess.get(key) != current.preprocess.get(key)
+    )
     if changed:
         raise InputError(
-            f"model.init_from: {where} preprocessed its images differently ({', '.join(changed)}). "
-            f"Fix: set model.{changed[0]} as the source did (its model.json, key 'preprocess'), or start without it."
+            f"model.init_from: {where} preprocessed its images differently ({', '.join(changed)}). Fix: set "
+            f"model.{changed[0]}: {source.preprocess.get(changed[0])!r} (as in its model.json, key 'preprocess'), "
+            "or start from a model preprocessed as this run is."
         )
-    if config.dp is not None and source.train_dataset_digest == current.train_dataset_digest:
-        raise InputError(
-            f"model.init_from: {where} was trained on this run's training data; under model.dp its weights would "
-            "carry the private subjects outside the privacy account. Fix: start from a model trained on public "
-            "data only, or set model.init_from: null."
-        )
-    state = load_checkpoint(source_dir, require=("ema", "discriminator"))
-    gan.generator.load_state_dict(state["ema"])
-    gan.ema.load_state_dict(state["ema"])
-    gan.discriminator.load_state_dict(state["discriminator"])
-    return {
-        "checkpoint_sha256": digest,
+    record = {
+        "checkpoint_sha256": "",
         "steps": source.selected_step if source.selected_step is not None else source.steps,
         "train_dataset_digest": source.train_dataset_digest,
         "dp_epsilon": (source.dp or {}).get("epsilon"),
+        "initialized_from": source.initialized_from,
     }
+    if config.dp is not None and any(
+        start["train_dataset_digest"] == current.train_dataset_digest for start in _starts(record)
+    ):
+        raise InputError(
+            f"model.init_from: {where} was trained (or started from a model trained) on this run's training data; "
+            "under model.dp its weights would carry the private subjects outside the privacy account. Fix: start "
+            "from a model trained on public data only, or set model.init_from: null."
+        )
+    record["checkpoint_sha256"], state = _read_verified(source_dir, source)
+    try:
+        gan.generator.load_state_dict(state["ema"])
+        gan.ema.load_state_dict(state["ema"])
+        gan.discriminator.load_state_dict(state["discriminator"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"model.init_from: {source_dir / CHECKPOINT} does not fit the networks {where} describes ({detail}). "
+            "Fix: point model.init_from at a MODEL_DIR written by this medsynth version's `medsynth train`."
+        ) from None
+    return record
+
+
+def _read_verified(source_dir: Path, source: ModelMeta) -> tuple[str, dict[str, Any]]:
+    """The source checkpoint's SHA-256 and its state, from one read (the hash is of the bytes loaded).
+
+    Raises:
+        InputError: missing, unreadable, or not the checkpoint its model.json records.
+    """
+    path = source_dir / CHECKPOINT
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(
+            f"model.init_from: {path} cannot be read ({exc.strerror or type(exc).__name__}). "
+            "Fix: point model.init_from at a MODEL_DIR written by `medsynth train`."
+        ) from None
+    digest = hashlib.sha256(data).hexdigest()
+    if source.checkpoint_sha256 is not None and digest != source.checkpoint_sha256:
+        raise InputError(
+            f"model.init_from: {path} does not match the checksum recorded in {MODEL_JSON} (key 'checkpoint_sha256'): "
+            "the weights changed since train wrote them. Fix: restore the checkpoint, or train that model again."
+        )
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several unrelated types for corrupt files
+        raise InputError(
+            f"model.init_from: {path} is not a readable checkpoint ({type(exc).__name__}). Fix: train that model again."
+        ) from None
+    if not isinstance(state, dict) or "ema" not in state or "discriminator" not in state:
+        raise InputError(f"model.init_from: {path} is not a medsynth checkpoint. Fix: train that model again.")
+    return digest, state
+
+
+def check_start_unchanged(previous: ModelMeta, config: ModelConfig, out: Path) -> None:
+    """Refuse a resume whose ``model.init_from`` says something else than the checkpoint's start.
+
+    Raises:
+        InputError: the key was added or removed since, or it now names a model whose checkpoint
+            is not the one training started from.
+    """
+    started = previous.initialized_from
+    if config.init_from is None and started is None:
+        return
+    now = Path(config.init_from) / CHECKPOINT if config.init_from is not None else None
+    if now is not None and not now.is_file():
+        raise InputError(
+            f"model.init_from: {now} not found (a resume checks that training started from it). "
+            "Fix: restore that model, or train into a new --out folder."
+        )
+    digest = hashlib.sha256(now.read_bytes()).hexdigest() if now is not None else None
+    if started is None or digest != started.get("checkpoint_sha256"):
+        was = "no model.init_from" if started is None else f"the model with checkpoint {started['checkpoint_sha256'][:16]}..."
+        raise InputError(
+            f"{out / MODEL_JSON}: training started from {was}; model.init_from now "
+            f"{'names another model' if config.init_from is not None else 'is null'}. Fix: resume with the original "
+            "model.init_from, or train into a new --out folder."
+        )

@@ -19,8 +19,11 @@ from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, mo
 from pipeline.core.section import Section
 from pipeline.imaging.levels import network_levels
 
-__all__ = ["ModelConfig", "GenerateConfig", "DPConfig", "AUGMENTATIONS", "AUTO", "PLANNED_KEYS"]
+__all__ = ["ModelConfig", "GenerateConfig", "DPConfig", "AUGMENTATIONS", "AUTO", "PLANNED_KEYS", "PATH_KEYS"]
 
+# Keys that hold a filesystem path: a folder may be named after a patient or a site, so model.json and MLflow
+# never carry them (model.json's `initialized_from` identifies the start by its checkpoint's digest instead).
+PATH_KEYS: frozenset[str] = frozenset({"init_from"})
 AUGMENTATIONS: tuple[str, ...] = ("translation", "cutout", "brightness", "contrast")
 # `auto`: the key is planned from the dataset's fingerprint when training starts (pipeline.planning).
 AUTO = "auto"
@@ -65,8 +68,9 @@ class DPConfig(Section):
     )
     frozen_features: bool = Field(
         False,
-        description="Keep the discriminator's convolutions at their random initialisation (seeded, no data) and "
-        "train only its heads privately: far fewer noised parameters, so far less noise in total.",
+        description="Keep the discriminator's convolutions at their initial weights (the seeded random "
+        "initialisation, or model.init_from's) and train only its heads privately: far fewer noised parameters, "
+        "so far less noise in total.",
     )
 
 

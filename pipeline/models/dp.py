@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 # The discriminator's heads (projection, class embedding, auxiliary classifier): with
-# ``model.dp.frozen_features`` only these are trained, on fixed random convolutional features.
+# ``model.dp.frozen_features`` only these are trained, on fixed convolutional features (random, or model.init_from's).
 HEAD_PREFIXES = ("linear.", "embed.", "classifier.")
 
 MECHANISM = (
@@ -460,7 +460,7 @@ class PrivateTraining:
         }
 
     def _freeze(self, discriminator: nn.Module) -> None:
-        """With ``frozen_features``: only the heads are trained (the convolutions keep their random init)."""
+        """With ``frozen_features``: only the heads are trained (the convolutions keep their initial weights)."""
         if self.dp.frozen_features:
             for name, param in discriminator.named_parameters():
                 param.requires_grad_(name.startswith(HEAD_PREFIXES))

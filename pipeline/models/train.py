@@ -81,6 +81,7 @@ from pipeline.models.budget import (
 )
 from pipeline.models.checkpoint import (
     check_resume_compatible,
+    check_start_unchanged,
     initialize_from,
     preserved_host_rng,
     restore_modules,
@@ -88,7 +89,7 @@ from pipeline.models.checkpoint import (
     save_checkpoint,
     weights_digest,
 )
-from pipeline.models.config import ModelConfig
+from pipeline.models.config import PATH_KEYS, ModelConfig
 from pipeline.models.distributed import (
     DistContext,
     check_same_weights,
@@ -338,7 +339,7 @@ def _model_meta(config: ModelConfig, seed: int, train: _TrainingData, run_id: st
         n_train_volumes=len(train.rows),
         n_train_images=len(train.images),
         # resolved: the spacing used, and the thread count (it changes the CPU float order, hence the weights)
-        config={**config.model_dump(mode="json"), "spacing": spacing, "num_threads": torch.get_num_threads()},
+        config={**config.model_dump(mode="json", exclude=PATH_KEYS), "spacing": spacing, "num_threads": torch.get_num_threads()},
         preprocess=train.spec,
         dp=None,
         train_dataset_digest=train.dataset.digest,
@@ -500,7 +501,9 @@ def _run(
     start_step, train_seconds, images_seen = 0, 0.0, 0
     private = None  # differential privacy (model.dp): the private discriminator step and its accountant
     if resume and checkpoint_path.exists():
-        meta.initialized_from = read_model_meta(out).initialized_from  # the weights already carry the start
+        started = read_model_meta(out)
+        check_start_unchanged(started, config, out)
+        meta.initialized_from = started.initialized_from  # the weights already carry the start
     elif config.init_from is not None:
         meta.initialized_from = initialize_from(Path(config.init_from), gan, meta, config)
     if config.dp is not None:
@@ -894,7 +897,8 @@ def _log_params(
 
     tracker.log_params(
         {
-            **flatten({"model": config.model_dump(mode="json")}),
+            **flatten({"model": config.model_dump(mode="json", exclude=PATH_KEYS)}),
+            "model.init_from.given": config.init_from is not None,
             "train.seed": seed,
             "train.labels": json.dumps(train.labels),
             "train.n_volumes": len(train.rows),
