@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_configs_load() -> None:
-    for name in ("demo.yaml", "smoke.yaml", "dp.yaml", "dp_public.yaml"):
+    for name in ("demo.yaml", "smoke.yaml", "dp.yaml", "dp_public.yaml", "demo_certify.yaml"):
         config = load_config(REPO / "configs" / name)
         assert config.name in name
 
