@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 # The demo sized to certify privacy (README, "A demo that certifies privacy"): 320 subjects, about 10 minutes.
 demo-certify: $(STAMP)
-	$(BIN)/medsynth demo -c configs/demo_certify.yaml --subjects 320
+	$(BIN)/medsynth demo -c configs/demo_certify.yaml
 
 # The private demo (docs/models.md, "Differential privacy"): the model it starts from, trained without DP on a
 # public stand-in cohort, then the DP fine-tune on the demo cohort with epsilon on the card.

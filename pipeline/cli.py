@@ -175,15 +175,16 @@ def run_command(
 
 @cli.command("demo")
 @config_option
-# 80, not 40: with 47 training subjects the demo GAN generalises instead of echoing its patients, and the
-# membership attacks' intervals are narrow enough to mean something (docs/models.md, "The demo config").
-@click.option("--subjects", type=click.IntRange(4, 10_000), default=80, show_default=True, help="Phantom subjects.")
+@click.option(
+    "--subjects", type=click.IntRange(4, 10_000), default=None,
+    help="Phantom subjects [default: the config's demo_subjects, 80 unless set].",
+)
 @click.option("--force", is_flag=True, help="Re-run every stage even when its inputs are unchanged.")
 @click.option("--no-progress", is_flag=True, help="No progress (bars on a terminal, a line every 30 s in a log).")
 @accept_early_stop_option
 @accept_inconclusive_option
 def demo_command(
-    config_file: Path | None, subjects: int, force: bool, no_progress: bool, accept_early_stop: bool,
+    config_file: Path | None, subjects: int | None, force: bool, no_progress: bool, accept_early_stop: bool,
     accept_inconclusive: bool,
 ) -> None:
     """Write the phantom cohort into <run root>/raw, then run every stage with configs/demo.yaml."""
@@ -199,7 +200,7 @@ def demo_command(
     notes: list[str] = []
     with hold(paths.root, notes):  # the cohort is written into the run root: the same one writer as run_all
         _echo_lines(notes)
-        cohort = make_cohort(paths.raw, subjects=subjects, seed=config.seed)
+        cohort = make_cohort(paths.raw, subjects=subjects or config.demo_subjects, seed=config.seed)
         _use_demo_key(config, paths)
         _echo_lines(cohort.lines()[:3])
         summary = run_all(config, where=str(config_file), force=force, progress=not no_progress, echo=click.echo)

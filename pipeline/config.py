@@ -48,6 +48,9 @@ class MedsynthConfig(BaseModel):
     seed: int = Field(0, ge=0, description="Global seed; stages derive theirs from it unless set.")
     sources: list[Path] = Field(default_factory=list, description="Source folders for `medsynth run`.")
     labels: Path | None = Field(None, description="labels CSV (key,label) for ingest.")
+    demo_subjects: int = Field(
+        80, ge=4, le=10_000, description="`medsynth demo`: phantom subjects it writes into <run root>/raw (--subjects overrides)."
+    )
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)

@@ -20,6 +20,15 @@ def test_shipped_configs_load() -> None:
         assert config.name in name
 
 
+def test_the_demo_cohort_size_comes_from_the_config(tmp_path: Path) -> None:
+    assert load_config(REPO / "configs" / "demo.yaml").demo_subjects == 80
+    assert load_config(REPO / "configs" / "demo_certify.yaml").demo_subjects == 320  # 160 held out: certifiable
+    path = tmp_path / "small.yaml"
+    path.write_text("demo_subjects: 2\n")
+    with pytest.raises(InputError, match="key 'demo_subjects'"):
+        load_config(path)
+
+
 def test_unknown_key_names_the_key_path_and_allowed_keys(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\ngenerate:\n  per_clas: 3\n")
