@@ -214,6 +214,7 @@ def check_input_paths(config: MedsynthConfig, where: str = "config") -> None:
 def check_start_model(config: MedsynthConfig, where: str = "config") -> None:
     """Require ``model.init_from``, when set, to name a trained model (its model.json), before anything runs."""
     source = config.model.init_from
+    # "model.json" spelled here: pipeline.contracts.model would load pydicom and nibabel into every config load.
     if source is not None and not (Path(source) / "model.json").is_file():
         raise InputError(
             f"{where}: key 'model.init_from': {Path(source) / 'model.json'} not found. Fix: train that model first "

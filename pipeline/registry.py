@@ -25,6 +25,7 @@ from pipeline.core.errors import InputError
 from pipeline.core.files import sha256_file
 from pipeline.core.locks import hold_all, lock_id
 from pipeline.core.section import config_digest
+from pipeline.models.config import PATH_KEYS as MODEL_PATH_KEYS
 from pipeline.tracking import NullTracker, Tracker
 
 __all__ = [
@@ -366,7 +367,7 @@ STAGES: tuple[Stage, ...] = (
     # The start's path is not an input (moving an identical model re-runs nothing); its checkpoint's content is.
     Stage(
         "train", "model",
-        (DatasetInput("ingested"), SectionInput("model", ignore=("init_from",)), SeedInput(), InitialWeightsInput()),
+        (DatasetInput("ingested"), SectionInput("model", ignore=tuple(MODEL_PATH_KEYS)), SeedInput(), InitialWeightsInput()),
         ("model",),
         _run_train,
         resumable=True,

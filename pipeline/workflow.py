@@ -25,7 +25,6 @@ from pipeline.core.errors import CheckFailed, InputError
 from pipeline.core.locks import hold, lock_id
 from pipeline.core.paths import is_inside
 from pipeline.core.section import config_digest, flatten
-from pipeline.models.config import PATH_KEYS as MODEL_PATH_KEYS
 from pipeline.registry import STAGES, Stage, StageContext
 from pipeline.tracking import Tracker
 
@@ -262,20 +261,17 @@ def _execute(
 
 
 # Source folders and the labels file are often named after patients (".../Smith_John_MRN123/"):
-# their paths never reach MLflow, nor do the model section's paths (MODEL_PATH_KEYS). The stages'
+# their paths never reach MLflow, nor do the model section's paths (ModelConfig.tracked). The stages'
 # input digests cover their content instead.
 _PATH_KEYS = ("sources", "labels")
 
 
 def tracked_params(config: MedsynthConfig) -> dict[str, Any]:
     """The resolved config as MLflow params, without the source and labels paths (counts instead)."""
-    dump = config.model_dump(mode="json")
+    dump = {**config.model_dump(mode="json"), "model": config.model.tracked()}
     params = flatten({key: value for key, value in dump.items() if key not in _PATH_KEYS})
     params["sources.count"] = len(config.sources)
     params["labels.given"] = config.labels is not None
-    for key in MODEL_PATH_KEYS:
-        params.pop(f"model.{key}", None)
-        params[f"model.{key}.given"] = getattr(config.model, key) is not None
     return params
 
 

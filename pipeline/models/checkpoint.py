@@ -30,7 +30,7 @@ from torch import nn
 
 from pipeline.contracts.model import CHECKPOINT, FORMAT_VERSION, MODEL_JSON, ModelMeta, read_model_meta
 from pipeline.core.errors import InputError
-from pipeline.core.files import atomic_path
+from pipeline.core.files import atomic_path, sha256_file
 from pipeline.models.config import ModelConfig
 from pipeline.models.step import GanModules
 
@@ -366,7 +366,7 @@ def check_start_unchanged(previous: ModelMeta, config: ModelConfig, out: Path) -
             f"model.init_from: {now} not found (a resume checks that training started from it). "
             "Fix: restore that model, or train into a new --out folder."
         )
-    digest = hashlib.sha256(now.read_bytes()).hexdigest() if now is not None else None
+    digest = sha256_file(now) if now is not None else None
     if started is None or digest != started.get("checkpoint_sha256"):
         was = "no model.init_from" if started is None else f"the model with checkpoint {started['checkpoint_sha256'][:16]}..."
         raise InputError(

@@ -230,6 +230,12 @@ class ModelConfig(Section):
         """The keys still reading ``auto`` (planned when training starts)."""
         return [key for key in PLANNED_KEYS if getattr(self, key) == AUTO]
 
+    def tracked(self) -> dict[str, Any]:
+        """The section as MLflow params: each path key (PATH_KEYS) only as ``<key>.given``, never its value."""
+        values = self.model_dump(mode="json", exclude=PATH_KEYS)
+        values.update({f"{key}.given": getattr(self, key) is not None for key in sorted(PATH_KEYS)})
+        return values
+
     @model_serializer(mode="wrap")
     def _decided_only(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
         # An `auto` key is not a value yet: dumps (MLflow params at a stage's start, digests) carry only

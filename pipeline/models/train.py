@@ -500,18 +500,17 @@ def _run(
     gan = _build_gan(meta, config, seed)
     start_step, train_seconds, images_seen = 0, 0.0, 0
     private = None  # differential privacy (model.dp): the private discriminator step and its accountant
-    if resume and checkpoint_path.exists():
-        started = read_model_meta(out)
-        check_start_unchanged(started, config, out)
-        meta.initialized_from = started.initialized_from  # the weights already carry the start
+    previous = read_model_meta(out) if resume and checkpoint_path.exists() else None
+    if previous is not None:
+        check_start_unchanged(previous, config, out)
+        meta.initialized_from = previous.initialized_from  # the weights already carry the start
     elif config.init_from is not None:
         meta.initialized_from = initialize_from(Path(config.init_from), gan, meta, config)
     if config.dp is not None:
         private = PrivateTraining.create(
             config, image_subjects(train.rows, train.image_ids), ddp.world_size, seed, meta.initialized_from
         )
-    if resume and checkpoint_path.exists():
-        previous = read_model_meta(out)
+    if previous is not None:
         check_resume_compatible(previous, meta, config, out)
         check_dp_resume(previous, config, str(out / MODEL_JSON))
         state = load_checkpoint(out)
@@ -897,8 +896,7 @@ def _log_params(
 
     tracker.log_params(
         {
-            **flatten({"model": config.model_dump(mode="json", exclude=PATH_KEYS)}),
-            "model.init_from.given": config.init_from is not None,
+            **flatten({"model": config.tracked()}),
             "train.seed": seed,
             "train.labels": json.dumps(train.labels),
             "train.n_volumes": len(train.rows),
