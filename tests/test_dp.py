@@ -211,6 +211,13 @@ def test_a_start_that_cannot_be_used_is_refused_naming_the_key(phantom_data: Pat
     with pytest.raises(InputError, match=r"model.init_from: .* preprocessed its images differently \(window"):
         config = tiny_config(max_steps=1, window=[-100.0, 200.0], init_from=str(tmp_path / "same_data"))
         train.run(phantom_data, tmp_path / "d", config, seed=0)
+    # A start whose checkpoint changed since its model.json (a copy overwritten, a disk error) is bad input.
+    import shutil
+
+    shutil.copytree(tmp_path / "same_data", tmp_path / "tampered")
+    (tmp_path / "tampered" / "checkpoint.pt").write_bytes(b"not weights")
+    with pytest.raises(InputError, match="model.init_from: .*checkpoint.pt does not match the checksum recorded"):
+        train.run(phantom_data, tmp_path / "g", tiny_config(max_steps=1, init_from=str(tmp_path / "tampered")), seed=0)
     with pytest.raises(InputError, match="model.init_from: .*model.json not found"):
         train.run(phantom_data, tmp_path / "e", tiny_config(max_steps=1, init_from=str(tmp_path / "nowhere")), seed=0)
 
